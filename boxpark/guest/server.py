@@ -1,0 +1,230 @@
+"""The Guest API server: accepts connections, dispatches each call to the module of its concern.
+
+This is the only place that turns exceptions into wire errors (`_reply_for`): handlers raise `GuestError`
+or let an `OSError` through, and a bug becomes an INTERNAL reply with a log line — never a dead server.
+A connection is a sequence of unary calls, or ends with one streaming or upgrade call (the handler then
+returns None and owns the connection until it is done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import signal
+import socket
+import time
+from typing import Any, Awaitable, Callable
+
+from .. import __version__, protocol
+from ..protocol import ErrorCode, Message
+from ..transport import Address, Channel, serve
+from . import events, files, notify, processes, proxy, storage, system
+from .errors import GuestError, from_oserror
+
+log = logging.getLogger("boxpark.guest")
+
+Handler = Callable[[Channel, Any], Awaitable["Message | None"]]
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class GuestServer:
+    """The state behind every connection: the supervisor, notify sockets, the event log, the options.
+
+    `machine_wide` allows the calls whose effect is global to the whole machine even inside namespaces
+    (swap, clock, hostname, reboot/poweroff); it defaults to "this server is PID 1", and a sandboxed init
+    turns it off for swap. `on_power` is how PID 1 learns that a client asked for reboot or poweroff.
+    """
+
+    def __init__(self, *, pid1: bool | None = None, machine_wide: bool | None = None,
+                 on_power: Callable[[bool], None] | None = None, event_log: events.EventLog | None = None,
+                 allow_swap: bool = True) -> None:
+        self.pid1 = os.getpid() == 1 if pid1 is None else pid1
+        self.machine_wide = self.pid1 if machine_wide is None else machine_wide
+        self.allow_swap = allow_swap
+        self.on_power = on_power
+        self.boot_id = boot_id()
+        self.events = event_log or events.EventLog(self.boot_id)
+        self.processes = processes.Processes(self.events)
+        self.notify = notify.NotifyHub()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[type, Handler] = {
+            protocol.Info: self._info,
+            protocol.Exec: self.processes.exec,
+            protocol.Launch: self.processes.launch,
+            protocol.Attach: self.processes.attach,
+            protocol.Wait: self.processes.wait,
+            protocol.Signal: self.processes.signal,
+            protocol.ListProcesses: self.processes.list,
+            protocol.ReadFile: _sync(files.read_file),
+            protocol.WriteFile: _sync(files.write_file),
+            protocol.Mkdir: _sync(files.mkdir),
+            protocol.Stat: _sync(files.stat),
+            protocol.Mount: _sync(storage.mount),
+            protocol.Umount: _sync(storage.umount),
+            protocol.Swapon: self._machine_wide(_sync(storage.swapon), swap=True),
+            protocol.Swapoff: self._machine_wide(_sync(storage.swapoff), swap=True),
+            protocol.ResizeDisk: _threaded(storage.resize_disk),
+            protocol.NotifyListen: self.notify.listen,
+            protocol.Connect: proxy.connect,
+            protocol.Events: self.events.stream,
+            protocol.SetTime: self._machine_wide(_sync(system.set_time)),
+            protocol.Sync: _threaded(system.sync),
+            protocol.Hostname: self._hostname,
+            protocol.Reboot: self._machine_wide(self._power),
+            protocol.Poweroff: self._machine_wide(self._power),
+        }
+
+    def welcome(self) -> protocol.Welcome:
+        return protocol.Welcome(server=f"boxpark-guest {__version__}", boot_id=self.boot_id)
+
+    async def listen(self, address: Address, *, secret: bytes | None = None,
+                     sock: socket.socket | None = None) -> asyncio.AbstractServer:
+        """Serve the API on `address` (several addresses may be served at once)."""
+        server = await serve(address, self.handle, secret=secret, welcome=self.welcome, sock=sock)
+        self._servers.append(server)
+        return server
+
+    async def close(self) -> None:
+        """Stop accepting, end open connections and notify sockets (launched processes keep running)."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        self.notify.close()
+
+    async def handle(self, channel: Channel) -> None:
+        """One connection, after its handshake."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    message = await channel.recv()
+                except protocol.ProtocolError as exc:
+                    channel.send(protocol.error(exc.code, str(exc)))
+                    return
+                if message is None:
+                    return
+                handler = self._handlers.get(type(message))
+                if handler is None:
+                    channel.send(protocol.error(ErrorCode.UNSUPPORTED,
+                                                f"{type(message).__name__} is not a call this server takes here"))
+                    continue
+                reply = await self._call(handler, channel, message)
+                if reply is None:
+                    return
+                channel.send(reply)
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            self._connections.discard(task)
+
+    async def _call(self, handler: Handler, channel: Channel, message: Message) -> Message | None:
+        try:
+            return await handler(channel, message)
+        except Exception as exc:  # the one edge where every failure becomes a reply
+            return _reply_for(exc, message)
+
+    # -------------------------------------------------------------- calls that belong to the server
+
+    async def _info(self, channel: Channel, message: protocol.Info) -> protocol.InfoReply:
+        uname = os.uname()
+        return protocol.InfoReply(protocol=protocol.PROTOCOL_VERSION, boxpark=__version__, kernel=uname.release,
+                                  arch=platform.machine(), hostname=uname.nodename, boot_id=self.boot_id,
+                                  uptime=time.clock_gettime(time.CLOCK_BOOTTIME), pid=os.getpid(),
+                                  pid1=self.pid1)
+
+    async def _hostname(self, channel: Channel, message: protocol.Hostname) -> protocol.HostnameReply:
+        if message.name is not None:
+            self._check_machine_wide(message)
+            system.set_hostname(message.name)
+        return protocol.HostnameReply(name=socket.gethostname())
+
+    async def _power(self, channel: Channel, message: protocol.Reboot | protocol.Poweroff) -> Message:
+        if not self.pid1 or self.on_power is None:
+            raise GuestError(ErrorCode.PERMISSION_DENIED,
+                             f"{type(message).__name__.lower()} is refused: this server is not the guest's init")
+        reboot = isinstance(message, protocol.Reboot)
+        asyncio.get_running_loop().call_soon(self.on_power, reboot)
+        return protocol.Ok()
+
+    def _check_machine_wide(self, message: Message, swap: bool = False) -> None:
+        name = type(message).__name__.lower()
+        if not self.machine_wide:
+            raise GuestError(ErrorCode.PERMISSION_DENIED,
+                             f"{name} changes the whole machine and is refused: this server is not the "
+                             f"guest's init (PID 1)")
+        if swap and not self.allow_swap:
+            raise GuestError(ErrorCode.PERMISSION_DENIED,
+                             f"{name} is refused here: swap is global to the host in a sandbox (VM backends only)")
+
+    def _machine_wide(self, handler: Handler, swap: bool = False) -> Handler:
+        async def guarded(channel: Channel, message: Message) -> Message | None:
+            self._check_machine_wide(message, swap)
+            return await handler(channel, message)
+
+        return guarded
+
+
+def _sync(function: Callable[[Any], Message]) -> Handler:
+    """A handler for a quick call that needs no channel (file metadata, mount): run it on the loop."""
+
+    async def handler(channel: Channel, message: Any) -> Message:
+        return function(message)
+
+    return handler
+
+
+def _threaded(function: Callable[[Any], Message]) -> Handler:
+    """A handler for a call that may block for long (resize, sync): run it in a worker thread."""
+
+    async def handler(channel: Channel, message: Any) -> Message:
+        return await asyncio.to_thread(function, message)
+
+    return handler
+
+
+def _reply_for(exc: Exception, message: Message) -> protocol.Error:
+    """The one mapping from an exception to a wire error."""
+    name = type(message).__name__
+    if isinstance(exc, GuestError):
+        return protocol.error(exc.code, exc.message)
+    if isinstance(exc, OSError):
+        mapped = from_oserror(exc, name.lower())
+        return protocol.error(mapped.code, mapped.message)
+    if isinstance(exc, protocol.ProtocolError):
+        return protocol.error(exc.code, str(exc))
+    log.exception("internal error in %s", name)
+    return protocol.error(ErrorCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}: {exc}")
+
+
+async def run_forever(listen: list[tuple[Address, bytes | None]], *, events_to: Address | None = None,
+                      events_secret: bytes | None = None, server: GuestServer | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (the `boxpark guest serve` command), then close cleanly."""
+    server = server or GuestServer()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    for address, secret in listen:
+        await server.listen(address, secret=secret)
+        log.info("serving the Guest API on %s", address)
+    dialer = None
+    if events_to is not None:
+        dialer = loop.create_task(events.stream_to_host(server.events, events_to, events_secret))
+    await stop.wait()
+    if dialer is not None:
+        dialer.cancel()
+    await server.close()
+    await server.processes.stop_all(grace=5.0)

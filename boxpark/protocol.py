@@ -1,0 +1,676 @@
+"""The Boxpark Guest API: the whole host↔guest contract, and its sans-IO frame codec.
+
+Every message is a `msgspec.Struct` in this one module, so a reader learns the API in one sitting. A frame
+is a 4-byte big-endian length followed by a msgpack body that decodes into one tagged message. This module
+never touches a socket or a file: bytes go in through `FrameDecoder.feed`, messages come out of
+`FrameDecoder.next_message`, and `encode` turns a message back into frame bytes. Any input either decodes
+or raises `ProtocolError`, nothing else; that is the invariant the fuzz tests hold it to.
+
+A connection (see DESIGN.md §3):
+1. the client sends `Hello`; on tcp the server answers `Challenge` and the client sends `Proof`; the
+   server answers `Welcome` (or `Error`, then closes);
+2. then either unary calls (request → reply or `Error`), one after the other; or one streaming call
+   (`Attach`, `NotifyListen`, `Events`, `Launch` with connect) whose frames follow the reply until the
+   stream ends; or one upgrade call (`Connect`, interactive `Exec`) that owns the connection from then on.
+
+The guest also dials the host's event stream: there the guest is the client, sends `Hello`, and after
+`Welcome` the host sends `Resume` with the last event sequence number it has seen; the guest then sends
+`EventFrame`s.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; `Hello` and `Welcome` carry it and a mismatch is refused."""
+
+MAX_FRAME = 16 * 1024 * 1024
+"""The largest frame body either side accepts; a larger length prefix is a protocol error."""
+
+MAX_FILE_CHUNK = 8 * 1024 * 1024
+"""The largest `ReadFile` length and `WriteFile` payload in one call; larger files go in chunks."""
+
+HEADER = struct.Struct(">I")
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a call failed. The server maps every failure to one of these at its edge."""
+
+    BAD_FRAME = 1  # the peer sent bytes that are not a valid frame or message: its bug
+    UNSUPPORTED = 2  # a known message that is not valid here (wrong state, not a request)
+    VERSION_MISMATCH = 3
+    UNAUTHENTICATED = 4  # missing or wrong token proof
+    INVALID_ARGUMENT = 5  # well-formed, but a value is wrong (empty argv, bad path, ...)
+    NOT_FOUND = 6  # a file, binary, process name or socket that does not exist
+    ALREADY_EXISTS = 7
+    PERMISSION_DENIED = 8  # the OS said EPERM/EACCES, or the call is refused on this server
+    TIMEOUT = 9
+    UNAVAILABLE = 10  # the target exists but refused (connection refused, process gone)
+    FAILED = 11  # the operation ran and failed (a tool exited non-zero, an OS error)
+    INTERNAL = 12  # a bug in the server; the message says what it was doing
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the framing or the schema. Reply `BAD_FRAME` (if you can) and close."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------- base
+
+
+class Message(msgspec.Struct, tag_field="t", omit_defaults=True, forbid_unknown_fields=False):
+    """Base of every message; the `t` field on the wire names the message type."""
+
+
+# ------------------------------------------------------------------------------------- handshake
+
+
+class Hello(Message, tag="hello"):
+    """First frame from the dialing side: its protocol version and who it is."""
+
+    version: int = PROTOCOL_VERSION
+    client: str = ""  # free text for logs, e.g. "boxpark-agent 0.1.0"
+    boot_id: str = ""  # set by the guest when it dials the host's event stream
+
+
+class Challenge(Message, tag="challenge"):
+    """On tcp the listening side answers `Hello` with a fresh random nonce to be signed."""
+
+    nonce: bytes
+
+
+class Proof(Message, tag="proof"):
+    """HMAC-SHA256 over the nonce with the machine's secret; the secret itself never crosses the wire."""
+
+    hmac: bytes
+
+
+class Welcome(Message, tag="welcome"):
+    """The handshake succeeded; calls may follow."""
+
+    version: int = PROTOCOL_VERSION
+    server: str = ""
+    boot_id: str = ""
+
+
+# ------------------------------------------------------------------------------------ replies
+
+
+class Error(Message, tag="error"):
+    """A call failed; `code` says whose fault and what to do, `message` is a sentence for a person."""
+
+    code: ErrorCode
+    message: str
+
+
+class Ok(Message, tag="ok"):
+    """A call succeeded with nothing more to say (or an upgrade call's go-ahead)."""
+
+
+# ------------------------------------------------------------------------------------------ info
+
+
+class Info(Message, tag="info"):
+    """Ask what the guest is: versions, boot id, uptime."""
+
+
+class InfoReply(Message, tag="info_reply"):
+    """What the guest is."""
+
+    protocol: int
+    boxpark: str
+    kernel: str
+    arch: str
+    hostname: str
+    boot_id: str
+    uptime: float
+    pid: int
+    pid1: bool  # the server runs as the machine's init (machine-wide calls allowed)
+
+
+# ------------------------------------------------------------------------------------- processes
+
+
+class Exec(Message, tag="exec"):
+    """Run argv (a list; never a shell string) and wait for it.
+
+    Unary (default): stdin is fed from `stdin`, output is captured, the reply is `ExecResult`; past
+    `timeout` seconds the child's whole process group is killed. With `interactive` the call upgrades:
+    after `Started` the connection carries `Stdin`/`ResizeTty`/`SendSignal` to the guest and `Output`
+    then one `Exit` back; with `tty` the process runs on a pseudo-terminal and gets SIGHUP when the
+    connection closes.
+    """
+
+    argv: list[str]
+    env: dict[str, str] | None = None  # None: the server's environment
+    cwd: str | None = None
+    stdin: bytes = b""
+    timeout: float | None = None
+    interactive: bool = False
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    name: str | None = None  # interactive only: addressable by name while it runs
+
+
+class ExecResult(Message, tag="exec_result"):
+    """The outcome of a unary `Exec`: the exit code (or the signal that ended it) and captured output."""
+
+    code: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    truncated: bool = False  # output past the frame limit was cut
+
+
+class Launch(Message, tag="launch"):
+    """Start a named long-running process (a service) that outlives this connection.
+
+    Its stdout/stderr go into a ring of log records kept by the guest. With `connect` the call streams:
+    after `Launched` come `LogBatch`es and finally `Exit`. `notify_socket` sets NOTIFY_SOCKET in its
+    environment (pair with `NotifyListen`).
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    connect: bool = False
+    notify_socket: str | None = None
+    ring_records: int = 100_000  # per-process log ring bound, in records ...
+    ring_bytes: int = 16 * 1024 * 1024  # ... and in bytes; past either, the oldest go (counted)
+    replace: bool = False  # a finished process of the same name may be replaced
+
+
+class Launched(Message, tag="launched"):
+    """The process started; `pid` is its pid in the guest."""
+
+    name: str
+    pid: int
+
+
+class Started(Message, tag="started"):
+    """An interactive `Exec` started; the connection now carries its frames."""
+
+    pid: int
+
+
+class Attach(Message, tag="attach"):
+    """Stream a launched process's logs from sequence number `since` (exclusive), then its `Exit`.
+
+    `follow=False` ends the stream (with `EndOfStream`) once the records present now are sent.
+    """
+
+    name: str
+    since: int = 0
+    follow: bool = True
+
+
+class Wait(Message, tag="wait"):
+    """Wait for a launched process to exit; the reply is `Exit`, or `Error(TIMEOUT)`."""
+
+    name: str
+    timeout: float | None = None
+
+
+class Signal(Message, tag="signal"):
+    """Send a signal to a launched or interactive process by name (to its process group with `group`)."""
+
+    name: str
+    signal: int
+    group: bool = False
+
+
+class ListProcesses(Message, tag="list_processes"):
+    """List the named processes the guest's supervisor knows, running or exited."""
+
+
+class ProcessInfo(msgspec.Struct, omit_defaults=True):
+    """One supervised process."""
+
+    name: str
+    pid: int
+    argv: list[str]
+    kind: Literal["service", "interactive"]
+    running: bool
+    code: int | None = None
+    signal: int | None = None
+    started_ns: int = 0  # CLOCK_REALTIME of the guest
+    last_seq: int = 0  # the newest log record's sequence number
+
+
+class ProcessList(Message, tag="process_list"):
+    """The reply to `ListProcesses`."""
+
+    processes: list[ProcessInfo]
+
+
+class Exit(Message, tag="exit"):
+    """A process ended: by `code`, or by `signal` (then `code` is None)."""
+
+    code: int | None
+    signal: int | None = None
+
+
+class LogRecord(msgspec.Struct, array_like=True, gc=False):
+    """One line (or a piece of an over-long line, `partial=True`) from a process's stdout or stderr.
+
+    `seq` counts every record of the process from 1, across both streams; `time_ns` is the guest's
+    CLOCK_REALTIME when the line was read.
+    """
+
+    seq: int
+    time_ns: int
+    stream: int  # 1 stdout, 2 stderr
+    partial: bool
+    data: bytes
+
+
+class LogBatch(Message, tag="log_batch"):
+    """Log records of one process in order. `dropped` records were lost from the ring before the first."""
+
+    service: str
+    records: list[LogRecord]
+    dropped: int = 0
+
+
+class EndOfStream(Message, tag="end_of_stream"):
+    """A finite stream (e.g. `Attach` without follow) has no more frames."""
+
+
+class Stdin(Message, tag="stdin"):
+    """Bytes for an interactive process's stdin; `eof` closes it (half-close)."""
+
+    data: bytes = b""
+    eof: bool = False
+
+
+class Output(Message, tag="output"):
+    """Bytes an interactive process wrote: `fd` 1 or 2 (a tty has only 1)."""
+
+    fd: int
+    data: bytes
+
+
+class ResizeTty(Message, tag="resize_tty"):
+    """The host terminal changed size; applied to the interactive process's pty (it gets SIGWINCH)."""
+
+    rows: int
+    cols: int
+
+
+class SendSignal(Message, tag="send_signal"):
+    """In an interactive stream: signal the process (e.g. SIGINT for a Ctrl-C the host intercepted)."""
+
+    signal: int
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+class ReadFile(Message, tag="read_file"):
+    """Read up to `length` bytes (at most MAX_FILE_CHUNK) from `offset`; the reply is `FileData`."""
+
+    path: str
+    offset: int = 0
+    length: int = MAX_FILE_CHUNK
+
+
+class FileData(Message, tag="file_data"):
+    """Bytes read; `eof` when the file ends within them."""
+
+    data: bytes
+    eof: bool
+
+
+class WriteFile(Message, tag="write_file"):
+    """Write `data` to `path` (create, truncate unless `append`), atomically by rename unless appending."""
+
+    path: str
+    data: bytes
+    mode: int = 0o644
+    append: bool = False
+    parents: bool = False  # create missing parent directories
+
+
+class Mkdir(Message, tag="mkdir"):
+    """Create a directory; `parents` like `mkdir -p` (then an existing directory is fine)."""
+
+    path: str
+    mode: int = 0o755
+    parents: bool = False
+
+
+class Stat(Message, tag="stat"):
+    """Describe a path (without following a final symlink when `follow` is False)."""
+
+    path: str
+    follow: bool = True
+
+
+class StatReply(Message, tag="stat_reply"):
+    """What `Stat` found."""
+
+    kind: Literal["file", "dir", "symlink", "socket", "fifo", "block", "char", "other"]
+    mode: int  # permission bits only
+    size: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+# --------------------------------------------------------------------------------------- storage
+
+
+class Mount(Message, tag="mount"):
+    """mount(2): `options` as mount(8) takes them (`ro`, `nosuid`, `bind`, fs-specific `key=value`, ...)."""
+
+    source: str
+    target: str
+    fstype: str = ""
+    options: list[str] = []
+    mkdir: bool = False  # create the target directory (and parents) first
+
+
+class Umount(Message, tag="umount"):
+    """umount2(2); `lazy` is MNT_DETACH."""
+
+    target: str
+    lazy: bool = False
+    force: bool = False
+
+
+class Swapon(Message, tag="swapon"):
+    """Enable swap on a device or file (machine-wide: refused unless the server is the guest's init)."""
+
+    path: str
+    priority: int | None = None
+
+
+class Swapoff(Message, tag="swapoff"):
+    """Disable swap on a device or file (machine-wide, like `Swapon`)."""
+
+    path: str
+
+
+class ResizeDisk(Message, tag="resize_disk"):
+    """Grow partition `partition` of `device` (if given) to fill it, then its ext4/xfs filesystem."""
+
+    device: str
+    partition: int | None = None
+
+
+class ResizeResult(Message, tag="resize_result"):
+    """What `ResizeDisk` did; `reboot_required` when the kernel could not take the new table live."""
+
+    filesystem: str
+    old_size: int  # bytes of the filesystem's block device before and after
+    new_size: int
+    partition_grown: bool
+    filesystem_grown: bool
+    reboot_required: bool = False
+
+
+# --------------------------------------------------------------------------- notify, connect, events
+
+
+class NotifyListen(Message, tag="notify_listen"):
+    """Bind (or re-attach to) an sd_notify datagram socket at `path` and stream its messages after `since`.
+
+    The socket lives as long as the server, so a host that reconnects loses nothing the ring still holds.
+    """
+
+    path: str
+    since: int = 0
+
+
+class NotifyMessage(Message, tag="notify"):
+    """One sd_notify datagram, parsed per the systemd protocol; the sender's credentials via SO_PASSCRED."""
+
+    seq: int
+    pid: int
+    uid: int
+    gid: int
+    time_ns: int
+    fields: dict[str, str]
+    ready: bool = False
+    reloading: bool = False
+    stopping: bool = False
+    watchdog: bool = False
+    status: str | None = None
+    mainpid: int | None = None
+    errno: int | None = None
+    extend_timeout_usec: int | None = None
+
+
+class Connect(Message, tag="connect"):
+    """Open a stream to a unix socket `path` or a TCP `port` in the guest; after `Ok`, raw bytes both ways."""
+
+    path: str | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+    timeout: float = 10.0
+
+
+class Events(Message, tag="events"):
+    """Stream the guest's events with sequence number greater than `since` (host-dialed event stream)."""
+
+    since: int = 0
+
+
+class Resume(Message, tag="resume"):
+    """On the event stream the guest dialed: the host has seen every event up to `since`."""
+
+    since: int = 0
+
+
+class BootStep(msgspec.Struct, array_like=True):
+    """One timed step of the guest's boot."""
+
+    name: str
+    duration_ns: int
+    error: str | None = None
+
+
+class Ready(msgspec.Struct, tag="ready", tag_field="t", omit_defaults=True):
+    """The guest finished booting: its timeline, versions and boot id."""
+
+    boot_id: str
+    boxpark: str
+    kernel: str
+    arch: str
+    timeline: list[BootStep]
+    monotonic_ns: int  # CLOCK_MONOTONIC when Ready was sent: the kernel's share of the boot
+    api: str = ""  # the address the Guest API listens on, as the guest sees it
+
+
+class ProcessExited(msgspec.Struct, tag="process_exited", tag_field="t", omit_defaults=True):
+    """A supervised process ended."""
+
+    name: str
+    pid: int
+    code: int | None
+    signal: int | None = None
+
+
+class ClockStepped(msgspec.Struct, tag="clock_stepped", tag_field="t", omit_defaults=True):
+    """The guest's clock was set: by how much, and from which source ("rtc", "rtc-refine", "host")."""
+
+    source: str
+    offset_ns: int
+
+
+class ShuttingDown(msgspec.Struct, tag="shutting_down", tag_field="t", omit_defaults=True):
+    """The guest is powering off or rebooting."""
+
+    reason: str
+    reboot: bool = False
+
+
+class Log(msgspec.Struct, tag="log", tag_field="t", omit_defaults=True):
+    """A warning or error from the guest's init worth showing on the host."""
+
+    level: str
+    message: str
+
+
+Event = Union[Ready, ProcessExited, ClockStepped, ShuttingDown, Log]
+
+
+class EventFrame(Message, tag="event"):
+    """One guest event, numbered from 1 within a boot."""
+
+    seq: int
+    time_ns: int
+    event: Event
+
+
+# ---------------------------------------------------------------------------------------- system
+
+
+class SetTime(Message, tag="set_time"):
+    """Set CLOCK_REALTIME (machine-wide): step when off by more than `threshold_ns`. Reply: `TimeSet`."""
+
+    time_ns: int
+    threshold_ns: int = 1_000_000
+
+
+class TimeSet(Message, tag="time_set"):
+    """The clock's offset before `SetTime`, and whether it was stepped."""
+
+    offset_ns: int
+    stepped: bool
+
+
+class Sync(Message, tag="sync"):
+    """Flush the guest's filesystems (sync(2))."""
+
+
+class Hostname(Message, tag="hostname"):
+    """Set the hostname (machine-wide) if `name` is given; the reply is `HostnameReply`."""
+
+    name: str | None = None
+
+
+class HostnameReply(Message, tag="hostname_reply"):
+    """The hostname now."""
+
+    name: str
+
+
+class Reboot(Message, tag="reboot"):
+    """Stop services cleanly and reboot (only when the server is the guest's init)."""
+
+
+class Poweroff(Message, tag="poweroff"):
+    """Stop services cleanly and power off (only when the server is the guest's init)."""
+
+
+# --------------------------------------------------------------------------------------- the union
+
+Request = Union[
+    Info, Exec, Launch, Attach, Wait, Signal, ListProcesses, ReadFile, WriteFile, Mkdir, Stat, Mount,
+    Umount, Swapon, Swapoff, ResizeDisk, NotifyListen, Connect, Events, SetTime, Sync, Hostname, Reboot,
+    Poweroff,
+]
+"""Every call a client may open with after the handshake."""
+
+AnyMessage = Union[
+    Hello, Challenge, Proof, Welcome, Error, Ok, Info, InfoReply, Exec, ExecResult, Launch, Launched,
+    Started, Attach, Wait, Signal, ListProcesses, ProcessList, Exit, LogBatch, EndOfStream, Stdin, Output,
+    ResizeTty, SendSignal, ReadFile, FileData, WriteFile, Mkdir, Stat, StatReply, Mount, Umount, Swapon,
+    Swapoff, ResizeDisk, ResizeResult, NotifyListen, NotifyMessage, Connect, Events, Resume, EventFrame,
+    SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff,
+]
+
+REQUEST_TYPES: tuple[type[Message], ...] = Request.__args__  # type: ignore[attr-defined]
+MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
+
+
+# ------------------------------------------------------------------------------------------ codec
+
+
+def encode(message: Message) -> bytes:
+    """One frame: the 4-byte big-endian body length, then the msgpack body."""
+    body = _encoder.encode(message)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"{type(message).__name__} encodes to {len(body)} bytes, over the {MAX_FRAME} limit")
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes | memoryview) -> Message:
+    """Decode one frame body, or raise `ProtocolError` saying why it is not a message."""
+    try:
+        message: Message = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable frame body: {exc}") from None
+    return message
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages: `feed(data)`, then `next_message()` until it returns None.
+
+    After a `ProtocolError` the stream is out of step and the connection should be closed. `detach()`
+    hands back the bytes buffered past the last frame, for a connection that upgrades to raw bytes.
+    """
+
+    __slots__ = ("_buffer", "_max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_message(self) -> Message | None:
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (length,) = HEADER.unpack_from(buffer)
+        if length > self._max_frame:
+            raise ProtocolError(f"frame of {length} bytes is over the {self._max_frame} byte limit")
+        end = 4 + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[4:end])
+        del buffer[:end]
+        return decode_body(body)
+
+    def wanted(self) -> int:
+        """How many more bytes complete the frame in progress (at least 1 when nothing is buffered)."""
+        if len(self._buffer) < 4:
+            return 4 - len(self._buffer)
+        (length,) = HEADER.unpack_from(self._buffer)
+        return max(1, 4 + length - len(self._buffer))
+
+    def detach(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+def error(code: ErrorCode, message: str) -> Error:
+    """Shorthand for an `Error` reply."""
+    return Error(code=code, message=message)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of every message (committed as docs/protocol.schema.json; a test keeps it fresh)."""
+    (schema,), components = msgspec.json.schema_components([AnyMessage])
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Boxpark Guest API",
+            "version": PROTOCOL_VERSION, **schema, "$defs": components}

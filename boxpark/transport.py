@@ -1,0 +1,592 @@
+"""Addresses and connections, shared by guest and host: one parser, one dialer, one listener, one handshake.
+
+An address is `vsock:CID:PORT`, `unix:PATH` or `tcp:HOST:PORT`. TCP is reachable by other local users, so a
+tcp connection always proves knowledge of the machine's secret (HMAC of a fresh nonce; the secret never
+crosses the wire); unix sockets are created mode 0600 instead; vsock is reachable only by the VM's owner.
+
+`Channel` carries framed messages (the `protocol` codec) over one asyncio connection and can hand the raw
+socket over for an upgrade call. Nothing here knows what the messages mean beyond the handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal
+
+from . import protocol
+from .protocol import (Challenge, Error, ErrorCode, FrameDecoder, Hello, Message, Proof, ProtocolError,
+                       Welcome)
+
+DEFAULT_PORT = 1024
+"""The Guest API's vsock/tcp port inside the guest."""
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class TransportError(Exception):
+    """The address is wrong, or the peer is unreachable or failed the handshake. The message says which."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address; `str()` gives it back in the `kind:...` form."""
+
+    kind: Literal["vsock", "unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    cid: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "vsock":
+            return f"vsock:{self.cid}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+    @property
+    def needs_secret(self) -> bool:
+        return self.kind == "tcp"
+
+
+_TCP = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+
+
+def parse_address(text: str) -> Address:
+    """Parse `vsock:CID:PORT`, `unix:PATH` or `tcp:HOST:PORT`, or raise `TransportError` saying what is wrong."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise TransportError(f"bad address {text!r}: expected vsock:CID:PORT, unix:PATH or tcp:HOST:PORT",
+                             ErrorCode.INVALID_ARGUMENT)
+    if kind == "unix":
+        if "\0" in rest:
+            raise TransportError(f"bad address {text!r}: NUL in path", ErrorCode.INVALID_ARGUMENT)
+        return Address("unix", path=rest)
+    if kind == "vsock":
+        cid, sep, port = rest.partition(":")
+        if not (sep and cid.isdigit() and port.isdigit()):
+            raise TransportError(f"bad address {text!r}: expected vsock:CID:PORT with numbers",
+                                 ErrorCode.INVALID_ARGUMENT)
+        return Address("vsock", cid=int(cid), port=_port(text, port, 0xFFFFFFFF))
+    if kind == "tcp":
+        match = _TCP.match(rest)
+        if not match:
+            raise TransportError(f"bad address {text!r}: expected tcp:HOST:PORT", ErrorCode.INVALID_ARGUMENT)
+        return Address("tcp", host=match["v6"] or match["host"], port=_port(text, match["port"], 65535))
+    raise TransportError(f"bad address {text!r}: unknown kind {kind!r} (vsock, unix or tcp)",
+                         ErrorCode.INVALID_ARGUMENT)
+
+
+def _port(text: str, port: str, limit: int) -> int:
+    value = int(port)
+    if not 0 <= value <= limit:
+        raise TransportError(f"bad address {text!r}: port {value} out of range", ErrorCode.INVALID_ARGUMENT)
+    return value
+
+
+def read_secret(path: str) -> bytes:
+    """Read a machine secret from a file that only its owner may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TransportError(f"cannot read the secret file {path}: {exc.strerror}",
+                             ErrorCode.INVALID_ARGUMENT) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(mode) & 0o077:
+            raise TransportError(f"the secret file {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+                                 f"chmod 600 it", ErrorCode.PERMISSION_DENIED)
+        secret = os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+    if len(secret) < 16:
+        raise TransportError(f"the secret in {path} is too short (at least 16 bytes)", ErrorCode.INVALID_ARGUMENT)
+    return secret
+
+
+def write_secret(path: str) -> bytes:
+    """Create a new random secret file, mode 0600, and return the secret."""
+    secret = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secret + b"\n")
+    finally:
+        os.close(fd)
+    return secret
+
+
+def proof(secret: bytes, nonce: bytes) -> bytes:
+    """The token proof: HMAC-SHA256 of the server's nonce, keyed with the machine's secret."""
+    return hmac.new(secret, b"boxpark-proof-v1\0" + nonce, hashlib.sha256).digest()
+
+
+# ------------------------------------------------------------------------------------- sockets
+
+
+def listen_socket(address: Address, backlog: int = 1024) -> socket.socket:
+    """A listening, non-blocking socket for `address`; a unix socket is mode 0600 and replaces a stale one."""
+    if address.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            os.fchmod(sock.fileno(), 0o600)  # Linux takes the inode mode at bind time: no window
+            _remove_stale_socket(address.path)
+            sock.bind(address.path)
+            os.chmod(address.path, 0o600)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {address}: {exc.strerror}") from None
+    elif address.kind == "tcp":
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {address}: {exc.strerror}") from None
+    else:
+        sock = _vsock_socket(address)
+        try:
+            sock.bind((address.cid, address.port))
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _vsock_socket(address: Address) -> socket.socket:
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise TransportError(f"{address}: this platform has no AF_VSOCK", ErrorCode.UNSUPPORTED)
+    try:
+        return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as exc:
+        raise TransportError(f"{address}: vsock is not available here ({exc.strerror})",
+                             ErrorCode.UNSUPPORTED) from None
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a leftover socket nobody listens on; refuse to replace a live one or a non-socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(17, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(98, "another server is listening there")
+    finally:
+        probe.close()
+
+
+async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
+    """Connect a non-blocking socket to `address`, or raise `TransportError` naming it and why."""
+    loop = asyncio.get_running_loop()
+    if address.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        target: object = address.path
+    elif address.kind == "tcp":
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target = (address.host, address.port)
+    else:
+        sock = _vsock_socket(address)
+        target = (address.cid, address.port)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        sock.close()
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+        code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
+        raise TransportError(f"cannot connect to {address}: {reason}", code) from None
+    return sock
+
+
+# ------------------------------------------------------------------------------------- channel
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """Feeds received bytes to a `FrameDecoder` and queues the decoded messages for `Channel.recv`."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.messages: collections.deque[Message | BaseException] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.eof = False
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self.write_paused = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.broken = False
+        self.raw_sink: Callable[[bytes], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+            return
+        if self.broken:
+            return
+        self.decoder.feed(data)
+        try:
+            while (message := self.decoder.next_message()) is not None:
+                self.messages.append(message)
+        except ProtocolError as exc:
+            self.broken = True
+            self.messages.append(exc)
+        if len(self.messages) > 64 and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep our writing side open: the peer half-closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self._wake()
+        for waiter in self.drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for waiter in self.drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.drain_waiters.clear()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class Channel:
+    """Framed messages over one connection: `send`, `await recv()`, `await drain()`, `close()`."""
+
+    def __init__(self, transport: asyncio.Transport, protocol_: _FrameProtocol, peer: str) -> None:
+        self._transport = transport
+        self._protocol = protocol_
+        self.peer = peer
+        self.hello: Hello | None = None
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket, peer: str = "") -> Channel:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.connect_accepted_socket(_FrameProtocol, sock)
+        return cls(transport, proto, peer)
+
+    def send(self, message: Message) -> None:
+        """Queue one message; call `drain()` now and then when sending many."""
+        if not self._transport.is_closing():
+            self._transport.write(protocol.encode(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue already-encoded frames."""
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the peer is slow to read (write-buffer flow control)."""
+        proto = self._protocol
+        if proto.write_paused and not self._transport.is_closing():
+            waiter = asyncio.get_running_loop().create_future()
+            proto.drain_waiters.append(waiter)
+            await waiter
+
+    async def recv(self) -> Message | None:
+        """The next message, or None at end of stream; raises `ProtocolError` on a bad frame."""
+        proto = self._protocol
+        while not proto.messages:
+            if proto.eof:
+                return None
+            proto.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await proto.waiter
+            finally:
+                proto.waiter = None
+        item = proto.messages.popleft()
+        if proto.paused and len(proto.messages) < 16:
+            proto.paused = False
+            self._transport.resume_reading()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def recv_expect(self, *types: type[Message]) -> Message:
+        """The next message, which must be one of `types`; an `Error` reply is raised as `RemoteError`."""
+        message = await self.recv()
+        if message is None:
+            raise TransportError(f"{self.peer or 'the peer'} closed the connection")
+        if isinstance(message, Error) and Error not in types:
+            raise RemoteError(message.code, message.message)
+        if not isinstance(message, types):
+            raise ProtocolError(f"expected {' or '.join(t.__name__ for t in types)}, got {type(message).__name__}",
+                                ErrorCode.UNSUPPORTED)
+        return message
+
+    @property
+    def at_eof(self) -> bool:
+        return self._protocol.eof and not self._protocol.messages
+
+    def write_eof(self) -> None:
+        if not self._transport.is_closing() and self._transport.can_write_eof():
+            self._transport.write_eof()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._protocol.closed
+
+    def take_socket(self) -> tuple[socket.socket, bytes]:
+        """Leave framing: return a blocking duplicate of the socket and the bytes read past the last frame.
+
+        The channel is closed; the connection lives on in the returned socket.
+        """
+        proto = self._protocol
+        transport = self._transport
+        transport.pause_reading()
+        leftover = proto.decoder.detach()
+        sock: socket.socket = transport.get_extra_info("socket")
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        proto.raw_sink = lambda data: None
+        transport.abort()
+        dup.setblocking(True)
+        return dup, leftover
+
+
+class RemoteError(Exception):
+    """The other side answered a call with an `Error`: `code` says why, the text says what to do."""
+
+    def __init__(self, code: ErrorCode | int, message: str) -> None:
+        super().__init__(message)
+        try:
+            self.code = ErrorCode(code)
+        except ValueError:
+            self.code = ErrorCode.INTERNAL
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ------------------------------------------------------------------------------------ handshake
+
+
+async def client_handshake(channel: Channel, address: Address, secret: bytes | None,
+                           hello: Hello | None = None) -> Welcome:
+    """Send `Hello` (and the token proof on tcp); return the server's `Welcome` or raise."""
+    if address.needs_secret and not secret:
+        raise TransportError(f"{address} needs the machine's secret (a secret file) to connect",
+                             ErrorCode.UNAUTHENTICATED)
+    channel.send(hello or Hello())
+    try:
+        reply = await asyncio.wait_for(channel.recv_expect(Welcome, Challenge), HANDSHAKE_TIMEOUT)
+        if isinstance(reply, Challenge):
+            if not secret:
+                raise TransportError(f"{address} asks for a token proof and no secret was given",
+                                     ErrorCode.UNAUTHENTICATED)
+            channel.send(Proof(hmac=proof(secret, reply.nonce)))
+            reply = await asyncio.wait_for(channel.recv_expect(Welcome), HANDSHAKE_TIMEOUT)
+    except RemoteError as exc:
+        raise TransportError(f"{address} refused the connection: {exc.message}", exc.code) from None
+    except asyncio.TimeoutError:
+        raise TransportError(f"{address} did not complete the handshake in {HANDSHAKE_TIMEOUT:.0f} s") from None
+    except ProtocolError as exc:
+        raise TransportError(f"{address} is not a Boxpark endpoint: {exc}", ErrorCode.BAD_FRAME) from None
+    assert isinstance(reply, Welcome)
+    if reply.version != protocol.PROTOCOL_VERSION:
+        raise TransportError(f"{address} speaks protocol {reply.version}, this side {protocol.PROTOCOL_VERSION}",
+                             ErrorCode.VERSION_MISMATCH)
+    return reply
+
+
+async def server_handshake(channel: Channel, *, require_proof: bool, secret: bytes | None,
+                           welcome: Welcome) -> Hello | None:
+    """Receive `Hello` (and check the token proof); reply `Welcome`, or an `Error` and return None."""
+    try:
+        hello = await asyncio.wait_for(channel.recv(), HANDSHAKE_TIMEOUT)
+        if not isinstance(hello, Hello):
+            what = "nothing" if hello is None else type(hello).__name__
+            channel.send(protocol.error(ErrorCode.BAD_FRAME, f"expected Hello first, got {what}"))
+            return None
+        if hello.version != protocol.PROTOCOL_VERSION:
+            channel.send(protocol.error(ErrorCode.VERSION_MISMATCH,
+                                        f"protocol {hello.version} is not supported; this guest speaks "
+                                        f"{protocol.PROTOCOL_VERSION}"))
+            return None
+        if require_proof:
+            assert secret is not None
+            nonce = secrets.token_bytes(32)
+            channel.send(Challenge(nonce=nonce))
+            answer = await asyncio.wait_for(channel.recv(), HANDSHAKE_TIMEOUT)
+            if not isinstance(answer, Proof) or not hmac.compare_digest(answer.hmac, proof(secret, nonce)):
+                channel.send(protocol.error(ErrorCode.UNAUTHENTICATED, "wrong or missing token proof"))
+                return None
+    except asyncio.TimeoutError:
+        channel.send(protocol.error(ErrorCode.TIMEOUT, "handshake timed out"))
+        return None
+    except ProtocolError as exc:
+        channel.send(protocol.error(exc.code, str(exc)))
+        return None
+    channel.send(welcome)
+    channel.hello = hello
+    return hello
+
+
+async def dial(address: Address | str, *, secret: bytes | None = None, hello: Hello | None = None,
+               timeout: float = 10.0) -> tuple[Channel, Welcome]:
+    """Connect to a Boxpark endpoint and complete the handshake."""
+    if isinstance(address, str):
+        address = parse_address(address)
+    sock = await dial_socket(address, timeout)
+    channel = await Channel.from_socket(sock, str(address))
+    try:
+        welcome = await client_handshake(channel, address, secret, hello)
+    except BaseException:
+        channel.abort()
+        raise
+    return channel, welcome
+
+
+Handler = Callable[[Channel], Awaitable[None]]
+
+
+async def serve(address: Address, handler: Handler, *, secret: bytes | None = None,
+                welcome: Callable[[], Welcome] = Welcome,
+                sock: socket.socket | None = None) -> asyncio.AbstractServer:
+    """Accept connections on `address`; each completes the handshake, then `handler(channel)` owns it."""
+    if address.needs_secret and not secret:
+        raise TransportError(f"listening on {address} needs a machine secret", ErrorCode.INVALID_ARGUMENT)
+    listener = sock if sock is not None else listen_socket(address)
+
+    async def on_connection(client: socket.socket) -> None:
+        channel = await Channel.from_socket(client, str(address))
+        try:
+            if await server_handshake(channel, require_proof=address.needs_secret, secret=secret,
+                                      welcome=welcome()) is None:
+                channel.close()
+                return
+            await handler(channel)
+        finally:
+            channel.close()
+
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accept(client: socket.socket) -> None:
+        if address.kind == "tcp":
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = loop.create_task(on_connection(client))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await _AcceptLoop.start(listener, accept, tasks)
+
+
+class _AcceptLoop(asyncio.AbstractServer):
+    """A minimal server over a listening socket we made ourselves (so unix mode and vsock are ours)."""
+
+    def __init__(self, sock: socket.socket, accept: Callable[[socket.socket], None],
+                 tasks: set[asyncio.Task[None]]) -> None:
+        self._sock = sock
+        self._accept = accept
+        self._tasks = tasks
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+
+    @classmethod
+    async def start(cls, sock: socket.socket, accept: Callable[[socket.socket], None],
+                    tasks: set[asyncio.Task[None]]) -> _AcceptLoop:
+        server = cls(sock, accept, tasks)
+        server._loop.add_reader(sock.fileno(), server._on_readable)
+        return server
+
+    def _on_readable(self) -> None:
+        for _ in range(64):
+            try:
+                client, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and friends: try again on the next wakeup
+                return
+            client.setblocking(False)
+            self._accept(client)
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            if self._sock.family == socket.AF_UNIX:
+                path = self._sock.getsockname()
+                if isinstance(path, str) and path:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            self._sock.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._sock.fileno() >= 0
+
+    async def start_serving(self) -> None:
+        return None
+
+    async def serve_forever(self) -> None:
+        await self._closed
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def close_clients(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def abort_clients(self) -> None:
+        self.close_clients()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,)
