@@ -220,7 +220,10 @@ async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
         await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
-        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+        if isinstance(exc, asyncio.TimeoutError):
+            reason = "timed out"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
         code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
         raise TransportError(f"cannot connect to {address}: {reason}", code) from None
     return sock

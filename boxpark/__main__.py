@@ -1,0 +1,7 @@
+"""`python -m boxpark` is the `boxpark` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

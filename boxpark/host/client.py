@@ -1,0 +1,310 @@
+"""The host's Guest API client: one async method per call.
+
+Unary calls share one connection, one call at a time. A streaming or upgrade call owns its connection, so
+each one dials its own: `launch_connect`, `attach`, `notify_listen` and `events` return a `Stream` of
+frames; `exec_interactive` returns an `Interactive`; `connect` returns a raw socket. A failed call raises
+`RemoteError` carrying the wire `ErrorCode` and the guest's sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, AsyncIterator, Generic, Iterable, TypeVar
+
+from .. import __version__, protocol
+from ..protocol import Message
+from ..transport import Address, Channel, RemoteError, TransportError, dial, parse_address
+
+__all__ = ["GuestClient", "RemoteError", "TransportError", "Stream", "Interactive"]
+
+M = TypeVar("M", bound=Message)
+
+
+class GuestClient:
+    """A connection to one guest's API: `async with await GuestClient.open(address) as client:`."""
+
+    def __init__(self, address: Address, secret: bytes | None, channel: Channel,
+                 welcome: protocol.Welcome, timeout: float) -> None:
+        self.address = address
+        self.secret = secret
+        self.welcome = welcome
+        self._channel = channel
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, address: Address | str, *, secret: bytes | None = None,
+                      timeout: float = 10.0) -> GuestClient:
+        if isinstance(address, str):
+            address = parse_address(address)
+        channel, welcome = await cls._dial(address, secret, timeout)
+        return cls(address, secret, channel, welcome, timeout)
+
+    @staticmethod
+    async def _dial(address: Address, secret: bytes | None, timeout: float) -> tuple[Channel, protocol.Welcome]:
+        return await dial(address, secret=secret, timeout=timeout,
+                          hello=protocol.Hello(client=f"boxpark-host {__version__}"))
+
+    async def __aenter__(self) -> GuestClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._channel.close()
+
+    # ------------------------------------------------------------------------------- plumbing
+
+    async def call(self, request: Message, *expect: type[M]) -> M:
+        """Send one unary request and return its reply (which must be one of `expect`)."""
+        async with self._lock:
+            channel = self._channel
+            channel.send(request)
+            reply = await channel.recv_expect(*expect)
+            return reply  # type: ignore[return-value]
+
+    async def _owning_call(self, request: Message, *expect: type[Message]) -> tuple[Channel, Message]:
+        """Dial a fresh connection for a call that will own it; return it with the first reply."""
+        channel, _ = await self._dial(self.address, self.secret, self._timeout)
+        try:
+            channel.send(request)
+            reply = await channel.recv_expect(*expect)
+        except BaseException:
+            channel.abort()
+            raise
+        return channel, reply
+
+    # ------------------------------------------------------------------------------- unary calls
+
+    async def info(self) -> protocol.InfoReply:
+        return await self.call(protocol.Info(), protocol.InfoReply)
+
+    async def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                   stdin: bytes = b"", timeout: float | None = None) -> protocol.ExecResult:
+        return await self.call(protocol.Exec(argv=list(argv), env=env, cwd=cwd, stdin=stdin, timeout=timeout),
+                               protocol.ExecResult)
+
+    async def launch(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+                     cwd: str | None = None, notify_socket: str | None = None, replace: bool = False,
+                     **ring: int) -> protocol.Launched:
+        """Start a named service without following its logs (see `launch_connect`)."""
+        return await self.call(protocol.Launch(name=name, argv=list(argv), env=env, cwd=cwd,
+                                               notify_socket=notify_socket, replace=replace, **ring),
+                               protocol.Launched)
+
+    async def wait(self, name: str, timeout: float | None = None) -> protocol.Exit:
+        return await self.call(protocol.Wait(name=name, timeout=timeout), protocol.Exit)
+
+    async def signal(self, name: str, signum: int, group: bool = False) -> None:
+        await self.call(protocol.Signal(name=name, signal=int(signum), group=group), protocol.Ok)
+
+    async def list_processes(self) -> list[protocol.ProcessInfo]:
+        return (await self.call(protocol.ListProcesses(), protocol.ProcessList)).processes
+
+    async def read_file(self, path: str, offset: int = 0,
+                        length: int = protocol.MAX_FILE_CHUNK) -> protocol.FileData:
+        return await self.call(protocol.ReadFile(path=path, offset=offset, length=length), protocol.FileData)
+
+    async def read_all(self, path: str) -> bytes:
+        """A whole file, however large, in chunks."""
+        parts: list[bytes] = []
+        offset = 0
+        while True:
+            chunk = await self.read_file(path, offset)
+            parts.append(chunk.data)
+            offset += len(chunk.data)
+            if chunk.eof or not chunk.data:
+                return b"".join(parts)
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False,
+                         parents: bool = False) -> None:
+        if len(data) <= protocol.MAX_FILE_CHUNK:
+            await self.call(protocol.WriteFile(path=path, data=data, mode=mode, append=append, parents=parents),
+                            protocol.Ok)
+            return
+        # Larger than one frame: write the first chunk, append the rest (not atomic, said so in the docs).
+        for start in range(0, len(data), protocol.MAX_FILE_CHUNK):
+            await self.call(protocol.WriteFile(path=path, data=data[start:start + protocol.MAX_FILE_CHUNK],
+                                               mode=mode, append=append or start > 0, parents=parents),
+                            protocol.Ok)
+
+    async def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
+        await self.call(protocol.Mkdir(path=path, mode=mode, parents=parents), protocol.Ok)
+
+    async def stat(self, path: str, follow: bool = True) -> protocol.StatReply:
+        return await self.call(protocol.Stat(path=path, follow=follow), protocol.StatReply)
+
+    async def mount(self, source: str, target: str, fstype: str = "", options: Iterable[str] = (),
+                    mkdir: bool = False) -> None:
+        await self.call(protocol.Mount(source=source, target=target, fstype=fstype, options=list(options),
+                                       mkdir=mkdir), protocol.Ok)
+
+    async def umount(self, target: str, *, lazy: bool = False, force: bool = False) -> None:
+        await self.call(protocol.Umount(target=target, lazy=lazy, force=force), protocol.Ok)
+
+    async def swapon(self, path: str, priority: int | None = None) -> None:
+        await self.call(protocol.Swapon(path=path, priority=priority), protocol.Ok)
+
+    async def swapoff(self, path: str) -> None:
+        await self.call(protocol.Swapoff(path=path), protocol.Ok)
+
+    async def resize_disk(self, device: str, partition: int | None = None) -> protocol.ResizeResult:
+        return await self.call(protocol.ResizeDisk(device=device, partition=partition), protocol.ResizeResult)
+
+    async def set_time(self, time_ns: int, threshold_ns: int = 1_000_000) -> protocol.TimeSet:
+        return await self.call(protocol.SetTime(time_ns=time_ns, threshold_ns=threshold_ns), protocol.TimeSet)
+
+    async def sync(self) -> None:
+        await self.call(protocol.Sync(), protocol.Ok)
+
+    async def hostname(self, name: str | None = None) -> str:
+        return (await self.call(protocol.Hostname(name=name), protocol.HostnameReply)).name
+
+    async def reboot(self) -> None:
+        await self.call(protocol.Reboot(), protocol.Ok)
+
+    async def poweroff(self) -> None:
+        await self.call(protocol.Poweroff(), protocol.Ok)
+
+    # ----------------------------------------------------------------------------- streaming calls
+
+    async def launch_connect(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+                             cwd: str | None = None, notify_socket: str | None = None, replace: bool = False,
+                             **ring: int) -> Stream[protocol.LogBatch | protocol.Exit]:
+        """Start a named service and follow its logs: `LogBatch`es, then its `Exit`."""
+        request = protocol.Launch(name=name, argv=list(argv), env=env, cwd=cwd, notify_socket=notify_socket,
+                                  replace=replace, connect=True, **ring)
+        channel, reply = await self._owning_call(request, protocol.Launched)
+        return Stream(channel, reply, (protocol.Exit, protocol.EndOfStream))
+
+    async def attach(self, name: str, since: int = 0,
+                     follow: bool = True) -> Stream[protocol.LogBatch | protocol.Exit]:
+        """Resume a launched process's logs after sequence number `since`."""
+        channel, reply = await self._owning_call(protocol.Attach(name=name, since=since, follow=follow), protocol.Ok)
+        return Stream(channel, reply, (protocol.Exit, protocol.EndOfStream))
+
+    async def notify_listen(self, path: str, since: int = 0) -> Stream[protocol.NotifyMessage]:
+        """Bind (or re-attach to) an sd_notify socket in the guest and follow its messages."""
+        channel, reply = await self._owning_call(protocol.NotifyListen(path=path, since=since), protocol.Ok)
+        return Stream(channel, reply, ())
+
+    async def events(self, since: int = 0) -> Stream[protocol.EventFrame]:
+        channel, reply = await self._owning_call(protocol.Events(since=since), protocol.Ok)
+        return Stream(channel, reply, ())
+
+    # ------------------------------------------------------------------------------- upgrade calls
+
+    async def exec_interactive(self, argv: list[str], *, tty: bool = False, rows: int = 24, cols: int = 80,
+                               env: dict[str, str] | None = None, cwd: str | None = None,
+                               name: str | None = None) -> Interactive:
+        """Start a process whose stdin/output travel as frames on its own connection."""
+        request = protocol.Exec(argv=list(argv), env=env, cwd=cwd, interactive=True, tty=tty, rows=rows,
+                                cols=cols, name=name)
+        channel, reply = await self._owning_call(request, protocol.Started)
+        assert isinstance(reply, protocol.Started)
+        return Interactive(channel, reply.pid)
+
+    async def connect(self, *, path: str | None = None, port: int | None = None, host: str = "127.0.0.1",
+                      timeout: float = 10.0) -> socket.socket:
+        """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket."""
+        channel, _ = await self._owning_call(protocol.Connect(path=path, port=port, host=host, timeout=timeout),
+                                      protocol.Ok)
+        sock, leftover = channel.take_socket()
+        if leftover:  # the guest sends nothing before the target does; bytes here are the target's
+            raise TransportError("the guest sent frames after Ok on a raw connection")
+        sock.setblocking(False)
+        return sock
+
+
+class Stream(Generic[M]):
+    """The frames of a streaming call: `async for frame in stream`; ends after a final frame or EOF."""
+
+    def __init__(self, channel: Channel, first: Message, final: tuple[type[Message], ...]) -> None:
+        self.channel = channel
+        self.first = first
+        self._final = final
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[M]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[M]:
+        try:
+            while not self._done:
+                message = await self.channel.recv()
+                if message is None:
+                    return
+                if isinstance(message, protocol.Error):
+                    raise RemoteError(message.code, message.message)
+                if isinstance(message, self._final):
+                    self._done = True
+                yield message  # type: ignore[misc]
+        finally:
+            if self._done:
+                self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    async def __aenter__(self) -> Stream[M]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Interactive:
+    """A running interactive process: write stdin, resize, signal; read `Output`s until its `Exit`."""
+
+    def __init__(self, channel: Channel, pid: int) -> None:
+        self.channel = channel
+        self.pid = pid
+        self.exit: protocol.Exit | None = None
+
+    def write(self, data: bytes) -> None:
+        self.channel.send(protocol.Stdin(data=data))
+
+    def close_stdin(self) -> None:
+        self.channel.send(protocol.Stdin(eof=True))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.channel.send(protocol.ResizeTty(rows=rows, cols=cols))
+
+    def send_signal(self, signum: int) -> None:
+        self.channel.send(protocol.SendSignal(signal=int(signum)))
+
+    async def drain(self) -> None:
+        await self.channel.drain()
+
+    async def output(self) -> AsyncIterator[protocol.Output]:
+        """Each `Output` frame until the process exits (then `self.exit` is set)."""
+        while True:
+            message = await self.channel.recv()
+            if message is None:
+                return
+            if isinstance(message, protocol.Output):
+                yield message
+            elif isinstance(message, protocol.Exit):
+                self.exit = message
+                return
+            elif isinstance(message, protocol.Error):
+                raise RemoteError(message.code, message.message)
+
+    async def communicate(self, stdin: bytes = b"") -> tuple[bytes, bytes, protocol.Exit]:
+        """Send all of `stdin`, close it, collect output until exit."""
+        if stdin:
+            self.write(stdin)
+        self.close_stdin()
+        out: list[bytes] = []
+        err: list[bytes] = []
+        async for chunk in self.output():
+            (err if chunk.fd == 2 else out).append(chunk.data)
+        if self.exit is None:
+            raise TransportError("the guest closed the connection before the process's exit status")
+        return b"".join(out), b"".join(err), self.exit
+
+    def close(self) -> None:
+        self.channel.close()
+
