@@ -1,0 +1,77 @@
+"""Run a real Guest API server for a test: in a thread with its own event loop, on a unix socket.
+
+    with running_server(tmp_path) as srv:          # srv.address is "unix:…/api.sock"
+        asyncio.run(some_coroutine(srv.address))   # talk to it with GuestClient or transport.dial
+
+The server runs in this process (so a test can look at its state) but on its own loop and thread, the
+way it runs in the guest: the test's own asyncio.run never shares a loop with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from boxpark.guest.server import GuestServer
+from boxpark.transport import parse_address
+
+
+@dataclass
+class RunningServer:
+    address: str
+    server: GuestServer
+    loop: asyncio.AbstractEventLoop
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the server's own loop (to inspect or change server state)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def running_server(directory: Path, *, secret: bytes | None = None, tcp_port: int | None = None,
+                   **options: Any) -> Iterator[RunningServer]:
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+    address = f"unix:{directory}/api.sock"
+
+    async def start() -> None:
+        server = GuestServer(**options)
+        await server.listen(parse_address(address))
+        if tcp_port is not None:
+            await server.listen(parse_address(f"tcp:127.0.0.1:{tcp_port}"), secret=secret)
+        holder["server"] = server
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(start())
+        except BaseException as exc:  # surfaced to the test below
+            holder["error"] = exc
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=main, name="guest-server", daemon=True)
+    thread.start()
+    ready.wait(10)
+    if "error" in holder:
+        raise holder["error"]
+    running = RunningServer(address, holder["server"], loop)
+    try:
+        yield running
+    finally:
+        async def stop() -> None:
+            await running.server.close()
+            await running.server.processes.stop_all(grace=2.0)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
