@@ -1,0 +1,347 @@
+"""The server's edges over real sockets: the handshake (unix and tcp with token), bad input from clients,
+the machine-wide gate, events, and the CLI. Calls of one concern are tested in their own files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from boxpark import protocol
+from boxpark.host.client import GuestClient, RemoteError
+from boxpark.transport import TransportError, dial, parse_address, proof, write_secret
+from tests.guestserver import running_server
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_connect(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(parse_address(address).path)
+    return sock
+
+
+def send_frame(sock: socket.socket, message: protocol.Message) -> None:
+    sock.sendall(protocol.encode(message))
+
+
+def recv_frame(sock: socket.socket) -> protocol.Message | None:
+    decoder = protocol.FrameDecoder()
+    while True:
+        message = decoder.next_message()
+        if message is not None:
+            return message
+        data = sock.recv(65536)
+        if not data:
+            return None
+        decoder.feed(data)
+
+
+def hello(sock: socket.socket) -> None:
+    send_frame(sock, protocol.Hello())
+    assert isinstance(recv_frame(sock), protocol.Welcome)
+
+
+def still_serving(address: str) -> None:
+    async def check() -> None:
+        async with await GuestClient.open(address) as client:
+            assert (await client.info()).protocol == protocol.PROTOCOL_VERSION
+
+    asyncio.run(check())
+
+
+def test_unix_socket_is_private_and_info_answers(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        assert os.stat(tmp_path / "api.sock").st_mode & 0o777 == 0o600
+
+        async def check() -> protocol.InfoReply:
+            async with await GuestClient.open(srv.address) as client:
+                assert client.welcome.boot_id == srv.server.boot_id
+                return await client.info()
+
+        info = asyncio.run(check())
+        assert info.pid == os.getpid() and not info.pid1
+        assert info.kernel == os.uname().release
+
+
+def test_tcp_needs_the_token_proof(tmp_path) -> None:
+    secret = write_secret(str(tmp_path / "secret"))
+    port = free_port()
+    with running_server(tmp_path, secret=secret, tcp_port=port):
+        address = f"tcp:127.0.0.1:{port}"
+
+        async def good() -> str:
+            async with await GuestClient.open(address, secret=secret) as client:
+                return (await client.info()).boxpark
+
+        assert asyncio.run(good())
+
+        async def wrong() -> None:
+            await GuestClient.open(address, secret=b"x" * 32)
+
+        with pytest.raises(TransportError, match="wrong or missing token proof") as info:
+            asyncio.run(wrong())
+        assert info.value.code == protocol.ErrorCode.UNAUTHENTICATED
+
+        async def missing() -> None:
+            await GuestClient.open(address)
+
+        with pytest.raises(TransportError, match="needs the machine's secret"):
+            asyncio.run(missing())
+
+        # A client that skips the proof and calls straight away is refused, never served.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            send_frame(sock, protocol.Hello())
+            challenge = recv_frame(sock)
+            assert isinstance(challenge, protocol.Challenge) and len(challenge.nonce) == 32
+            send_frame(sock, protocol.Info())
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.UNAUTHENTICATED
+            assert recv_frame(sock) is None
+        # Proofs are bound to the nonce: replaying one from an earlier connection fails.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            send_frame(sock, protocol.Hello())
+            old = recv_frame(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            send_frame(sock, protocol.Hello())
+            assert isinstance(recv_frame(sock), protocol.Challenge)
+            send_frame(sock, protocol.Proof(hmac=proof(secret, old.nonce)))
+            assert isinstance(recv_frame(sock), protocol.Error)
+
+
+def test_version_mismatch_and_missing_hello(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        with raw_connect(srv.address) as sock:
+            send_frame(sock, protocol.Hello(version=99))
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.VERSION_MISMATCH
+        with raw_connect(srv.address) as sock:
+            send_frame(sock, protocol.Info())
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and "expected Hello" in reply.message
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x00\x00\x03\xc1\xc1\xc1",                         # undecodable body
+    struct.pack(">I", protocol.MAX_FRAME + 1) + b"x" * 100,  # oversized length
+    b"\xff" * 64,                                             # random-looking bytes
+], ids=["undecodable", "oversized", "random"])
+def test_bad_frames_get_an_error_and_the_server_goes_on(tmp_path, garbage: bytes) -> None:
+    with running_server(tmp_path) as srv:
+        with raw_connect(srv.address) as sock:
+            hello(sock)
+            sock.sendall(garbage)
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.BAD_FRAME
+            assert recv_frame(sock) is None  # out of step: closed
+        still_serving(srv.address)
+
+
+def test_unknown_message_wrong_types_and_non_requests(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        with raw_connect(srv.address) as sock:
+            hello(sock)
+            body = msgspec.msgpack.encode({"t": "exec", "argv": 5})
+            sock.sendall(struct.pack(">I", len(body)) + body)
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and "argv" in reply.message
+        with raw_connect(srv.address) as sock:
+            hello(sock)
+            send_frame(sock, protocol.ExecResult(code=0, signal=None, stdout=b"", stderr=b""))
+            reply = recv_frame(sock)
+            assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.UNSUPPORTED
+            send_frame(sock, protocol.Info())  # a reply-type message does not end the connection
+            assert isinstance(recv_frame(sock), protocol.InfoReply)
+        still_serving(srv.address)
+
+
+def test_clients_that_vanish_mid_frame_or_mid_handshake(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        for cut in (1, 3, 7):
+            with raw_connect(srv.address) as sock:
+                hello(sock)
+                sock.sendall(protocol.encode(protocol.Exec(argv=["sleep", "0"]))[:cut])
+        with raw_connect(srv.address) as sock:
+            sock.sendall(b"\x00\x00")
+        with raw_connect(srv.address) as sock:
+            pass
+        still_serving(srv.address)
+
+
+def test_many_clients_at_once_while_one_misbehaves(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        async def one(i: int) -> int:
+            async with await GuestClient.open(srv.address) as client:
+                for _ in range(20):
+                    await client.info()
+                return i
+
+        async def all_of_them() -> list[int]:
+            bad = raw_connect(srv.address)
+            bad.sendall(b"\x00\x00\x00\x10garbage")  # no Hello, truncated: must not stall the others
+            try:
+                return await asyncio.gather(*(one(i) for i in range(50)))
+            finally:
+                bad.close()
+
+        assert asyncio.run(all_of_them()) == list(range(50))
+
+
+def test_machine_wide_calls_are_refused_off_pid1(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        async def attempts() -> list[str]:
+            messages = []
+            async with await GuestClient.open(srv.address) as client:
+                for call in (client.poweroff(), client.reboot(), client.set_time(time.time_ns()),
+                             client.hostname("renamed"), client.swapon("/nonexistent"),
+                             client.swapoff("/nonexistent")):
+                    with pytest.raises(RemoteError) as info:
+                        await call
+                    assert info.value.code == protocol.ErrorCode.PERMISSION_DENIED
+                    messages.append(info.value.message)
+                assert await client.hostname() == socket.gethostname()  # reading is fine
+            return messages
+
+        messages = asyncio.run(attempts())
+        assert all("refused" in m for m in messages)
+    assert socket.gethostname() != "renamed"
+
+
+def test_events_stream_resumes_from_a_sequence_number(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        async def emit(n: int) -> None:
+            for i in range(n):
+                srv.server.events.emit(protocol.Log(level="info", message=f"e{i}"))
+
+        srv.run(emit(3))
+
+        async def read(since: int, count: int) -> list[protocol.EventFrame]:
+            async with await GuestClient.open(srv.address) as client:
+                stream = await client.events(since)
+                frames = []
+                async with stream:
+                    async for frame in stream:
+                        frames.append(frame)
+                        if len(frames) == count:
+                            break
+                        if len(frames) == 2:
+                            srv.run(emit(2))  # arrives while following
+                return frames
+
+        frames = asyncio.run(read(0, 5))
+        assert [f.seq for f in frames] == [1, 2, 3, 4, 5]
+        assert [f.event.message for f in frames] == ["e0", "e1", "e2", "e0", "e1"]
+        assert [f.seq for f in asyncio.run(read(3, 2))] == [4, 5]
+
+
+def test_guest_dials_the_hosts_event_stream_and_resumes(tmp_path) -> None:
+    """The guest side of the event stream: dial, get Resume, send what the host has not seen; redial."""
+    from boxpark.guest import events
+    from boxpark.transport import Channel, serve
+
+    async def scenario() -> list[int]:
+        log_ = events.EventLog("boot-1")
+        for i in range(3):
+            log_.emit(protocol.Log(level="info", message=str(i)))
+        seen: list[int] = []
+        got = asyncio.Queue()
+
+        async def host(channel: Channel) -> None:
+            assert channel.hello is not None and channel.hello.boot_id == "boot-1"
+            channel.send(protocol.Resume(since=seen[-1] if seen else 1))
+            while (frame := await channel.recv()) is not None:
+                seen.append(frame.seq)
+                await got.put(frame.seq)
+                if frame.seq == 3 and len(seen) == 2:
+                    return  # the host drops the connection once, mid-stream
+
+        address = parse_address(f"unix:{tmp_path}/events.sock")
+        dialer = asyncio.ensure_future(events.stream_to_host(log_, address, None))
+        await asyncio.sleep(0.2)  # the host is not listening yet: the guest retries
+        server = await serve(address, host)
+        while len(seen) < 2:
+            await asyncio.wait_for(got.get(), 5)
+        log_.emit(protocol.Log(level="info", message="after reconnect"))
+        while 4 not in seen:
+            await asyncio.wait_for(got.get(), 5)
+        dialer.cancel()
+        server.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [2, 3, 4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=300))
+def test_fuzz_the_live_server(fuzz_server, data: bytes) -> None:
+    """Whatever a client sends after Hello, the server answers or closes, and keeps serving others."""
+    srv = fuzz_server
+    with raw_connect(srv.address) as sock:
+        hello(sock)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            while recv_frame(sock) is not None:
+                pass
+        except (ConnectionError, protocol.ProtocolError):
+            pass
+    still_serving(srv.address)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("fuzz")) as srv:
+        yield srv
+
+
+def test_cli_serve_and_call(tmp_path) -> None:
+    address = f"unix:{tmp_path}/cli.sock"
+    server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", address],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(tmp_path / "cli.sock"):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.02)
+
+        def call(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "boxpark", "guest", "call", address, *args],
+                                  capture_output=True, text=True, timeout=30)
+
+        info = call("info")
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["protocol"] == protocol.PROTOCOL_VERSION
+        refused = call("poweroff")
+        assert refused.returncode == 1 and "refused" in refused.stderr and "Traceback" not in refused.stderr
+        bad = call("exec", "--json", '{"argv": "ls -l"}')
+        assert bad.returncode == 2 and "argv" in bad.stderr and "Traceback" not in bad.stderr
+        unknown = call("frobnicate")
+        assert unknown.returncode == 2 and "one of:" in unknown.stderr
+        nojson = call("info", "--json", "{nope")
+        assert nojson.returncode == 2 and "not valid JSON" in nojson.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    assert not os.path.exists(tmp_path / "cli.sock")  # closed cleanly, socket removed
+    missing = subprocess.run([sys.executable, "-m", "boxpark", "guest", "call", address, "info"],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "cannot connect" in missing.stderr
