@@ -57,31 +57,35 @@ class GuestServer:
         self.notify = notify.NotifyHub()
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[Any]] = set()
-        self._handlers: dict[type, Handler] = {
+        # Quick calls run synchronously, straight from the connection's data callback when it is idle.
+        self._sync: dict[type, Callable[[Any], Message]] = {
             protocol.Info: self._info,
+            protocol.ReadFile: files.read_file,
+            protocol.WriteFile: files.write_file,
+            protocol.Mkdir: files.mkdir,
+            protocol.Stat: files.stat,
+            protocol.Mount: storage.mount,
+            protocol.Umount: storage.umount,
+            protocol.Swapon: self._machine_wide(storage.swapon, swap=True),
+            protocol.Swapoff: self._machine_wide(storage.swapoff, swap=True),
+            protocol.SetTime: self._machine_wide(system.set_time),
+            protocol.Hostname: self._hostname,
+            protocol.Reboot: self._machine_wide(self._power),
+            protocol.Poweroff: self._machine_wide(self._power),
+        }
+        self._handlers: dict[type, Handler] = {
+            **{kind: _sync(function) for kind, function in self._sync.items()},
             protocol.Exec: self.processes.exec,
             protocol.Launch: self.processes.launch,
             protocol.Attach: self.processes.attach,
             protocol.Wait: self.processes.wait,
             protocol.Signal: self.processes.signal,
             protocol.ListProcesses: self.processes.list,
-            protocol.ReadFile: _sync(files.read_file),
-            protocol.WriteFile: _sync(files.write_file),
-            protocol.Mkdir: _sync(files.mkdir),
-            protocol.Stat: _sync(files.stat),
-            protocol.Mount: _sync(storage.mount),
-            protocol.Umount: _sync(storage.umount),
-            protocol.Swapon: self._machine_wide(_sync(storage.swapon), swap=True),
-            protocol.Swapoff: self._machine_wide(_sync(storage.swapoff), swap=True),
             protocol.ResizeDisk: _threaded(storage.resize_disk),
             protocol.NotifyListen: self.notify.listen,
             protocol.Connect: proxy.connect,
             protocol.Events: self.events.stream,
-            protocol.SetTime: self._machine_wide(_sync(system.set_time)),
             protocol.Sync: _threaded(system.sync),
-            protocol.Hostname: self._hostname,
-            protocol.Reboot: self._machine_wide(self._power),
-            protocol.Poweroff: self._machine_wide(self._power),
         }
 
     def welcome(self) -> protocol.Welcome:
@@ -107,6 +111,7 @@ class GuestServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        channel.set_fast_path(lambda message: self._fast(channel, message))
         try:
             while True:
                 try:
@@ -130,6 +135,17 @@ class GuestServer:
         finally:
             self._connections.discard(task)
 
+    def _fast(self, channel: Channel, message: Message) -> bool:
+        function = self._sync.get(type(message))
+        if function is None:
+            return False
+        try:
+            reply = function(message)
+        except Exception as exc:
+            reply = _reply_for(exc, message)
+        channel.send(reply)
+        return True
+
     async def _call(self, handler: Handler, channel: Channel, message: Message) -> Message | None:
         try:
             return await handler(channel, message)
@@ -138,20 +154,20 @@ class GuestServer:
 
     # -------------------------------------------------------------- calls that belong to the server
 
-    async def _info(self, channel: Channel, message: protocol.Info) -> protocol.InfoReply:
+    def _info(self, message: protocol.Info) -> protocol.InfoReply:
         uname = os.uname()
         return protocol.InfoReply(protocol=protocol.PROTOCOL_VERSION, boxpark=__version__, kernel=uname.release,
                                   arch=platform.machine(), hostname=uname.nodename, boot_id=self.boot_id,
                                   uptime=time.clock_gettime(time.CLOCK_BOOTTIME), pid=os.getpid(),
                                   pid1=self.pid1)
 
-    async def _hostname(self, channel: Channel, message: protocol.Hostname) -> protocol.HostnameReply:
+    def _hostname(self, message: protocol.Hostname) -> protocol.HostnameReply:
         if message.name is not None:
             self._check_machine_wide(message)
             system.set_hostname(message.name)
         return protocol.HostnameReply(name=socket.gethostname())
 
-    async def _power(self, channel: Channel, message: protocol.Reboot | protocol.Poweroff) -> Message:
+    def _power(self, message: protocol.Reboot | protocol.Poweroff) -> Message:
         if not self.pid1 or self.on_power is None:
             raise GuestError(ErrorCode.PERMISSION_DENIED,
                              f"{type(message).__name__.lower()} is refused: this server is not the guest's init")
@@ -169,10 +185,10 @@ class GuestServer:
             raise GuestError(ErrorCode.PERMISSION_DENIED,
                              f"{name} is refused here: swap is global to the host in a sandbox (VM backends only)")
 
-    def _machine_wide(self, handler: Handler, swap: bool = False) -> Handler:
-        async def guarded(channel: Channel, message: Message) -> Message | None:
+    def _machine_wide(self, function: Callable[[Any], Message], swap: bool = False) -> Callable[[Any], Message]:
+        def guarded(message: Message) -> Message:
             self._check_machine_wide(message, swap)
-            return await handler(channel, message)
+            return function(message)
 
         return guarded
 
