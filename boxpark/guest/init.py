@@ -1,26 +1,224 @@
-"""PID 1 of the Boxpark guest (placeholder until the real init lands).
+"""PID 1 of the Boxpark guest: the boot steps in order, then the PID-1 duties, forever.
 
-Writes one line to the console and powers the machine off, so that the image builder can prove a boot.
+This file reads as the boot's list (DESIGN.md §1); each step lives in the module of its concern and is
+timed by `Timeline.step`, whose records become the `Ready` event's timeline. A failed step is logged with
+its cause and the boot goes on where it safely can. The init never exits on its own: a PID 1 exit panics
+the kernel; when nothing else is possible it powers off.
+
+The boot path: imports here are the ones the boot needs, in the order it needs them.
 """
 
+from __future__ import annotations
+
 import os
+import time
+
+BOOT_START_NS = time.monotonic_ns()
+
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from . import initlog, rootfs, settings as settings_  # noqa: E402
+
+log = logging.getLogger("boxpark.init")
+
+
+class Timeline:
+    """The boot steps with their durations (and errors), in the order they ran."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int, str | None]] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str, fatal: bool = False) -> Iterator[None]:
+        start = time.monotonic_ns()
+        try:
+            yield
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self.steps.append((name, time.monotonic_ns() - start, error))
+            log.error("step %s failed: %s", name, error)
+            if fatal:
+                raise
+        else:
+            self.steps.append((name, time.monotonic_ns() - start, None))
+            log.debug("step %s took %.1f ms", name, (time.monotonic_ns() - start) / 1e6)
 
 
 def main() -> None:
+    """The entry point of /sbin/init."""
+    log_ = initlog.setup()
+    log_.info("started (boxpark %s, pid %d)", __version__, os.getpid())
+    timeline = Timeline()
     try:
-        os.makedirs("/proc", exist_ok=True)
-        with open("/dev/console", "w") as console:
-            console.write("boxpark-init: started (placeholder)\n")
-    except OSError:
-        pass
-    if os.getpid() == 1:
-        import ctypes
+        with timeline.step("rootfs", fatal=True):
+            rootfs.ensure_proc()
+            settings = settings_.load()
+            initlog.set_level(settings.log)
+            lower = rootfs.overlay_root()
+            log.debug("root: tmpfs overlay over %s", lower)
+        boot(settings, timeline)
+    except BaseException as exc:  # the last line of defence of a PID 1
+        log.critical("the boot failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+        power_off(reboot=False, sandbox=os.environ.get("BOXPARK_SETTINGS") is not None)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        os.sync()
-        libc.reboot(0x4321FEDC)  # RB_POWER_OFF
-        while True:
-            os.pause()
+
+def boot(settings: settings_.Settings, timeline: Timeline) -> None:
+    from . import mounts
+
+    with timeline.step("mounts"):
+        mounts.mount_all()
+        enabled = mounts.init_cgroup()
+        log.debug("cgroup controllers: %s", " ".join(enabled) or "none")
+    channel = initlog.open_channel(settings.logfile)
+    log.debug("log channel: %s", channel or "console only")
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+
+    from . import clock as clock_
+
+    clock = clock_.Clock()
+    with timeline.step("clock"):
+        log.info("clock: %s", "no RTC in the sandbox" if settings.sandbox else clock.from_rtc())
+
+    from . import network
+
+    with timeline.step("network"):
+        network.set_hostname(settings.hostname)
+        log.info("network: %s", network.configure(settings))
+
+    import asyncio
+
+    asyncio.run(serve(settings, timeline, clock))
+
+
+def read_secret(source: str) -> bytes | None:
+    """The machine secret from `fwcfg:NAME` (QEMU's -fw_cfg) or `file:PATH`; never the command line."""
+    if not source:
+        return None
+    kind, _, name = source.partition(":")
+    if kind == "file":
+        path = name
+    else:
+        path = f"/sys/firmware/qemu_fw_cfg/by_name/{name}/raw"
+        if not os.path.exists("/sys/firmware/qemu_fw_cfg"):
+            from . import subp
+
+            subp.run(["modprobe", "qemu_fw_cfg"], timeout=10)
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if len(secret) < 16:
+        raise ValueError(f"the secret from {source} is too short")
+    return secret
+
+
+async def serve(settings: settings_.Settings, timeline: Timeline, clock: object) -> None:
+    """Start the Guest API, send Ready, then do PID 1's duties until a shutdown is asked for."""
+    import asyncio
+    import signal
+
+    from .. import protocol
+    from ..transport import TransportError, parse_address
+    from . import events, reaper
+    from .server import GuestServer, boot_id
+
+    loop = asyncio.get_running_loop()
+    shutdown: asyncio.Future[tuple[bool, str]] = loop.create_future()
+
+    def request_shutdown(reboot: bool, reason: str) -> None:
+        if not shutdown.done():
+            shutdown.set_result((reboot, reason))
+
+    event_log = events.EventLog(boot_id())
+    clock.emit = event_log.emit  # type: ignore[attr-defined]
+    server: GuestServer | None = None
+    api: list[str] = []
+    with timeline.step("api"):
+        secret = None
+        try:
+            secret = read_secret(settings.secret)
+        except Exception as exc:
+            log.error("no machine secret (%s): tcp addresses will be refused", exc)
+        server = GuestServer(pid1=True, machine_wide=True, allow_swap=not settings.sandbox,
+                             on_power=lambda reboot: request_shutdown(reboot, "asked over the API"),
+                             event_log=event_log, clock=clock)
+        for text in settings.api:
+            try:
+                address = parse_address(text)
+                await server.listen(address, secret=secret)
+                api.append(str(address))
+            except TransportError as exc:
+                log.error("the Guest API cannot listen on %s: %s", text, exc)
+        log.info("Guest API on %s", ", ".join(api) or "nothing")
+
+    for signum, reboot in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGPWR, False),
+                           (signal.SIGHUP, True)):
+        loop.add_signal_handler(signum, request_shutdown, reboot, signal.Signals(signum).name)
+    loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
+    reaper.reap_orphans()
+
+    ready = protocol.Ready(
+        boot_id=event_log.boot_id, boxpark=__version__, kernel=os.uname().release, arch=os.uname().machine,
+        timeline=[protocol.BootStep(name, duration, error) for name, duration, error in timeline.steps],
+        monotonic_ns=time.monotonic_ns(), api=",".join(api))
+    event_log.emit(ready)
+    init_ms = (time.monotonic_ns() - BOOT_START_NS) / 1e6
+    log.info("ready: %.0f ms in the init, %.0f ms since the kernel started", init_ms, time.monotonic_ns() / 1e6)
+
+    dialer = None
+    try:
+        events_to = parse_address(settings.events)
+        dialer = loop.create_task(events.stream_to_host(event_log, events_to, secret))
+    except TransportError as exc:
+        log.error("no event stream: %s", exc)
+
+    if not settings.sandbox:
+        refine = loop.run_in_executor(None, clock.refine)  # type: ignore[attr-defined]
+        refine.add_done_callback(lambda f: log.info("clock refine: %s", f.result() if not f.exception()
+                                                    else f.exception()))
+
+    reboot, reason = await shutdown
+    log.info("shutting down (%s)", reason)
+    event_log.emit(protocol.ShuttingDown(reason=reason, reboot=reboot))
+    await asyncio.sleep(0.1)  # let the event stream carry it
+    await server.close()
+    await server.processes.stop_all(grace=10.0)
+    if dialer is not None:
+        dialer.cancel()
+    power_off(reboot=reboot, sandbox=settings.sandbox)
+
+
+def power_off(reboot: bool, sandbox: bool) -> None:
+    """Sync, unmount what can be, and power off or reboot; never return (a PID 1 must not exit)."""
+    from . import libc
+
+    os.sync()
+    try:
+        points = [m[2] for m in rootfs.mountinfo()]
+    except OSError:
+        points = []
+    for point in reversed(points):
+        if point in ("/", "/proc", "/sys", "/dev"):
+            continue
+        try:
+            libc.umount2(point, libc.MNT_DETACH)
+        except OSError:
+            pass
+    os.sync()
+    log.info("%s", "rebooting" if reboot else "powering off")
+    if os.getpid() != 1:
+        sys.exit(0)
+    if sandbox:
+        os._exit(0)  # no machine to power off: PID 1 ending ends the sandbox's namespaces
+    try:
+        libc.reboot(libc.RB_AUTOBOOT if reboot else libc.RB_POWER_OFF)
+    except OSError as exc:
+        log.critical("reboot(2) failed: %s", exc.strerror)
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

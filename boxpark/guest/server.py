@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 from .. import __version__, protocol
 from ..protocol import ErrorCode, Message
 from ..transport import Address, Channel, serve
+from . import clock as clock_
 from . import events, files, notify, processes, proxy, storage, system
 from .errors import GuestError, from_oserror
 
@@ -46,13 +47,14 @@ class GuestServer:
 
     def __init__(self, *, pid1: bool | None = None, machine_wide: bool | None = None,
                  on_power: Callable[[bool], None] | None = None, event_log: events.EventLog | None = None,
-                 allow_swap: bool = True) -> None:
+                 allow_swap: bool = True, clock: clock_.Clock | None = None) -> None:
         self.pid1 = os.getpid() == 1 if pid1 is None else pid1
         self.machine_wide = self.pid1 if machine_wide is None else machine_wide
         self.allow_swap = allow_swap
         self.on_power = on_power
         self.boot_id = boot_id()
         self.events = event_log or events.EventLog(self.boot_id)
+        self.clock = clock or clock_.Clock(emit=self.events.emit)
         self.processes = processes.Processes(self.events)
         self.notify = notify.NotifyHub()
         self._servers: list[asyncio.AbstractServer] = []
@@ -68,7 +70,7 @@ class GuestServer:
             protocol.Umount: storage.umount,
             protocol.Swapon: self._machine_wide(storage.swapon, swap=True),
             protocol.Swapoff: self._machine_wide(storage.swapoff, swap=True),
-            protocol.SetTime: self._machine_wide(system.set_time),
+            protocol.SetTime: self._machine_wide(self.clock.set_from_host),
             protocol.Hostname: self._hostname,
             protocol.Reboot: self._machine_wide(self._power),
             protocol.Poweroff: self._machine_wide(self._power),

@@ -1,0 +1,148 @@
+"""The guest's clock: set from the RTC at boot, refined on the RTC's second boundary, overruled by the host.
+
+At boot `from_rtc()` reads /dev/rtc0 once (1 s resolution, no waiting). After Ready, `refine()` waits for
+the RTC's next second to begin (update interrupt, else polling) and sets the clock to that instant, so it
+is a few ms off instead of up to a second. A time the host pushes (`set_from_host`) always wins: once the
+host has spoken, the RTC is not consulted again. VZ's Linux boot gives the guest no RTC at all: then only
+the host sets the clock. A missing /dev/rtc0 is "no RTC";
+EPERM on setting the clock (a sandbox without CAP_SYS_TIME) is "not permitted". Every step is an event.
+"""
+
+from __future__ import annotations
+
+import calendar
+import errno
+import fcntl
+import logging
+import os
+import select
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from .. import protocol
+from ..protocol import ErrorCode
+from .errors import GuestError
+
+log = logging.getLogger("boxpark.init")
+
+RTC = "/dev/rtc0"
+RTC_RD_TIME = 0x80247009  # _IOR('p', 0x09, struct rtc_time): nine ints
+RTC_UIE_ON = 0x7003
+RTC_UIE_OFF = 0x7004
+_TM = struct.Struct("9i")
+NS = 1_000_000_000
+
+
+def read_rtc(fd: int) -> int:
+    """The RTC's time (UTC, whole seconds) in ns."""
+    sec, minute, hour, mday, mon, year, *_ = _TM.unpack(fcntl.ioctl(fd, RTC_RD_TIME, bytes(_TM.size)))
+    return calendar.timegm((year + 1900, mon + 1, mday, hour, minute, sec)) * NS
+
+
+class Clock:
+    """Who set the clock last and how; emits `ClockStepped` through `emit`."""
+
+    def __init__(self, emit: Callable[[Any], object] | None = None, rtc: str = RTC) -> None:
+        self.emit = emit or (lambda event: None)
+        self.rtc = rtc
+        self.host_has_spoken = False
+        self._lock = threading.Lock()
+
+    def _step(self, target_ns: int, source: str) -> int:
+        """Set CLOCK_REALTIME; return the offset it corrected (target - before)."""
+        offset = target_ns - time.time_ns()
+        time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns() + offset)
+        self.emit(protocol.ClockStepped(source=source, offset_ns=offset))
+        return offset
+
+    def from_rtc(self) -> str:
+        """Coarse setting at boot: step only if the clock is outside the RTC's current second."""
+        try:
+            fd = os.open(self.rtc, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "no RTC"
+        try:
+            rtc = read_rtc(fd)
+        finally:
+            os.close(fd)
+        now = time.time_ns()
+        if rtc <= now < rtc + NS:
+            return "in step with the RTC"
+        try:
+            offset = self._step(rtc + NS // 2, "rtc")  # the middle of the RTC's second: at most 0.5 s off
+        except PermissionError:
+            return "not permitted to set the clock"
+        return f"stepped by {offset / NS:+.3f} s from the RTC"
+
+    def refine(self, timeout: float = 2.5) -> str:
+        """Blocking: wait for the RTC's next second to begin, then set the clock to it (unless the host spoke)."""
+        try:
+            fd = os.open(self.rtc, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "no RTC"
+        try:
+            edge = self._next_second(fd, timeout)
+            if edge is None:
+                return "the RTC did not tick"
+            rtc, seen = edge
+            with self._lock:
+                if self.host_has_spoken:
+                    return "the host's time wins"
+                target = rtc + (time.monotonic_ns() - seen)
+                offset = target - time.time_ns()
+                if abs(offset) < 1_000_000:
+                    return f"within {offset / 1e6:+.3f} ms of the RTC"
+                try:
+                    offset = self._step(target, "rtc-refine")
+                except PermissionError:
+                    return "not permitted to set the clock"
+            return f"stepped by {offset / 1e6:+.3f} ms on the RTC's second boundary"
+        finally:
+            os.close(fd)
+
+    def _next_second(self, fd: int, timeout: float) -> tuple[int, int] | None:
+        """(the RTC time of the new second, CLOCK_MONOTONIC when it was seen)."""
+        try:
+            fcntl.ioctl(fd, RTC_UIE_ON, 0)
+        except OSError:
+            pass  # no update interrupt: poll below
+        else:
+            try:
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if ready:
+                    os.read(fd, 8)
+                    seen = time.monotonic_ns()
+                    return read_rtc(fd), seen
+            finally:
+                try:
+                    fcntl.ioctl(fd, RTC_UIE_OFF, 0)
+                except OSError:
+                    pass
+        first = read_rtc(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = read_rtc(fd)
+            if now != first:
+                return now, time.monotonic_ns()
+            time.sleep(0.001)
+        return None
+
+    def set_from_host(self, message: protocol.SetTime) -> protocol.TimeSet:
+        """The host's time: always wins; steps when off by more than the threshold."""
+        if message.time_ns <= 0 or message.threshold_ns < 0:
+            raise GuestError(ErrorCode.INVALID_ARGUMENT, "set_time needs a positive time_ns and threshold_ns")
+        with self._lock:
+            self.host_has_spoken = True
+            offset = message.time_ns - time.time_ns()
+            if abs(offset) <= message.threshold_ns:
+                return protocol.TimeSet(offset_ns=offset, stepped=False)
+            try:
+                self._step(message.time_ns, "host")
+            except PermissionError:
+                raise GuestError(ErrorCode.PERMISSION_DENIED, "not permitted to set the clock here") from None
+            except OSError as exc:
+                raise GuestError(ErrorCode.INVALID_ARGUMENT if exc.errno == errno.EINVAL else ErrorCode.FAILED,
+                                 f"set_time: {exc.strerror}") from None
+        return protocol.TimeSet(offset_ns=offset, stepped=True)
