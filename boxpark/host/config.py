@@ -1,0 +1,238 @@
+"""Machine configuration: `boxpark.toml`, checked whole before anything boots.
+
+Every key is optional; `DEFAULT_TOML` is the documented default and needs no editing. A bad file is a
+`ConfigError` naming the key and the reason. Sizes take "512MiB", "2GiB", "20G" or a number of bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+DEFAULT_TOML = """\
+# boxpark.toml: every key is optional; these are the defaults.
+backend = "qemu"        # qemu (Linux, macOS), vz (macOS), sandbox (Linux, no VM: for development)
+# arch = "amd64"        # the guest's architecture: amd64 or arm64 (default: the host's)
+cpus = 2
+memory = "2GiB"
+console = false         # the guest's console on hvc0 (always logged to the state dir when on)
+# image = "~/.cache/boxpark/images/amd64"   # a built or imported image directory
+# kernel = ""  initrd = ""                  # override the image's kernel and initramfs
+# cmdline = ""                              # replace the whole kernel command line
+
+[disk]                  # the data disk: Docker's data lives here
+size = "20GiB"          # grow it here; Boxpark resizes the guest's filesystem on the next `up`
+# path = ""             # default: <state dir>/data.img
+
+[swap]
+size = "1GiB"           # "0" for none
+
+[docker]
+# daemon_json = "~/.config/boxpark/daemon.json"   # your daemon.json; Boxpark adds what it needs
+# socket = ""           # the host socket; default: <state dir>/docker.sock
+restart_delay = 1.0     # seconds before restarting a dockerd that exited, doubling ...
+restart_delay_max = 30.0  # ... up to this
+
+[time]
+push_interval = 60      # seconds between pushes of the host's time to the guest
+
+# [[mounts]]            # host directories (virtiofs) or guest disks, mounted parent first
+# source = "/srv/data"
+# target = "/srv/data"
+# type = "virtiofs"     # virtiofs for a host directory, else a filesystem type for a guest device
+# options = []
+# read_only = false
+# optional = false      # true: a failure is logged and `up` goes on
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration is wrong: `key` names the setting, the message says what to change."""
+
+    def __init__(self, key: str, reason: str, path: str = "") -> None:
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{key}: {reason}" if key else f"{where}{reason}")
+        self.key = key
+
+
+def parse_size(value: str | int, key: str) -> int:
+    """Bytes from "2GiB", "512M", "20G" or an integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(key, "a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a size like \"2GiB\", got {value!r}")
+    match = _SIZE.match(value)
+    if not match:
+        raise ConfigError(key, f"expected a size like \"2GiB\" or \"512MiB\", got {value!r}")
+    number, unit = float(match[1]), match[2].upper()
+    return int(number * 1024 ** "KMGT".find(unit) * 1024) if unit else int(number)
+
+
+class Mount(msgspec.Struct, forbid_unknown_fields=True):
+    source: str
+    target: str
+    type: str = "virtiofs"
+    options: list[str] = []
+    read_only: bool = False
+    optional: bool = False
+
+
+class Disk(msgspec.Struct, forbid_unknown_fields=True):
+    size: str | int = "20GiB"
+    path: str = ""
+
+
+class Swap(msgspec.Struct, forbid_unknown_fields=True):
+    size: str | int = "1GiB"
+    disk: str = ""
+
+
+class Docker(msgspec.Struct, forbid_unknown_fields=True):
+    daemon_json: str = ""
+    socket: str = ""
+    restart_delay: float = 1.0
+    restart_delay_max: float = 30.0
+
+
+class Time(msgspec.Struct, forbid_unknown_fields=True):
+    push_interval: float = 60.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    backend: Literal["qemu", "vz", "sandbox"] = "qemu"
+    arch: Literal["amd64", "arm64", ""] = ""
+    cpus: int = 2
+    memory: str | int = "2GiB"
+    console: bool = False
+    image: str = ""
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+    disk: Disk = msgspec.field(default_factory=Disk)
+    swap: Swap = msgspec.field(default_factory=Swap)
+    docker: Docker = msgspec.field(default_factory=Docker)
+    time: Time = msgspec.field(default_factory=Time)
+    mounts: list[Mount] = []
+
+    # -- derived, checked values
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory, "memory")
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk.size, "disk.size")
+
+    @property
+    def swap_bytes(self) -> int:
+        return parse_size(self.swap.size, "swap.size")
+
+    @property
+    def guest_arch(self) -> str:
+        return self.arch or host_arch()
+
+
+CHOICES = {"backend": ("qemu", "vz", "sandbox"), "arch": ("amd64", "arm64")}
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
+def expand(path: str) -> str:
+    return os.path.expanduser(os.path.expandvars(path)) if path else path
+
+
+def validate(config: Config, path: str = "") -> Config:
+    """Check what the schema cannot: ranges, sizes, paths, mounts. Raises ConfigError."""
+    def fail(key: str, reason: str) -> None:
+        raise ConfigError(key, reason, path)
+
+    if not 1 <= config.cpus <= 64:
+        fail("cpus", f"must be between 1 and 64, not {config.cpus}")
+    try:
+        memory = config.memory_bytes
+        disk = config.disk_bytes
+        config.swap_bytes
+    except ConfigError as exc:
+        raise ConfigError(exc.key, str(exc).split(": ", 1)[1], path) from None
+    if memory < 256 * 1024 ** 2:
+        fail("memory", f"at least 256MiB is needed, not {config.memory}")
+    if disk and disk < 64 * 1024 ** 2:
+        fail("disk.size", f"at least 64MiB is needed, not {config.disk.size}")
+    if config.backend == "vz" and sys.platform != "darwin":
+        fail("backend", "vz needs macOS; use qemu (or sandbox for development) here")
+    if config.docker.restart_delay <= 0 or config.docker.restart_delay_max < config.docker.restart_delay:
+        fail("docker.restart_delay", "must be positive and not above docker.restart_delay_max")
+    if config.time.push_interval < 1:
+        fail("time.push_interval", "must be at least 1 second")
+    seen: set[str] = set()
+    for i, mount in enumerate(config.mounts):
+        key = f"mounts[{i}]"
+        if not mount.target.startswith("/"):
+            fail(f"{key}.target", f"must be an absolute path in the guest, not {mount.target!r}")
+        target = os.path.normpath(mount.target)
+        if target == "/":
+            fail(f"{key}.target", "cannot be / (the root is the image's)")
+        if target in seen:
+            fail(f"{key}.target", f"{target} is mounted twice")
+        seen.add(target)
+        if mount.type == "virtiofs":
+            source = expand(mount.source)
+            if not os.path.isdir(source) and not mount.optional:
+                fail(f"{key}.source", f"{mount.source} is not a directory on this host")
+        elif not mount.source.startswith("/dev/"):
+            fail(f"{key}.source", f"a {mount.type} mount needs a guest device like /dev/vdc, not {mount.source!r}")
+    for key, value in (("image", config.image), ("kernel", config.kernel), ("initrd", config.initrd),
+                       ("docker.daemon_json", config.docker.daemon_json)):
+        if value and not os.path.exists(expand(value)):
+            fail(key, f"{value} does not exist")
+    return config
+
+
+def loads(text: str, path: str = "") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"not valid TOML: {exc}", path) from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        where = where.rstrip("`").lstrip(".")
+        unknown = re.search(r"unknown field `([^`]*)`", message)
+        if unknown:
+            key = f"{where}.{unknown[1]}" if where else unknown[1]
+            raise ConfigError(key, "unknown setting (`boxpark config --default` shows them all)", path) from None
+        if message.startswith("Invalid enum value") and where in CHOICES:
+            message = f"{message.split(' ', 3)[-1]} is not one of {', '.join(CHOICES[where])}"
+        raise ConfigError(where, message[0].lower() + message[1:], path) from None
+    return validate(config, path)
+
+
+def load(path: str | Path | None) -> Config:
+    """The configuration from `path`; no file at all means the defaults."""
+    if path is None or not os.path.exists(path):
+        return validate(Config())
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read: {exc.strerror}", str(path)) from None
+    return loads(text, str(path))
+
+
+def sorted_mounts(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children: by the depth of the normalised target, then by name."""
+    return sorted(mounts, key=lambda m: (os.path.normpath(m.target).count("/"), len(m.target), m.target))
