@@ -42,8 +42,9 @@ class GuestClient:
         return cls(address, secret, channel, welcome, timeout)
 
     @staticmethod
-    async def _dial(address: Address, secret: bytes | None, timeout: float) -> tuple[Channel, protocol.Welcome]:
-        return await dial(address, secret=secret, timeout=timeout,
+    async def _dial(address: Address, secret: bytes | None, timeout: float,
+                    then: Message | None = None) -> tuple[Channel, protocol.Welcome]:
+        return await dial(address, secret=secret, timeout=timeout, then=then,
                           hello=protocol.Hello(client=f"boxpark-host {__version__}"))
 
     async def __aenter__(self) -> GuestClient:
@@ -66,10 +67,12 @@ class GuestClient:
             return reply  # type: ignore[return-value]
 
     async def _owning_call(self, request: Message, *expect: type[Message]) -> tuple[Channel, Message]:
-        """Dial a fresh connection for a call that will own it; return it with the first reply."""
-        channel, _ = await self._dial(self.address, self.secret, self._timeout)
+        """Dial a fresh connection for a call that will own it; return it with the first reply.
+
+        The request goes out right behind the handshake: one round trip for a new connection, not two.
+        """
+        channel, _ = await self._dial(self.address, self.secret, self._timeout, then=request)
         try:
-            channel.send(request)
             reply = await channel.recv_expect(*expect)
         except BaseException:
             channel.abort()

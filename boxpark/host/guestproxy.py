@@ -1,0 +1,138 @@
+"""The Guest Proxy: a host socket whose every connection is joined to its own stream into the guest.
+
+For Docker, the host socket is `<state>/docker.sock` (mode 0600) and each connection opens a `connect` to
+the guest's /var/run/docker.sock. While dockerd is not ready the proxy answers each connection itself with
+an HTTP 503 whose JSON message says why (the docker CLI prints it), instead of hanging. A guest side that
+dies closes the host side at once (the relay shuts both down). The same class serves other forwards
+(the API socket) with a different `open_target`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import resource
+import socket
+from typing import Awaitable, Callable
+
+from ..relay import Relay
+from ..transport import RemoteError, TransportError, listen_socket, parse_address
+
+log = logging.getLogger("boxpark.agent.proxy")
+
+
+def raise_nofile(wanted: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE's soft limit toward `wanted` (a proxy holds three fds per connection)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return max(soft, target)
+
+
+def http_unavailable(reason: str) -> bytes:
+    body = json.dumps({"message": reason}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+
+class GuestProxy:
+    """Accepts on a host unix socket; joins each connection to a fresh stream from `open_target()`."""
+
+    def __init__(self, path: str, open_target: Callable[[], Awaitable[socket.socket]], *,
+                 unavailable: Callable[[], str | None] = lambda: None,
+                 refusal: Callable[[str], bytes] = http_unavailable) -> None:
+        self.path = path
+        self._open_target = open_target
+        self._unavailable = unavailable
+        self._refusal = refusal
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: set[Relay] = set()
+        self.accepted = 0
+        self.failed = 0
+
+    async def start(self) -> None:
+        raise_nofile()
+        self._sock = listen_socket(parse_address(f"unix:{self.path}"), backlog=4096)
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        for _ in range(128):
+            try:
+                client, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE: leave it in the backlog for the next wakeup
+                log.warning("proxy %s cannot accept: %s", self.path, exc.strerror)
+                return
+            self.accepted += 1
+            task = asyncio.get_running_loop().create_task(self._serve(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: socket.socket) -> None:
+        reason = self._unavailable()
+        target = None
+        if reason is None:
+            try:
+                target = await self._open_target()
+            except (TransportError, RemoteError, OSError) as exc:
+                reason = f"Boxpark cannot reach the guest's service: {exc}"
+        if target is None:
+            self.failed += 1
+            await self._refuse(client, reason or "unavailable")
+            return
+        client.setblocking(True)
+        target.setblocking(True)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def done() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            except RuntimeError:
+                pass
+
+        relay = Relay(client, target, b"", done)
+        self._relays.add(relay)
+        relay.start()
+        try:
+            await finished
+        finally:
+            self._relays.discard(relay)
+
+    async def _refuse(self, client: socket.socket, reason: str) -> None:
+        """Read the request (briefly) so that closing does not reset it, then answer and close."""
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        try:
+            try:
+                await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0)
+            except (asyncio.TimeoutError, OSError):
+                pass
+            await loop.sock_sendall(client, self._refusal(reason))
+            client.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0)
+        except (asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        for relay in list(self._relays):
+            relay.abort()
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,189 @@
+"""A machine's state directory: where its agent, sockets, logs and records live, and whether it is alive.
+
+One directory per named machine under the user's data directory ($BOXPARK_HOME, else
+$XDG_DATA_HOME/boxpark, else ~/.local/share/boxpark). Several machines never share a file, socket or port.
+An agent that died leaves a pid file whose process is gone (or is someone else): `stale()` says so and
+`clean()` removes what it left, killing only processes whose pid files it wrote and that are still ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class StateError(Exception):
+    """A machine name or state directory problem; the message says what to do."""
+
+
+def data_home() -> Path:
+    if os.environ.get("BOXPARK_HOME"):
+        return Path(os.environ["BOXPARK_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "boxpark"
+
+
+def config_home() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "boxpark"
+
+
+@dataclass
+class Machine:
+    """The files of one machine."""
+
+    name: str
+    dir: Path
+
+    @classmethod
+    def named(cls, name: str, home: Path | None = None) -> Machine:
+        if not NAME.match(name):
+            raise StateError(f"bad machine name {name!r}: use 1-32 of a-z, 0-9, '-' and '_', starting with a "
+                             f"letter or digit")
+        return cls(name, (home or data_home()) / name)
+
+    def ensure(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+
+    # -- paths
+    @property
+    def agent_pid_file(self) -> Path: return self.dir / "agent.pid"
+    @property
+    def agent_socket(self) -> Path: return self.dir / "agent.sock"
+    @property
+    def api_socket(self) -> Path: return self.dir / "api.sock"
+    @property
+    def docker_socket(self) -> Path: return self.dir / "docker.sock"
+    @property
+    def agent_log(self) -> Path: return self.dir / "agent.log"
+    @property
+    def docker_log(self) -> Path: return self.dir / "docker.log"
+    @property
+    def console_log(self) -> Path: return self.dir / "console.log"
+    @property
+    def init_log(self) -> Path: return self.dir / "init.log"
+    @property
+    def timeline_file(self) -> Path: return self.dir / "boot-timeline.json"
+    @property
+    def pending_resize_file(self) -> Path: return self.dir / "pending-resize.json"
+    @property
+    def secret_file(self) -> Path: return self.dir / "secret"
+    @property
+    def data_disk(self) -> Path: return self.dir / "data.img"
+    @property
+    def backend_dir(self) -> Path: return self.dir / "backend"
+
+    # -- liveness
+    def agent_pid(self) -> int | None:
+        """The agent's pid, if the pid file names a live boxpark agent process."""
+        try:
+            pid = int(self.agent_pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _is_agent(pid, self.name) else None
+
+    def control_answers(self, timeout: float = 2.0) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.agent_socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def running(self) -> bool:
+        return self.agent_pid() is not None and self.control_answers()
+
+    def stale(self) -> bool:
+        """Files of an agent that is gone."""
+        return not self.running() and any(p.exists() for p in (self.agent_pid_file, self.agent_socket,
+                                                                  self.api_socket, self.docker_socket))
+
+    def clean(self) -> list[str]:
+        """Remove what a dead agent left behind; return what was done, for the log."""
+        done = []
+        pid = self.agent_pid()
+        if pid is not None:  # alive but not answering: hung; stop it
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"killed the hung agent (pid {pid})")
+        for child in sorted(self.backend_dir.glob("*.pid")) if self.backend_dir.exists() else []:
+            done += _kill_recorded(child)
+        for path in (self.agent_pid_file, self.agent_socket, self.api_socket, self.docker_socket):
+            try:
+                path.unlink()
+                done.append(f"removed {path.name}")
+            except FileNotFoundError:
+                pass
+        return done
+
+    def write_json(self, path: Path, value: Any) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _is_agent(pid: int, name: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    if not Path("/proc").is_dir():  # macOS: no /proc; trust the pid file and the control socket
+        return True
+    argv = _cmdline(pid)
+    return "agent" in argv and name in argv
+
+
+def record_pid(path: Path, pid: int, argv0: str) -> None:
+    """Record a helper process (QEMU, virtiofsd) so that a later `clean()` can stop it if it outlived us."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{pid} {argv0}\n")
+
+
+def _kill_recorded(pid_file: Path) -> list[str]:
+    try:
+        pid_text, argv0 = pid_file.read_text().split(maxsplit=1)
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return []
+    argv = _cmdline(pid)
+    done = []
+    if argv and os.path.basename(argv[0]) == os.path.basename(argv0.strip()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"killed the leftover {os.path.basename(argv[0])} (pid {pid})")
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.02)
+        except ProcessLookupError:
+            pass
+    pid_file.unlink(missing_ok=True)
+    return done
