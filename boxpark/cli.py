@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "root and manifest, from Debian packages.")
     _add_image_build(image_build)
     image_build.set_defaults(func=_image_build)
+
+    from .host.commands import add_commands
+
+    add_commands(commands, EPILOG)
     return parser
 
 
@@ -243,12 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from .host.commands import CommandFailed
     from .transport import RemoteError, TransportError
 
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except CommandFailed as exc:
+        if args.debug:
+            raise
+        die(str(exc), exc.hint, exc.code)
     except (UsageError, TransportError) as exc:
         if args.debug:
             raise

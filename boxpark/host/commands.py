@@ -1,0 +1,397 @@
+"""The machine commands: up, down, status, exec, shell, logs — thin clients of the machine agent.
+
+`up` starts the agent detached and follows its progress; killing `up` (or `logs -f`, or `shell`) harms
+nothing, the agent goes on. Every other command talks to the agent's control socket or, for `exec` and
+`shell`, to the guest API socket the agent forwards. Failures are sentences with a hint, exit codes are
+meaningful: 0 ok, 1 failed, 2 bad usage, 3 not running, the command's own code for `exec`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .state import Machine, StateError, config_home
+
+NOT_RUNNING = 3
+
+
+class CommandFailed(Exception):
+    """A command cannot do what was asked; `hint` says what to do, `code` is the exit code."""
+
+    def __init__(self, message: str, hint: str = "", code: int = 1) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.code = code
+
+
+def machine_of(args: argparse.Namespace) -> Machine:
+    try:
+        return Machine.named(args.name)
+    except StateError as exc:
+        raise CommandFailed(str(exc), code=2) from None
+
+
+def control(machine: Machine, op: str, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
+    """Send one request to the agent; yield each JSON line it answers with."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(machine.agent_socket))
+    except OSError:
+        sock.close()
+        raise CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
+                            NOT_RUNNING) from None
+    with sock, sock.makefile("rb") as stream:
+        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+        for line in stream:
+            yield json.loads(line)
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.config:
+        if not os.path.exists(args.config):
+            raise CommandFailed(f"no configuration file {args.config}", "boxpark config --default > FILE makes one", 2)
+        return args.config
+    default = config_home() / "boxpark.toml"
+    return str(default) if default.exists() else None
+
+
+# ----------------------------------------------------------------------------------------- up
+
+
+def up(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load
+
+    machine = machine_of(args)
+    config_path = _config_path(args)
+    try:
+        config = load(config_path)  # check it here, before anything starts, with the key named
+    except ConfigError as exc:
+        raise CommandFailed(str(exc), "fix the file, or see the defaults: boxpark config --default", 2) from None
+    if machine.running():
+        status = next(control(machine, "status"))
+        if status["state"] == "ready":
+            _print_ready(machine, status, args)
+            print(f"boxpark: machine {machine.name!r} is already running", file=sys.stderr)
+            return 0
+        print(f"boxpark: machine {machine.name!r} is already starting; following it", file=sys.stderr)
+    else:
+        machine.ensure()
+        if machine.stale():
+            for what in machine.clean():
+                print(f"boxpark: cleaned up after a dead agent: {what}", file=sys.stderr)
+        if not config.image and config.backend != "vz":
+            _ensure_image(config)
+        _start_agent(machine, config_path)
+    last = None
+    for event in control(machine, "follow", timeout=None):
+        if not args.quiet:
+            print(f"  {event['phase']:<10} {event['message']}", file=sys.stderr)
+        last = event
+        if event["state"] in ("ready", "failed", "stopped"):
+            break
+    if last is None or last["state"] != "ready":
+        raise CommandFailed(f"machine {machine.name!r} did not come up: {last['message'] if last else 'no agent'}",
+                            f"see {machine.agent_log} (boxpark logs agent)")
+    _print_ready(machine, next(control(machine, "status")), args)
+    return 0
+
+
+def _ensure_image(config: Any) -> None:
+    from ..image import build
+
+    arch = config.guest_arch
+    directory = build.default_image_dir(arch, with_docker=True)
+    if (directory / "manifest.json").exists() and os.environ.get("BOXPARK_SKIP_IMAGE_CHECK"):
+        return
+    print(f"boxpark: checking the guest image ({directory})", file=sys.stderr)
+    build.build_image(directory, arch=arch, with_docker=True)
+
+
+def _start_agent(machine: Machine, config_path: str | None) -> None:
+    argv = [sys.executable, "-m", "boxpark", "agent", "run", "--name", machine.name]
+    if config_path:
+        argv += ["--config", os.path.abspath(config_path)]
+    log = open(machine.agent_log, "ab")
+    agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                             close_fds=True, cwd="/")
+    log.close()
+    deadline = time.monotonic() + 15
+    while not machine.control_answers(timeout=0.5):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            tail = machine.agent_log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise CommandFailed("the machine agent did not start" + (f": {tail[0]}" if tail else ""),
+                                f"see {machine.agent_log}")
+        time.sleep(0.05)
+
+
+def _print_ready(machine: Machine, status: dict[str, Any], args: argparse.Namespace) -> None:
+    host = status.get("docker_host") or f"unix://{machine.docker_socket}"
+    if shutil.which("docker") and not getattr(args, "no_context", False):
+        context = "boxpark" if machine.name == "default" else f"boxpark-{machine.name}"
+        subprocess.run(["docker", "context", "rm", "-f", context], capture_output=True)
+        subprocess.run(["docker", "context", "create", context, "--docker", f"host={host}",
+                        "--description", f"Boxpark machine {machine.name}"], capture_output=True)
+        print(f"boxpark: docker context {context!r} created (docker --context {context} …)", file=sys.stderr)
+    print(f"export DOCKER_HOST={host}")
+
+
+# --------------------------------------------------------------------------------------- down
+
+
+def down(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    pid = machine.agent_pid()
+    if pid is None:
+        if machine.stale():
+            for what in machine.clean():
+                print(f"boxpark: {what}", file=sys.stderr)
+        print(f"boxpark: machine {machine.name!r} is not running", file=sys.stderr)
+        return 0
+    try:
+        for event in control(machine, "down", timeout=None):
+            if not args.quiet:
+                print(f"  {event['phase']:<10} {event['message']}", file=sys.stderr)
+    except (CommandFailed, ConnectionError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while machine.agent_pid() is not None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            machine.clean()
+            raise CommandFailed("the agent did not stop in 60 s: killed it")
+        time.sleep(0.05)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- status
+
+
+def status(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    try:
+        info = next(control(machine, "status"))
+    except CommandFailed:
+        info = {"name": machine.name, "state": "stopped" if not machine.stale() else "dead (stale files)"}
+        last = machine.read_json(machine.timeline_file)
+        if last:
+            info["last_boot"] = last
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"{machine.name}: {info['state']}")
+        return NOT_RUNNING
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']}: {info['state']} ({info['backend']}, agent pid {info['pid']})")
+    if info.get("docker_host"):
+        print(f"  DOCKER_HOST={info['docker_host']}")
+    docker = info.get("docker")
+    if docker:
+        extra = f", status {docker['status']!r}" if docker["status"] else ""
+        restarts = f", {docker['restarts']} restarts" if docker["restarts"] else ""
+        print(f"  docker: {docker['state']}{extra}{restarts}"
+              + (f", last exit {docker['last_exit']}" if docker["last_exit"] else ""))
+    boot = info.get("boot")
+    if boot:
+        steps = sum(s["ms"] for s in boot["timeline"])
+        print(f"  boot: {boot['monotonic_ms']:.0f} ms to Ready (kernel {boot['kernel']}; init steps {steps:.0f} ms)")
+        for step in boot["timeline"]:
+            print(f"    {step['step']:<10} {step['ms']:8.1f} ms" + (f"  ERROR {step['error']}" if step["error"] else ""))
+    if info.get("phases"):
+        print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in info["phases"].items()))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- logs
+
+
+LOGS = {"docker": "docker_log", "console": "console_log", "init": "init_log", "agent": "agent_log"}
+
+
+def logs(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    path: Path = getattr(machine, LOGS[args.which])
+    if not path.exists():
+        raise CommandFailed(f"no {args.which} log yet for {machine.name!r} ({path})")
+    with open(path, "rb") as f:
+        if args.tail:
+            f.seek(max(0, path.stat().st_size - args.tail * 200))
+            lines = f.read().splitlines(keepends=True)[-args.tail:]
+            sys.stdout.buffer.write(b"".join(lines))
+        else:
+            shutil.copyfileobj(f, sys.stdout.buffer)
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        inode = os.fstat(f.fileno()).st_ino
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            try:
+                if os.stat(path).st_ino != inode:  # rotated: continue in the new file
+                    f.close()
+                    f = open(path, "rb")
+                    inode = os.fstat(f.fileno()).st_ino
+                    continue
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------- exec, shell
+
+
+def _api_client_args(machine: Machine) -> tuple[str, bytes | None]:
+    if not machine.running():
+        raise CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
+                            NOT_RUNNING)
+    secret = None
+    if machine.secret_file.exists() or (machine.backend_dir / "secret").exists():
+        from ..transport import read_secret
+
+        path = machine.secret_file if machine.secret_file.exists() else machine.backend_dir / "secret"
+        secret = read_secret(str(path))
+    return f"unix:{machine.api_socket}", secret
+
+
+def exec_(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    argv = [a for a in args.argv if a != "--"] if args.argv and args.argv[0] == "--" else args.argv
+    if not argv:
+        raise CommandFailed("nothing to run", "boxpark exec -- COMMAND [ARG…]", 2)
+    address, secret = _api_client_args(machine)
+    return asyncio.run(_interactive(address, secret, argv, tty=args.tty and sys.stdin.isatty(),
+                                    stdin=args.interactive))
+
+
+def shell(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    address, secret = _api_client_args(machine)
+    argv = ["/bin/bash", "-l"] if not args.argv else args.argv
+    return asyncio.run(_interactive(address, secret, argv, tty=sys.stdin.isatty(), stdin=True))
+
+
+async def _interactive(address: str, secret: bytes | None, argv: list[str], *, tty: bool, stdin: bool) -> int:
+    """Run argv in the guest with this terminal: raw mode and window size on a tty, plain pipes otherwise."""
+    import termios
+    import tty as tty_
+
+    from .client import GuestClient
+
+    rows, cols = shutil.get_terminal_size((80, 24)).lines, shutil.get_terminal_size((80, 24)).columns
+    env = {"TERM": os.environ.get("TERM", "xterm"), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": "/root", "LANG": "C.UTF-8"}
+    async with await GuestClient.open(address, secret=secret) as client:
+        process = await client.exec_interactive(argv, tty=tty, rows=rows, cols=cols, env=env, cwd="/root")
+        loop = asyncio.get_running_loop()
+        saved = None
+        if tty:
+            saved = termios.tcgetattr(0)
+            tty_.setraw(0)
+            loop.add_signal_handler(signal.SIGWINCH, lambda: process.resize(*_size()))
+
+        async def pump_stdin() -> None:
+            reader = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0, closefd=False))
+            while data := await reader.read(65536):
+                process.write(data)
+                await process.drain()
+            if not tty:
+                process.close_stdin()
+
+        pumping = asyncio.ensure_future(pump_stdin()) if stdin else None
+        if not stdin:
+            process.close_stdin()
+        try:
+            async for chunk in process.output():
+                (sys.stdout.buffer if chunk.fd != 2 else sys.stderr.buffer).write(chunk.data)
+                (sys.stdout if chunk.fd != 2 else sys.stderr).flush()
+        finally:
+            if pumping is not None:
+                pumping.cancel()
+            if saved is not None:
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        exit_ = process.exit
+        if exit_ is None:
+            raise CommandFailed("the connection to the guest ended before the command did")
+        return exit_.code if exit_.code is not None else 128 + (exit_.signal or 0)
+
+
+def _size() -> tuple[int, int]:
+    size = shutil.get_terminal_size((80, 24))
+    return size.lines, size.columns
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def add_commands(commands: Any, epilog: str) -> None:
+    def machine_parser(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_, description=description)
+        parser.add_argument("--name", default="default", help="the machine's name (default: default)")
+        return parser
+
+    p = machine_parser("up", "bring a machine up: image, boot, docker; prints DOCKER_HOST",
+                       "Build the guest image if needed, start the machine agent, boot the guest, run its "
+                       "initialization and dockerd, and print `export DOCKER_HOST=…`. Also creates a docker "
+                       "context named boxpark. Killing `up` does not stop the machine.")
+    p.add_argument("--config", metavar="FILE", help="boxpark.toml (default: ~/.config/boxpark/boxpark.toml, "
+                                                    "else built-in defaults)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the DOCKER_HOST line")
+    p.add_argument("--no-context", action="store_true", help="do not create a docker context")
+    p.set_defaults(func=up)
+
+    p = machine_parser("down", "stop a machine gracefully", "Stop dockerd, power the guest off, stop the agent.")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=down)
+
+    p = machine_parser("status", "show a machine's state, boot timeline and docker status",
+                       "Show the machine's state, its boot timeline, and dockerd's status.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=status)
+
+    p = machine_parser("exec", "run a command in the guest", "Run a command in the guest: boxpark exec [-it] -- CMD …")
+    p.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
+    p.add_argument("-t", "--tty", action="store_true", help="use a pseudo-terminal")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its arguments (after --)")
+    p.set_defaults(func=exec_)
+
+    p = machine_parser("shell", "an interactive shell in the guest", "An interactive login shell in the guest (a pty; "
+                                                                     "window size changes are forwarded).")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="a command instead of the login shell")
+    p.set_defaults(func=shell)
+
+    p = machine_parser("logs", "show a machine's logs", "Show the docker, console, init or agent log.")
+    p.add_argument("which", nargs="?", default="docker", choices=sorted(LOGS), help="which log (default: docker)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--tail", type=int, default=0, metavar="N", help="only the last N lines")
+    p.set_defaults(func=logs)
+
+    p = commands.add_parser("agent", help="the machine agent (started by up; for debugging)")
+    agent_commands = p.add_subparsers(dest="agent_command", required=True)
+    run = agent_commands.add_parser("run", help="run the machine agent in the foreground")
+    run.add_argument("--name", default="default")
+    run.add_argument("--config", metavar="FILE")
+    run.set_defaults(func=lambda a: __import__("boxpark.host.agent", fromlist=["main"]).main(a.name, a.config))
+
+    p = commands.add_parser("config", help="show the default boxpark.toml",
+                            description="Print the documented default configuration.")
+    p.add_argument("--default", action="store_true", help="print the documented defaults")
+    p.set_defaults(func=lambda a: print(__import__("boxpark.host.config", fromlist=["DEFAULT_TOML"]).DEFAULT_TOML,
+                                        end="") or 0)
