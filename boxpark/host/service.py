@@ -31,11 +31,21 @@ DAEMON_JSON = "/etc/docker/daemon.json"
 NAME = "dockerd"
 
 
+@dataclass
+class GuestPaths:
+    """Where dockerd's files live in the guest (tests on a host point them at a private directory)."""
+
+    daemon_json: str = DAEMON_JSON
+    notify_socket: str = NOTIFY_SOCKET
+    docker_socket: str = GUEST_SOCKET
+
+
 class ServiceError(Exception):
     """The service cannot be configured (e.g. an unreadable daemon.json); the message says what to fix."""
 
 
-def daemon_config(user_file: str, data_root: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def daemon_config(user_file: str, data_root: str, extra: dict[str, Any] | None = None,
+                  socket: str = GUEST_SOCKET) -> dict[str, Any]:
     """The user's daemon.json with what Boxpark needs: the guest socket in `hosts`, the data root."""
     config: dict[str, Any] = {}
     if user_file:
@@ -48,7 +58,7 @@ def daemon_config(user_file: str, data_root: str, extra: dict[str, Any] | None =
         if not isinstance(config, dict):
             raise ServiceError(f"the docker daemon config {user_file} must be a JSON object")
     hosts = [h for h in config.get("hosts", []) if not h.startswith("unix://")]
-    config["hosts"] = [f"unix://{GUEST_SOCKET}", *hosts]
+    config["hosts"] = [f"unix://{socket}", *hosts]
     if data_root:
         config["data-root"] = data_root
     config.update(extra or {})
@@ -112,8 +122,11 @@ class DockerService:
 
     def __init__(self, dial: Callable[[], Awaitable[GuestClient]], log_path: Path, daemon_json: dict[str, Any],
                  *, restart_delay: float = 1.0, restart_delay_max: float = 30.0,
-                 on_change: Callable[[ServiceStatus], None] | None = None) -> None:
+                 on_change: Callable[[ServiceStatus], None] | None = None,
+                 paths: GuestPaths | None = None, name: str = NAME) -> None:
         self._dial = dial
+        self.paths = paths or GuestPaths()
+        self.name = name
         self.log = RotatingLog(log_path)
         self.daemon_json = daemon_json
         self.restart_delay = restart_delay
@@ -167,14 +180,16 @@ class DockerService:
     async def _run_once(self) -> None:
         client = await self._dial()
         async with client:
-            await client.write_file(DAEMON_JSON, json.dumps(self.daemon_json, indent=2).encode(), parents=True)
-            await client.mkdir(os.path.dirname(NOTIFY_SOCKET), parents=True)
-            notify = await client.notify_listen(NOTIFY_SOCKET)
+            paths = self.paths
+            await client.write_file(paths.daemon_json, json.dumps(self.daemon_json, indent=2).encode(),
+                                    parents=True)
+            await client.mkdir(os.path.dirname(paths.notify_socket), parents=True)
+            notify = await client.notify_listen(paths.notify_socket)
             watcher = asyncio.ensure_future(self._watch_notify(notify))
             try:
                 self._set("starting", "starting")
-                stream = await client.launch_connect(NAME, ["dockerd", "--config-file", DAEMON_JSON],
-                                                     notify_socket=NOTIFY_SOCKET, replace=True)
+                stream = await client.launch_connect(self.name, ["dockerd", "--config-file", paths.daemon_json],
+                                                     notify_socket=paths.notify_socket, replace=True)
                 launched = stream.first
                 assert isinstance(launched, protocol.Launched)
                 self.status.pid = launched.pid
@@ -206,7 +221,7 @@ class DockerService:
             if self._stopping and self.status.state == "stopped":
                 return protocol.Exit(code=None, signal=signal.SIGTERM)
             await asyncio.sleep(0.1)
-            stream = await client.attach(NAME, since=self._last_seq)
+            stream = await client.attach(self.name, since=self._last_seq)
 
     async def _watch_notify(self, notify: Any) -> None:
         async for message in notify:
@@ -229,10 +244,10 @@ class DockerService:
             return
         async with client:
             try:
-                await client.signal(NAME, signal.SIGTERM)
-                await client.wait(NAME, timeout)
+                await client.signal(self.name, signal.SIGTERM)
+                await client.wait(self.name, timeout)
             except RemoteError as exc:
                 if exc.code == protocol.ErrorCode.TIMEOUT:
-                    await client.signal(NAME, signal.SIGKILL)
-                    await client.wait(NAME, 5)
+                    await client.signal(self.name, signal.SIGKILL)
+                    await client.wait(self.name, 5)
         self._set("stopped", "stopped")

@@ -1,0 +1,181 @@
+"""The Guest Proxy over a real Guest API server: bytes both ways, half-close, 1,000 concurrent
+connections, a refusal that says why, and a dead guest side that closes the host side promptly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from boxpark.host.client import GuestClient
+from boxpark.host.guestproxy import GuestProxy
+from tests.guestserver import running_server
+
+pytestmark = pytest.mark.integration
+
+
+class EchoServer:
+    """A threaded unix-socket echo server that answers EOF with a byte count (to prove half-close)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(4096)
+        self.clients: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.clients.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        total = 0
+        try:
+            while data := conn.recv(65536):
+                total += len(data)
+                conn.sendall(data)
+            conn.sendall(f"EOF after {total}".encode())
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.clients:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+
+@pytest.fixture
+def setup():
+    directory = tempfile.mkdtemp(prefix="bp", dir="/tmp")
+    echo = EchoServer(f"{directory}/echo.sock")
+    with running_server(Path(directory)) as srv:
+        yield directory, srv, echo
+    echo.close()
+
+
+def make_proxy(directory: str, srv, unavailable=lambda: None) -> GuestProxy:
+    async def open_target() -> socket.socket:
+        client = await GuestClient.open(srv.address)
+        try:
+            return await client.connect(path=f"{directory}/echo.sock")
+        finally:
+            await client.close()
+
+    return GuestProxy(f"{directory}/proxy.sock", open_target, unavailable=unavailable)
+
+
+def test_bytes_both_ways_and_half_close(setup) -> None:
+    directory, srv, _ = setup
+
+    async def scenario() -> bytes:
+        proxy = make_proxy(directory, srv)
+        await proxy.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
+            payload = os.urandom(3 * 1024 * 1024)
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()  # half-close: the echo server still answers after our EOF
+            data = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert data[:len(payload)] == payload
+            return data[len(payload):]
+        finally:
+            proxy.close()
+
+    assert asyncio.run(scenario()) == f"EOF after {3 * 1024 * 1024}".encode()
+    assert not os.path.exists(f"{directory}/proxy.sock")
+
+
+def test_a_thousand_concurrent_connections(setup) -> None:
+    directory, srv, _ = setup
+
+    async def scenario() -> list[bytes]:
+        proxy = make_proxy(directory, srv)
+        await proxy.start()
+
+        async def one(i: int) -> bytes:
+            reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
+            await start.wait()  # all 1,000 open at the same time before any talks
+            writer.write(b"hello %d" % i)
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), 60)
+            writer.close()
+            return data
+
+        start = asyncio.Event()
+        try:
+            tasks = [asyncio.ensure_future(one(i)) for i in range(1000)]
+            await asyncio.sleep(0)
+            while proxy.accepted < 1000:
+                await asyncio.sleep(0.05)
+            start.set()
+            return await asyncio.gather(*tasks)
+        finally:
+            proxy.close()
+
+    from boxpark.host.guestproxy import raise_nofile
+
+    raise_nofile()
+    started = time.monotonic()
+    results = asyncio.run(scenario())
+    assert results == [b"hello %d" % i + f"EOF after {len(b'hello %d' % i)}".encode() for i in range(1000)]
+    print(f"1000 concurrent connections in {time.monotonic() - started:.1f} s")
+
+
+def test_refusal_says_why(setup) -> None:
+    directory, srv, _ = setup
+
+    async def scenario() -> bytes:
+        proxy = make_proxy(directory, srv, unavailable=lambda: "dockerd in the Boxpark guest is restarting")
+        await proxy.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
+            writer.write(b"GET /_ping HTTP/1.1\r\nHost: docker\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return data
+        finally:
+            proxy.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 503") and b"restarting" in answer
+
+
+def test_dead_guest_side_closes_the_host_side_promptly(setup) -> None:
+    directory, srv, echo = setup
+
+    async def scenario() -> float:
+        proxy = make_proxy(directory, srv)
+        await proxy.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            started = time.monotonic()
+            echo.close()  # the target in the guest goes away without a word
+            data = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert data == b""
+            return time.monotonic() - started
+        finally:
+            proxy.close()
+
+    assert asyncio.run(scenario()) < 1.0
