@@ -1,0 +1,198 @@
+"""The image builder's one door to other programs, and its errors.
+
+Every command the builder runs goes through `run()`: an argv list (never a shell string), a timeout, and on
+failure one `CommandError` carrying the argv, the exit code and the tail of stdout/stderr. Nothing else in
+`boxpark.image` imports `subprocess`. The errors here are what a user sees: a sentence and, where we know
+one, a hint saying what to do — never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# The Debian package that provides each tool the builder runs, for the "install X" hint.
+TOOL_PACKAGES: dict[str, str] = {
+    "apt-cache": "apt",
+    "apt-get": "apt",
+    "chroot": "coreutils",
+    "debootstrap": "debootstrap",
+    "depmod": "kmod",
+    "dpkg": "dpkg",
+    "dpkg-deb": "dpkg",
+    "mksquashfs": "squashfs-tools",
+    "unsquashfs": "squashfs-tools",
+    "mount": "mount",
+    "umount": "mount",
+    "zstd": "zstd",
+}
+
+
+class ImageError(Exception):
+    """The image could not be built. `str()` is a sentence for the user; `hint` (if any) says what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class CommandError(ImageError):
+    """A command exited non-zero (or timed out: `returncode` is None). Carries argv, exit code and output."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int | None,
+        stdout: str,
+        stderr: str,
+        hint: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        what = "timed out" if returncode is None else f"failed with exit code {returncode}"
+        tail = _tail(stderr) or _tail(stdout)
+        message = f"command {what}: {' '.join(self.argv)}"
+        if tail:
+            message += "\n" + "\n".join("    " + line for line in tail.splitlines())
+        super().__init__(message, hint)
+
+
+class MissingToolError(ImageError):
+    """A program the builder needs is not installed; the hint names the Debian package that provides it."""
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def require_tools(*names: str) -> None:
+    """Raise MissingToolError naming every absent tool and the Debian packages to install."""
+    missing = [name for name in names if find_tool(name) is None]
+    if missing:
+        packages = sorted({TOOL_PACKAGES.get(name, name) for name in missing})
+        raise MissingToolError(
+            f"missing tool{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+            hint=f"apt-get install {' '.join(packages)}",
+        )
+
+
+def find_tool(name: str) -> str | None:
+    """The tool's path, also looking in the sbin directories a non-login root shell may lack in PATH."""
+    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 600,
+    input: bytes | None = None,
+    hint: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run argv to completion, capturing its output; raise CommandError if it fails or times out.
+
+    `env` entries are added to (not substituted for) the current environment. `hint` is attached to the
+    error, for failures whose usual cause we know (no network, no root, ...).
+    """
+    args = [os.fspath(a) for a in argv]
+    exe = find_tool(args[0]) if "/" not in args[0] else args[0]
+    if exe is None:
+        require_tools(args[0])
+        raise AssertionError("unreachable")
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            [exe, *args[1:]],
+            cwd=cwd,
+            env=full_env,
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(args, None, _text(exc.stdout), _text(exc.stderr), hint) from None
+    except OSError as exc:
+        raise ImageError(f"cannot run {args[0]}: {exc.strerror}", hint) from None
+    if proc.returncode != 0:
+        raise CommandError(args, proc.returncode, _text(proc.stdout), _text(proc.stderr), hint)
+    return proc
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", "replace")
+
+
+def output(argv: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
+    """run() and return stdout as text."""
+    return _text(run(argv, **kwargs).stdout)  # type: ignore[arg-type]
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below `path` (from /proc/self/mountinfo), deepest first."""
+    root = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                mnt = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+                if mnt == root or mnt.startswith(root.rstrip("/") + "/"):
+                    found.append(Path(mnt))
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a build tree safely: unmount whatever a tool left mounted in it, and never cross a mount.
+
+    debootstrap bind-mounts host device nodes and mounts /proc and /sys inside its target; a plain
+    rmtree over a left-over bind mount would delete the host's files.
+    """
+    if not os.path.lexists(path):
+        return
+    for mnt in mounts_under(path):
+        try:
+            run(["umount", mnt], timeout=60)
+        except ImageError:
+            run(["umount", "-l", mnt], timeout=60)
+    if mounts_under(path):
+        raise ImageError(f"cannot remove {path}: something is still mounted under it")
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    device = path.lstat().st_dev
+    _remove_dir(path, device)
+
+
+def _remove_dir(path: Path, device: int) -> None:
+    with os.scandir(path) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            if entry.is_dir(follow_symlinks=False):
+                if st.st_dev != device:
+                    raise ImageError(f"refusing to delete across a mount point: {entry.path}")
+                _remove_dir(Path(entry.path), device)
+            else:
+                os.unlink(entry.path)
+    os.rmdir(path)
