@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -186,14 +187,17 @@ def _build(
     msgspec_version: str,
     refresh_base: bool,
 ) -> Path:
-    with p.step("kernel", f"{kpkg.name} {kpkg.version}"):
-        kern = kernel.fetch_kernel(kpkg, cache)
-
     base_dir = cache / "bases" / f"{spec.variant}-{spec.key}"
     base_sq = base_dir / "base.squashfs"
     base_json = base_sq.with_suffix(".json")
-    if refresh_base or not (base_sq.exists() and base_json.exists()):
-        rootfs.check_can_build_base(spec.arch, host_arch)
+    build_base = refresh_base or not (base_sq.exists() and base_json.exists())
+    if build_base:
+        rootfs.check_can_build_base(spec.arch, host_arch)  # before any download: fail fast
+
+    with p.step("kernel", f"{kpkg.name} {kpkg.version}"):
+        kern = kernel.fetch_kernel(kpkg, cache)
+
+    if build_base:
         from .sources import read_host_sources
 
         base_dir.mkdir(parents=True, exist_ok=True)
@@ -213,12 +217,7 @@ def _build(
     new = {name: out / f"{name}.new" for name in OUTPUTS}
 
     with p.step("initramfs", f"busybox {bbpkg.version} + boot modules"):
-        busybox = kernel.fetch_busybox(bbpkg, cache)
-        index = modules.ModuleIndex.load(kern.moddir)
-        boot_paths = index.load_order(modules.BOOT_MODULES)
-        initrd = initramfs.build(
-            new["initrd.img"], busybox=busybox, moddir=kern.moddir, module_paths=boot_paths
-        )
+        initrd_modules = _initramfs(cache, spec.arch, kern, bbpkg, inputs, new["initrd.img"])
 
     python = str(base["python"])
     with p.step("boxpark layer", f"boxpark {source_hash[:12]}, msgspec {msgspec_version}, python {python}"):
@@ -248,7 +247,7 @@ def _build(
         "cmdline": DEFAULT_CMDLINE,
         "files": files,
         "kernel": {"package": kpkg.name, "version": kpkg.version, "release": kern.release},
-        "initramfs": {"busybox": bbpkg.version, "modules": initrd.modules, "compression": "gzip"},
+        "initramfs": {"busybox": bbpkg.version, "modules": initrd_modules, "compression": "gzip"},
         "root": {
             "base": base_dir.name,
             "base_built": base.get("built"),
@@ -274,6 +273,43 @@ def _build(
     sizes = ", ".join(f"{name} {files[name]['size'] / 2**20:.1f} MiB" for name in OUTPUTS)
     p.say(f"built {out}: {sizes}")
     return out
+
+
+def _initramfs(
+    cache: Path,
+    arch: str,
+    kern: kernel.Kernel,
+    bbpkg: kernel.DebPackage,
+    inputs: dict[str, object],
+    out: Path,
+) -> list[str]:
+    """Write the initramfs to `out` from the cache, building it there first if its inputs are new.
+
+    Returns the module names it loads, in order.
+    """
+    key = rootfs.hash_json(
+        [
+            BUILDER_VERSION,
+            inputs["kernel"],
+            inputs["busybox"],
+            inputs["initramfs_init"],
+            inputs["boot_modules"],
+        ]
+    )[:16]
+    store = cache / "initramfs"
+    cached, meta = store / f"{arch}-{key}.img", store / f"{arch}-{key}.json"
+    if not (cached.exists() and meta.exists()):
+        store.mkdir(parents=True, exist_ok=True)
+        busybox = kernel.fetch_busybox(bbpkg, cache)
+        boot_paths = modules.ModuleIndex.load(kern.moddir).load_order(modules.BOOT_MODULES)
+        info = initramfs.build(cached, busybox=busybox, moddir=kern.moddir, module_paths=boot_paths)
+        meta.write_text(json.dumps({"modules": info.modules}) + "\n", encoding="utf-8")
+        for old in store.glob(f"{arch}-*"):
+            if not old.name.startswith(f"{arch}-{key}."):
+                old.unlink()
+    shutil.copyfile(cached, out)
+    names = json.loads(meta.read_text(encoding="utf-8"))["modules"]
+    return [str(n) for n in names]
 
 
 def _prune_bases(bases: Path, variant: str, keep: Path) -> None:
