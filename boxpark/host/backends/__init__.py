@@ -1,0 +1,369 @@
+"""Backends: what runs a guest. One small interface; `get_backend(name)` gives one.
+
+    backend = get_backend("qemu")
+    async with backend:                      # leaving the block stops the machine (and cleans up)
+        await backend.start(spec)            # spawn; the event listener is up before the guest
+        ready = await backend.wait_ready(60)  # the guest's Ready (or an error naming the logs)
+        client = await backend.dial_api()    # a GuestClient on the guest's API
+        ...
+        await backend.stop(timeout=10)       # graceful (Poweroff / SIGTERM to the init), then kill
+
+Accepting the guest's dials is `backend.events` (an `EventStream`). Every helper a backend runs (the
+listener, QEMU, virtiofsd, a loop device, a cgroup) is entered on the backend's `AsyncExitStack`, so it is
+undone in reverse order whatever fails. Processes are signalled through pidfds only: a pid that was reused
+is never hit. Nothing here knows QEMU or namespaces; the modules beside it do.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+
+from ...protocol import Ready
+from ..client import GuestClient
+from ..eventstream import EventStream, EventStreamError
+from ..spec import Disk, MachineSpec, SpecError, spec_from_image
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..state import Machine
+
+log = logging.getLogger("boxpark.host.backends")
+
+BACKENDS = ("qemu", "sandbox")
+
+
+class BackendError(Exception):
+    """The machine could not be started, or ended before it was ready; the message says why and where to look."""
+
+
+class UnsupportedSpec(SpecError):
+    """This backend cannot do what the spec asks (the field and the alternative are in the message)."""
+
+
+def get_backend(name: str) -> Backend:
+    """A new, unstarted backend by name: `qemu` or `sandbox`."""
+    if name == "qemu":
+        from .qemu import QemuBackend
+
+        return QemuBackend()
+    if name == "sandbox":
+        from .sandbox import SandboxBackend
+
+        return SandboxBackend()
+    raise BackendError(f"unknown backend {name!r}; one of: {', '.join(BACKENDS)}")
+
+
+@contextlib.asynccontextmanager
+async def open_backend(name: str, spec: MachineSpec) -> AsyncIterator[Backend]:
+    """A started backend for `spec`; leaving the block stops it and cleans up."""
+    backend = get_backend(name)
+    async with backend:
+        await backend.start(spec)
+        yield backend
+
+
+def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathLike[str] | None = None) -> MachineSpec:
+    """The spec of a configured machine (boxpark.toml): its image, sizes, data disk and virtiofs shares.
+
+    The backend's files (sockets, secret, QEMU's log, pid files, console.log, init.log) go to
+    `machine.backend_dir`; console.log and init.log are linked from the machine's directory too.
+    The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount gets a tag `shareN`;
+    `spec.share_targets` maps its guest mount point to the tag.
+    """
+    from ..config import expand
+
+    state = Path(machine.backend_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    arch = config.guest_arch
+    image = expand(config.image) if config.image else _default_image_dir(arch)
+    fields: dict[str, Any] = {"arch": arch, "console": config.console, "name": machine.name}
+    if config.backend != "sandbox":
+        fields.update(cpus=config.cpus, memory=config.memory_bytes // (1024 * 1024))
+        if config.kernel:
+            fields["kernel"] = expand(config.kernel)
+        if config.initrd:
+            fields["initrd"] = expand(config.initrd)
+    else:
+        fields.update(kernel=None, initrd=None)
+    if config.cmdline:
+        fields["command_line"] = config.cmdline
+    if data_disk is not None:
+        fields["disks"] = (Disk(str(data_disk), name="data"),)
+    shares: dict[str, str] = {}
+    targets: dict[str, str] = {}
+    for mount in config.mounts:
+        if mount.type == "virtiofs":
+            tag = f"share{len(shares)}"
+            shares[tag] = expand(mount.source)
+            targets[mount.target] = tag
+    fields.update(shares=shares, share_targets=targets)
+    spec = spec_from_image(image, state, **fields)
+    for name in ("console.log", "init.log"):
+        link = Path(machine.dir) / name
+        if not link.exists() or link.is_symlink():
+            with contextlib.suppress(OSError):
+                link.unlink(missing_ok=True)
+                link.symlink_to(state / name)
+    return spec
+
+
+def _default_image_dir(arch: str) -> str:
+    try:
+        from ...image.build import default_image_dir
+    except ImportError:
+        base = os.environ.get("BOXPARK_CACHE") or os.path.expanduser("~/.cache/boxpark")
+        return os.path.join(base, "images", arch)
+    return str(default_image_dir(arch, with_docker=True))
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+class Child:
+    """A child process watched through a pidfd: `await wait()`, `signal()` never hits a reused pid."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], what: str) -> None:
+        self.popen = popen
+        self.what = what
+        self.pid = popen.pid
+        self.pidfd: int | None = os.pidfd_open(popen.pid)
+        self.started = time.monotonic()
+        self._exited: asyncio.Future[int] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        if self.popen.returncode is None:
+            self.popen.poll()
+        return self.popen.returncode
+
+    def signal(self, signum: int) -> bool:
+        """Send `signum`; False when the process is already gone."""
+        if self.pidfd is None or self.returncode is not None:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait(self) -> int:
+        """Its exit status (reaped); negative for a signal, as subprocess has it."""
+        code = self.returncode
+        if code is not None:
+            return code
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            self._exited = loop.create_future()
+            assert self.pidfd is not None
+            pidfd = self.pidfd
+
+            def readable() -> None:
+                loop.remove_reader(pidfd)
+                code = self.popen.wait()
+                if self._exited is not None and not self._exited.done():
+                    self._exited.set_result(code)
+
+            loop.add_reader(pidfd, readable)
+        return await asyncio.shield(self._exited)
+
+    async def wait_for(self, timeout: float) -> int | None:
+        try:
+            return await asyncio.wait_for(self.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close(self) -> None:
+        """Kill it if it still runs, reap it, and release the pidfd."""
+        if self.returncode is None:
+            self.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(5)
+        if self.pidfd is not None:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def tail(path: str | os.PathLike[str], lines: int = 15) -> str:
+    """The last `lines` lines of a text file (empty when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------ the interface
+
+
+class Backend(abc.ABC):
+    """One machine on one backend. Subclasses implement `_start`, `_graceful_stop`, `check` and `pids`."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.spec: MachineSpec | None = None
+        self.events: EventStream | None = None
+        self.api_address = ""  # what `dial_api` dials (as this host sees it)
+        self.secret: bytes | None = None  # the machine secret (tcp transports)
+        self.secret_file: str | None = None
+        self.child: Child | None = None  # the process whose exit is the machine's end
+        self.spawned_at: float | None = None  # time.monotonic() just before the machine's process started
+        self._stack = contextlib.AsyncExitStack()
+        self._stopped = False
+
+    # ----------------------------------------------------------------------- to implement
+
+    @abc.abstractmethod
+    def check(self, spec: MachineSpec) -> None:
+        """Raise `UnsupportedSpec` (or `BackendError` for the host) when this backend cannot run `spec`."""
+
+    @abc.abstractmethod
+    async def _start(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """Start the machine; enter every helper on `stack`; set events, api_address, child, spawned_at."""
+
+    @abc.abstractmethod
+    async def _graceful_stop(self) -> None:
+        """Ask the guest to shut down (it may not listen)."""
+
+    def pids(self) -> list[int]:
+        """Every host process of this machine that is still running (for a last-resort kill)."""
+        return [self.child.pid] if self.child is not None and self.child.returncode is None else []
+
+    @property
+    def share_tags(self) -> dict[str, str]:
+        """Guest mount point -> virtiofs tag, for the shares the spec maps (`spec.share_targets`)."""
+        return dict(self.spec.share_targets) if self.spec is not None else {}
+
+    def _record_pid(self, child: Child, argv0: str) -> None:
+        """state/<what>.pid ("PID ARGV0"): lets `boxpark` kill what a crashed agent left (state.Machine.clean)."""
+        assert self.spec is not None
+        path = Path(self.spec.state_dir) / f"{child.what}.pid"
+        path.write_text(f"{child.pid} {argv0}\n", encoding="utf-8")
+        self._stack.callback(path.unlink, missing_ok=True)
+
+    # ----------------------------------------------------------------------- the calls
+
+    async def start(self, spec: MachineSpec) -> None:
+        """Validate, check, and start the machine. On failure everything started is undone."""
+        if self.spec is not None:
+            raise BackendError(f"this {self.name} backend has started a machine already")
+        spec.validate()
+        self.check(spec)
+        self.spec = spec
+        os.makedirs(spec.state_dir, mode=0o700, exist_ok=True)
+        try:
+            await self._start(spec, self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self._write_record()
+
+    async def wait(self) -> int:
+        """Wait for the machine to end; its exit status."""
+        if self.child is None:
+            raise BackendError("the machine was not started")
+        return await self.child.wait()
+
+    async def wait_ready(self, timeout: float = 60.0) -> Ready:
+        """The guest's `Ready`; `BackendError` if the machine ends first, `EventStreamError` on timeout."""
+        if self.events is None or self.child is None:
+            raise BackendError("the machine was not started")
+        ready = asyncio.ensure_future(self.events.wait_ready(timeout))
+        ended = asyncio.ensure_future(self.child.wait())
+        try:
+            done, _ = await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not ready.done():
+                ready.cancel()
+        if ready in done:
+            return ready.result()  # raises EventStreamError on timeout
+        raise BackendError(self.ended_message(ended.result(), "before the guest was ready"))
+
+    def ended_message(self, code: int, when: str) -> str:
+        """Why the machine ended, with the tails of its logs."""
+        assert self.spec is not None
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        parts = [f"the {self.name} machine {how} {when}"]
+        for label, path in self.log_files():
+            text = tail(path)
+            if text:
+                parts.append(f"--- {label} ({path}), last lines:\n{text}")
+        if len(parts) == 1:
+            parts.append(f"(nothing in {', '.join(p for _, p in self.log_files())}; boot with the console on "
+                         f"to see the kernel's messages)")
+        return "\n".join(parts)
+
+    def log_files(self) -> list[tuple[str, str]]:
+        assert self.spec is not None
+        return [("console", self.spec.console_log), ("init log", self.spec.init_log)]
+
+    async def dial_api(self, timeout: float = 10.0) -> GuestClient:
+        """A connection to the guest's API (after Ready it answers at once)."""
+        if not self.api_address:
+            raise BackendError("the machine was not started")
+        return await GuestClient.open(self.api_address, secret=self.secret, timeout=timeout)
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop the machine: ask the guest, wait up to `timeout` s, then kill; clean everything up.
+
+        Returns the machine's exit status (None if it never started). Safe to call twice.
+        """
+        code: int | None = None
+        if self._stopped:
+            return self.child.returncode if self.child is not None else None
+        self._stopped = True
+        try:
+            if self.child is not None and self.child.returncode is None:
+                deadline = time.monotonic() + timeout
+                try:
+                    await asyncio.wait_for(self._graceful_stop(), max(0.1, timeout / 2))
+                except Exception as exc:  # the guest may be gone or deaf: the kill below handles both
+                    log.debug("graceful stop of the %s machine: %s", self.name, exc)
+                code = await self.child.wait_for(max(0.1, deadline - time.monotonic()))
+                if code is None:
+                    log.warning("the %s machine did not stop within %g s; killing it", self.name, timeout)
+        finally:
+            await self._stack.aclose()  # kills what still runs, in reverse order of starting
+        if self.child is not None:
+            code = self.child.returncode
+        return code
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------------- shared helpers
+
+    def _write_record(self) -> None:
+        """state/machine.json: how to reach this machine (for people and `boxpark guest call`)."""
+        assert self.spec is not None
+        record: dict[str, Any] = {
+            "backend": self.name, "name": self.spec.name, "api": self.api_address,
+            "secret_file": self.secret_file, "events": str(self.events.address) if self.events else None,
+            "pids": self.pids(), "started": time.time(),
+        }
+        path = Path(self.spec.state_dir) / "machine.json"
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+__all__ = ["Backend", "BackendError", "BACKENDS", "Child", "EventStreamError", "UnsupportedSpec", "get_backend",
+           "open_backend", "spec_from_config", "tail"]

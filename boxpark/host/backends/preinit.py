@@ -1,0 +1,148 @@
+"""The sandbox's pre-init: plays the kernel's part for the guest init, then becomes it (PID 1).
+
+Runs as PID 1 of fresh pid/mount/net/uts/ipc/cgroup namespaces (`unshare … --fork` started it, in the
+sandbox's own cgroup), with the host's Python (`-S -I`): stdlib only, nothing slow, no boxpark import.
+It mounts the image's squashfs (already attached read-only to a loop device by the host) on a fresh
+directory, gives it a private tmpfs /dev holding only the nodes a userland needs (never the host's
+devtmpfs: that would show the host's disks), a tmpfs /run with the host's state directory bound at
+/run/boxpark/host (where the API and event sockets live), writes the settings file, pivots into the new
+root, drops CAP_SYS_TIME and CAP_SYS_BOOT for good, and execs the image's /sbin/init (the image's Python).
+
+Anything wrong: one `boxpark-preinit: FATAL:` line on stderr (the sandbox's console.log) and exit 1.
+
+    python3 -S -I preinit.py '{"loop": "/dev/loop3", "root": "/state/root", "state": "/state",
+                               "settings": "boxpark.sandbox=1 …", "init": "/sbin/init"}'
+"""
+
+import ctypes
+import json
+import os
+import platform
+import sys
+import time
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+CAP_SYS_BOOT, CAP_SYS_TIME = 22, 25
+DROPPED_CAPS = (CAP_SYS_TIME, CAP_SYS_BOOT)
+CAPABILITY_VERSION_3 = 0x20080522
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+# name, mode, major, minor: the whole /dev a guest userland gets (the init adds pts, shm and the links)
+DEVICES = (
+    ("null", 0o666, 1, 3), ("zero", 0o666, 1, 5), ("full", 0o666, 1, 7), ("random", 0o666, 1, 8),
+    ("urandom", 0o666, 1, 9), ("tty", 0o666, 5, 0), ("ptmx", 0o666, 5, 2),
+)
+HOST_DIR = "/run/boxpark/host"
+SETTINGS = "/run/boxpark/settings"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Failed(Exception):
+    pass
+
+
+def _check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise Failed(f"{what}: {os.strerror(errno)}")
+
+
+def mount(source, target, fstype, flags, data=None):
+    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                       ctypes.c_ulong(flags), data and data.encode()),
+           f"mount {fstype or source or ''} on {target}")
+
+
+def pivot_root(new_root, put_old):
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise Failed(f"pivot_root: unknown syscall number on {platform.machine()}")
+    _check(_libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()), "pivot_root")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities(caps=DROPPED_CAPS):
+    """Out of the bounding set (no exec can regain them) and out of the inheritable and ambient sets."""
+    for cap in caps:
+        _check(_libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0), f"drop capability {cap}")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient capabilities")
+    header = _CapHeader(CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        mask = ~(1 << bit) & 0xFFFFFFFF
+        data[word].inheritable &= mask
+        data[word].effective &= mask
+        data[word].permitted &= mask
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def make_dev(dev):
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
+    old = os.umask(0)
+    try:
+        for name, mode, major, minor in DEVICES:
+            os.mknod(f"{dev}/{name}", mode | 0o020000, os.makedev(major, minor))
+        for name in ("pts", "shm"):
+            os.mkdir(f"{dev}/{name}", 0o755)
+    finally:
+        os.umask(old)
+
+
+def make_run(run, state, settings):
+    mount("tmpfs", run, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    host = run + HOST_DIR[len("/run"):]
+    os.makedirs(host, 0o755)
+    mount(state, host, None, MS_BIND)
+    mount(None, host, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    path = run + SETTINGS[len("/run"):]
+    with open(path, "w") as f:
+        f.write(settings + "\n")
+    os.chmod(path, 0o644)
+
+
+def main(argv):
+    start = time.monotonic()
+    config = json.loads(argv[1])
+    root = config["root"]
+    if os.getpid() != 1:
+        raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()}): run me under unshare --pid --fork")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may reach the host
+    mount(config["loop"], root, "squashfs", MS_RDONLY)
+    make_dev(root + "/dev")
+    make_run(root + "/run", config["state"], config["settings"])
+    os.chdir(root)
+    pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
+    _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")
+    os.chdir("/")
+    drop_capabilities()
+    init = config.get("init", "/sbin/init")
+    if not os.path.exists(init):
+        raise Failed(f"the image has no {init}")
+    sys.stderr.write(f"boxpark-preinit: root {config['loop']} (squashfs, ro) ready in "
+                     f"{(time.monotonic() - start) * 1000:.1f} ms; exec {init}\n")
+    sys.stderr.flush()
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "TERM": "linux", "BOXPARK_SETTINGS": SETTINGS}
+    os.execve(init, [init], env)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv)
+    except (Failed, OSError, KeyError, ValueError) as exc:
+        sys.stderr.write(f"boxpark-preinit: FATAL: {exc}\n")
+        sys.exit(1)

@@ -1,0 +1,389 @@
+"""The sandbox backend: the real init as PID 1 in Linux namespaces over the real squashfs root, no VM.
+
+For development and tests (root only, Linux only). The host attaches the image's root.squashfs to a loop
+device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
+directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
+→ the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
+which the guest sees at /run/boxpark/host.
+
+It is not a security boundary, but it never touches what is global to the machine: no host /dev, no
+CAP_SYS_TIME, no CAP_SYS_BOOT, no swap; every process lands in its cgroup, so stopping finds them all.
+Stopping leaves nothing behind: no process (the cgroup is killed and removed), no mount (the mount
+namespace dies with its last process), no loop device (detached from the host side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ...transport import listen_socket, parse_address
+from ..eventstream import EventStream
+from ..spec import MachineSpec, host_arch
+from . import Backend, BackendError, Child, UnsupportedSpec
+
+log = logging.getLogger("boxpark.host.sandbox")
+
+GUEST_HOST_DIR = "/run/boxpark/host"
+UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
+PREINIT = str(Path(__file__).with_name("preinit.py"))
+CGROUP_PARENT = "boxpark"
+PR_SET_PDEATHSIG = 1
+
+
+class SandboxBackend(Backend):
+    """`get_backend("sandbox")`: namespaces, a loop-mounted squashfs root, unix-socket transport."""
+
+    name = "sandbox"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cgroup: Cgroup | None = None
+        self.loop_device: str | None = None
+
+    def check(self, spec: MachineSpec) -> None:
+        if sys.platform != "linux":
+            raise BackendError("the sandbox backend needs Linux (namespaces); use qemu or vz here")
+        if os.geteuid() != 0:
+            raise BackendError("the sandbox backend needs root (namespaces, mounts, a loop device); "
+                               "run as root or use the qemu backend")
+        if spec.arch != host_arch():
+            raise UnsupportedSpec("arch", f"the sandbox runs the image on this host's CPU ({host_arch()}); "
+                                          f"a {spec.arch} image needs the qemu backend")
+        if spec.disks:
+            raise UnsupportedSpec("disks", "the sandbox has no extra disks (nor swap, which lives on one); "
+                                           "use the qemu backend for disks and swap")
+        if spec.shares:
+            raise UnsupportedSpec("shares", "the sandbox shares only its state directory (at "
+                                            f"{GUEST_HOST_DIR}); use the qemu backend for directory shares")
+        for key, value in (("api", spec.api), ("events", spec.events)):
+            if value is not None and parse_address(value).kind != "unix":
+                raise UnsupportedSpec(key, "the sandbox talks over unix sockets in its state directory only; "
+                                           "leave it unset")
+        if spec.cpus is not None or spec.memory is not None:
+            missing = [c for c, want in (("cpu", spec.cpus), ("memory", spec.memory))
+                       if want is not None and c not in cgroup2_controllers()]
+            if missing:
+                key = "memory" if "memory" in missing else "cpus"
+                raise UnsupportedSpec(key, f"the sandbox limits {' and '.join(missing)} with cgroup2 controllers "
+                                           f"this host does not offer (they are on cgroup v1 here); leave "
+                                           f"cpus and memory unset for the sandbox")
+        try:
+            with open(spec.root, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise UnsupportedSpec("root", f"cannot read {spec.root}: {exc.strerror}") from None
+        if magic != b"hsqs":
+            raise UnsupportedSpec("root", f"{spec.root} is not a squashfs image")
+
+    def settings(self, spec: MachineSpec) -> dict[str, str]:
+        """The `boxpark.*` settings this backend hands the init."""
+        return {
+            "api": f"unix:{GUEST_HOST_DIR}/api.sock",
+            "events": f"unix:{GUEST_HOST_DIR}/events.sock",
+            "sandbox": "1",
+            "logfile": f"{GUEST_HOST_DIR}/init.log",
+            "net": spec.net or "none",
+            "hostname": spec.name,
+        }
+
+    async def _start(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        state = Path(spec.state_dir)
+        for name in ("console.log", "init.log"):
+            (state / name).write_bytes(b"")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state / "api.sock")  # a previous boot's; the guest makes a fresh one
+        mountpoint = state / "root"
+        mountpoint.mkdir(exist_ok=True)
+        command_line = spec.kernel_command_line(self.settings(spec))
+        (state / "cmdline").write_text(command_line + "\n", encoding="utf-8")
+
+        self.cgroup = stack.enter_context(sandbox_cgroup(spec.name, spec.cpus, spec.memory))
+        self.loop_device = stack.enter_context(loop_device(spec.root))
+
+        events_address = parse_address(f"unix:{state}/events.sock")
+        listener = listen_socket(events_address)
+        self.events = EventStream(events_address, sock=listener,
+                                  logs=f"{state}/init.log and {state}/console.log")
+        await self.events.start()
+        stack.push_async_callback(self.events.close)
+        self.api_address = f"unix:{state}/api.sock"
+
+        config = {"loop": self.loop_device, "root": str(mountpoint), "state": str(state),
+                  "settings": command_line, "init": "/sbin/init"}
+        argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT, json.dumps(config)]
+        console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        cgroup = self.cgroup
+        try:
+            self.spawned_at = time.monotonic()
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
+                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True)
+        except OSError as exc:
+            raise BackendError(f"cannot start the sandbox ({argv[0]}): {exc.strerror}") from None
+        finally:
+            os.close(console)
+        self.child = Child(popen, "unshare")
+        self._record_pid(self.child, argv[0])
+        stack.push_async_callback(self._reap)
+
+    async def _graceful_stop(self) -> None:
+        """SIGTERM to the init (PID 1 inside): it stops its services, syncs and exits."""
+        pid = self.init_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # a pid read from the running unshare's children: ours
+        if self.child is not None:
+            await self.child.wait()
+
+    async def _reap(self) -> None:
+        """Kill every process in the sandbox's cgroup and wait until it is empty."""
+        assert self.child is not None and self.cgroup is not None
+        self.cgroup.kill()
+        await self.child.wait_for(5.0)
+        deadline = time.monotonic() + 5.0
+        while self.cgroup.populated():
+            if time.monotonic() > deadline:
+                log.error("the sandbox's cgroup %s still has processes after SIGKILL", self.cgroup.path)
+                break
+            self.cgroup.kill()
+            await asyncio.sleep(0.01)
+        self.child.close()
+
+    def init_pid(self) -> int | None:
+        """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
+        if self.child is None or self.child.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{self.child.pid}/task/{self.child.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def pids(self) -> list[int]:
+        if self.cgroup is None:
+            return super().pids()
+        return sorted(set(super().pids()) | set(self.cgroup.pids()))
+
+
+def _unshare() -> list[str]:
+    for directory in ("/usr/bin", "/bin"):
+        if os.access(f"{directory}/unshare", os.X_OK):
+            return [f"{directory}/unshare", *UNSHARE[1:]]
+    raise BackendError("the sandbox needs unshare (util-linux): apt-get install util-linux")
+
+
+# ------------------------------------------------------------------------------------ cgroup
+
+
+def cgroup2_mount() -> str:
+    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return left.split()[4]
+    raise BackendError("this host has no cgroup2 hierarchy mounted; the sandbox needs one "
+                       "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
+
+
+def cgroup2_controllers() -> set[str]:
+    try:
+        with open(f"{cgroup2_mount()}/cgroup.controllers") as f:
+            return set(f.read().split())
+    except (OSError, BackendError):
+        return set()
+
+
+class Cgroup:
+    """A cgroup2 directory of our own; every process of the sandbox ends up in it (or below)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+    def enter_and_die_with_parent(self) -> None:
+        """Run in the forked child before exec (preexec_fn): join the cgroup, die if our host process dies.
+
+        The cgroup must be joined before `unshare --cgroup`, so the guest's cgroup namespace is rooted here.
+        """
+        os.write(self._procs_fd, b"0")
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def walk(self) -> list[str]:
+        """This cgroup and its descendants, deepest first."""
+        return [root for root, _, _ in os.walk(self.path, topdown=False)]
+
+    def pids(self) -> list[int]:
+        pids: list[int] = []
+        for directory in self.walk():
+            with contextlib.suppress(OSError), open(f"{directory}/cgroup.procs") as f:
+                pids += [int(p) for p in f.read().split()]
+        return pids
+
+    def populated(self) -> bool:
+        try:
+            with open(f"{self.path}/cgroup.events") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "populated":
+                        return value.strip() != "0"
+        except FileNotFoundError:
+            return False
+        return bool(self.pids())
+
+    def kill(self) -> None:
+        """SIGKILL everything in it: cgroup.kill (Linux 5.14+), else each listed pid (all are ours)."""
+        try:
+            with open(f"{self.path}/cgroup.kill", "w") as f:
+                f.write("1")
+            return
+        except FileNotFoundError:
+            pass
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def limit(self, cpus: int | None, memory_mib: int | None) -> None:
+        if memory_mib is not None:
+            with open(f"{self.path}/memory.max", "w") as f:
+                f.write(str(memory_mib * 1024 * 1024))
+        if cpus is not None:
+            with open(f"{self.path}/cpu.max", "w") as f:
+                f.write(f"{cpus * 100000} 100000")
+
+    def remove(self) -> None:
+        os.close(self._procs_fd)
+        for directory in self.walk():
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot remove the sandbox's cgroup %s: %s", directory, exc.strerror)
+
+
+@contextlib.contextmanager
+def sandbox_cgroup(name: str, cpus: int | None = None, memory_mib: int | None = None) -> Iterator[Cgroup]:
+    """A fresh cgroup `<cgroup2>/boxpark/<name>-<random>`, removed (after its processes) on exit."""
+    parent = f"{cgroup2_mount()}/{CGROUP_PARENT}"
+    os.makedirs(parent, exist_ok=True)
+    _sweep(parent)
+    if cpus is not None or memory_mib is not None:
+        wanted = [c for c, v in (("cpu", cpus), ("memory", memory_mib)) if v is not None]
+        for directory in (cgroup2_mount(), parent):
+            with open(f"{directory}/cgroup.subtree_control", "w") as f:
+                f.write(" ".join(f"+{c}" for c in wanted))
+    path = f"{parent}/{name}-{secrets.token_hex(4)}"
+    os.mkdir(path, 0o755)
+    try:
+        cgroup = Cgroup(path)
+    except OSError:
+        os.rmdir(path)
+        raise
+    try:
+        cgroup.limit(cpus, memory_mib)
+        yield cgroup
+    finally:
+        if cgroup.populated():
+            cgroup.kill()
+            deadline = time.monotonic() + 5
+            while cgroup.populated() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        cgroup.remove()
+
+
+def _sweep(parent: str, age: float = 300.0) -> None:
+    """Remove empty cgroups a crashed host process left (old ones only: a new one may be about to fill)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if entry.is_dir(follow_symlinks=False) and now - entry.stat().st_mtime > age:
+                with contextlib.suppress(OSError):  # EBUSY when it has processes or children: not ours to judge
+                    os.rmdir(entry.path)
+
+
+# ------------------------------------------------------------------------------------ loop device
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CLR_FD = 0x4C01
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")  # struct loop_info64
+_LOOP_CONFIG = struct.Struct(f"=II{_LOOP_INFO64.size}s64x")  # struct loop_config
+
+
+@contextlib.contextmanager
+def loop_device(path: str) -> Iterator[str]:
+    """Attach `path` read-only to a free loop device; detach it on exit. Yields /dev/loopN.
+
+    We keep the device open while it is attached, so it cannot be detached and handed to someone else
+    under us; on exit we ask for the detach (the kernel defers it while a mount still holds the device —
+    autoclear — and it happens when the sandbox's mount namespace goes), then wait for it, bounded.
+    """
+    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        device, fd = _attach(backing, path)
+    finally:
+        os.close(backing)
+    try:
+        yield device
+    finally:
+        try:
+            fcntl.ioctl(fd, LOOP_CLR_FD)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: already detached
+                log.error("cannot detach %s: %s", device, exc.strerror)
+        os.close(fd)
+        number = device.removeprefix("/dev/loop")
+        deadline = time.monotonic() + 5
+        while _loop_backing(number) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _loop_backing(number) is not None:
+            log.error("%s is still attached to %s after the sandbox ended", device, path)
+
+
+def _attach(backing: int, path: str) -> tuple[str, int]:
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(16):  # another process may take the free device between our two calls
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            name = os.fsencode(path)[:63]
+            info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, name,
+                                     b"", b"", 0, 0)
+            try:
+                fcntl.ioctl(fd, LOOP_CONFIGURE, _LOOP_CONFIG.pack(backing, 0, info))
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise BackendError(f"cannot attach {path} to {device}: {exc.strerror}") from None
+            return device, fd
+    finally:
+        os.close(control)
+    raise BackendError(f"cannot attach {path} to a loop device: every free one was taken first")
+
+
+def _loop_backing(number: str) -> str | None:
+    try:
+        with open(f"/sys/block/loop{number}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
