@@ -178,6 +178,12 @@ def _image_build(args: argparse.Namespace) -> int:
     return build.run(args)
 
 
+def _boot(args: argparse.Namespace) -> int:
+    from .host import boot
+
+    return boot.run(args)
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -235,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "root and manifest, from Debian packages.")
     _add_image_build(image_build)
     image_build.set_defaults(func=_image_build)
+
+    from .host.boot import add_arguments as add_boot_arguments  # cheap: the backends load when it runs
+
+    boot = commands.add_parser("boot", help="boot a guest in the foreground (development)",
+                               description="Boot the guest image on a backend, print its boot timeline and "
+                                           "API address, and stop it cleanly on Ctrl-C or SIGTERM.")
+    add_boot_arguments(boot)
+    boot.set_defaults(func=_boot)
 
     from .host.commands import add_commands
 
