@@ -215,16 +215,18 @@ class Agent:
         machine, config = self.machine, self.config
         self.progress("preparing", phase="prepare", state="starting")
         plan = initphase.prepare_data_disk(machine, config) if config.backend != "sandbox" else None
-        spec = backends.spec_from_config(config, machine, data_disk=plan.path if plan else None)
+        try:
+            spec = backends.spec_from_config(config, machine, data_disk=plan.path if plan else None)
+        except backends.SpecError as exc:
+            raise AgentFailure(f"cannot boot this configuration: {exc}") from None
 
         self.progress(f"booting ({config.backend})", phase="boot", state="booting")
-        self.backend = await stack.enter_async_context(backends.open_backend(config.backend, spec))
         try:
+            self.backend = await stack.enter_async_context(backends.open_backend(config.backend, spec))
             self.ready_event = await self.backend.wait_ready(timeout=120)
-        except asyncio.TimeoutError:
-            raise AgentFailure(f"the guest did not report Ready within 120 s; see {machine.init_log} and "
-                               f"{machine.console_log}") from None
-        self.api_address = self.backend.api_address
+        except (backends.BackendError, backends.EventStreamError, backends.SpecError) as exc:
+            raise AgentFailure(str(exc)) from None
+        self.api_address = parse_address(self.backend.api_address)
         self.secret = self.backend.secret
         ready = self.ready_event
         machine.write_json(machine.timeline_file, {"boot_id": ready.boot_id, "kernel": ready.kernel,
