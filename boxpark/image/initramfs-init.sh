@@ -21,8 +21,8 @@ mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 
 # Until the console driver (a module) is loaded the kernel may have had no console to give us: then
-# write to the kernel log, which is replayed on the console once one registers. (A failed redirection
-# on `exec` would end this shell — and panic the kernel — so each open is tried in a subshell first.)
+# write to the kernel log (dmesg, and any console the kernel has). A failed redirection on `exec` would
+# end this shell — and panic the kernel — so each open is tried in a subshell first.
 on_console=
 use_console() {
     if (: <>/dev/console) 2>/dev/null; then
@@ -52,6 +52,7 @@ for arg in $(cat /proc/cmdline); do
         console=hvc*) c="${arg#console=}"; consoles="$consoles ${c%%,*}" ;;
     esac
 done
+case "$rootwait" in '' | *[!0-9]*) rootwait=10 ;; esac  # arithmetic on junk would end this shell
 
 fail() {
     # On the console: plain lines. Without one: the kernel log at crit level, shown even with 'quiet'.

@@ -54,6 +54,11 @@ DOCKER_MODULE_GLOBS: tuple[str, ...] = (
     "kernel/net/802/*",
     "kernel/net/llc/*",
     "kernel/net/sched/cls_cgroup.ko*",
+    # overlay networks' encryption (dockerd warns at start when it cannot open an XFRM socket)
+    "kernel/net/xfrm/xfrm_user.ko*",
+    "kernel/net/xfrm/xfrm_algo.ko*",
+    "kernel/net/ipv4/esp4.ko*",
+    "kernel/net/ipv6/esp6.ko*",
     "kernel/drivers/net/veth.ko*",
     "kernel/drivers/net/macvlan.ko*",
     "kernel/drivers/net/ipvlan/*",
