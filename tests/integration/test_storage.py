@@ -22,7 +22,8 @@ from boxpark.guest.server import GuestServer
 from boxpark.host.client import GuestClient, RemoteError
 from boxpark.protocol import ErrorCode
 from tests.guestserver import running_server
-from tests.nsfixture import (MiB, Namespace, grow_image, loop_device, make_image, mkfs, requires_root, sh)
+from tests.nsfixture import (MiB, Namespace, grow_image, loop_device, make_image, mkfs, python_argv, requires_root,
+                             run_in_namespace, sh)
 
 pytestmark = pytest.mark.integration
 
@@ -350,3 +351,29 @@ def test_probe_recognises_filesystems(tmp_path) -> None:
         os.unlink(image)
     assert storage._probe(swap_file(f"{tmp_path}/swap")) == "swap"
     assert storage._probe(make_image(f"{tmp_path}/blank", MiB)) == ""
+
+
+@requires_root
+def test_pivot_root_and_detach_the_old_root_in_a_private_namespace(short_tmp: str) -> None:
+    """libc.pivot_root as the boot path uses it, for real but only inside a throwaway mount namespace."""
+    code = """
+import os
+from boxpark.guest import libc
+new = sys.argv[1]
+libc.mount("tmpfs", new, "tmpfs", libc.MS_NOSUID, "size=1m")
+os.mkdir(new + "/old")
+with open(new + "/marker", "w") as f:
+    f.write("the new root")
+libc.pivot_root(new, new + "/old")
+os.chdir("/")
+libc.umount2("/old", libc.MNT_DETACH)
+print(open("/marker").read(), sorted(os.listdir("/")))
+try:
+    libc.pivot_root("/nonexistent", "/nonexistent")
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+    os.mkdir(f"{short_tmp}/root")
+    out = run_in_namespace(python_argv(code, f"{short_tmp}/root"))
+    assert out.stdout.splitlines() == ["the new root ['marker', 'old']", "2 /nonexistent"]
+    assert os.listdir(f"{short_tmp}/root") == []  # the host never saw the tmpfs
