@@ -1,0 +1,328 @@
+"""The sandbox backend for real: the image's init as PID 1 in namespaces over the image's squashfs.
+
+Needs root and the built image (`boxpark image build`; the fixture builds it, instantly when cached).
+Every test checks what it can from both sides: the guest over its API, the host through /proc, /sys, the
+cgroup and the loop device. Nothing here may touch what is global to the host (clock, swap, power).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from boxpark import protocol
+from boxpark.host.backends import BackendError, get_backend
+from boxpark.host.backends.sandbox import cgroup2_mount
+from boxpark.host.eventstream import EventStreamError
+from boxpark.host.spec import Disk, MachineSpec, SpecError
+from tests.machines import (Machine, Machines, _machine_reporter, image_dir, machines,  # noqa: F401
+                            module_machines)
+
+pytestmark = [pytest.mark.sandbox,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")]
+
+
+def sh(machine: Machine, script: str) -> str:
+    result = machine.api(lambda c: c.exec(["sh", "-c", script], timeout=30))
+    assert result.code == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def mountinfo(text: str) -> dict[str, tuple[str, str]]:
+    """mount point -> (fstype, options) from /proc/self/mountinfo text."""
+    mounts = {}
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        fstype, _source, options = right.split()[:3]
+        mounts[fields[4]] = (fstype, options)
+    return mounts
+
+
+@pytest.fixture(scope="module")
+def guest(module_machines: Machines) -> Machine:  # noqa: F811
+    return module_machines.boot("sandbox", settings={"log": "debug"})
+
+
+# --------------------------------------------------------------------------------- one shared guest
+
+
+def test_ready_arrives_with_the_timeline(guest: Machine) -> None:
+    assert guest.ready is not None
+    steps = [step.name for step in guest.ready.timeline]
+    assert steps[:2] == ["rootfs", "mounts"] and "api" in steps
+    assert all(step.error is None for step in guest.ready.timeline), guest.ready.timeline
+    assert guest.ready.api == "unix:/run/boxpark/host/api.sock"
+    print(f"sandbox spawn -> Ready: {guest.boot_seconds * 1000:.0f} ms")  # type: ignore[operator]
+
+
+def test_the_init_is_pid_1(guest: Machine) -> None:
+    info = guest.api(lambda c: c.info())
+    assert info.pid == 1 and info.pid1
+    assert sh(guest, "tr '\\0' ' ' </proc/1/cmdline").split()[-1] == "/sbin/init"
+    # and on the host, that PID 1 is the child of unshare, inside the sandbox's cgroup
+    backend = guest.backend
+    init = backend.init_pid()  # type: ignore[attr-defined]
+    assert init is not None and init in backend.cgroup.pids()  # type: ignore[attr-defined]
+
+
+def test_root_is_a_tmpfs_overlay_on_the_squashfs(guest: Machine) -> None:
+    mounts = mountinfo(sh(guest, "cat /proc/self/mountinfo"))
+    fstype, options = mounts["/"]
+    assert fstype == "overlay" and "upperdir=/mnt/upper" in options
+    init_log = Path(guest.spec.init_log).read_text()
+    assert re.search(r"root: tmpfs overlay over squashfs", init_log), init_log
+    # the lower layer is the image: a file read in the guest is the squashfs's file
+    ours = subprocess.run(["unsquashfs", "-cat", guest.spec.root, "etc/debian_version"], capture_output=True,
+                          check=True).stdout
+    assert sh(guest, "cat /etc/debian_version").encode() == ours
+    # and the host attached the image read-only to the loop device the sandbox mounted
+    number = guest.backend.loop_device.removeprefix("/dev/loop")  # type: ignore[attr-defined]
+    assert Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip() == guest.spec.root
+    assert Path(f"/sys/block/loop{number}/ro").read_text().strip() == "1"
+
+
+def test_a_file_written_under_root_lands_in_the_tmpfs(guest: Machine) -> None:
+    # / and /tmp are both default-sized tmpfs instances (the init's): same total; writing 8 MiB under /
+    # takes 8 MiB from /'s upper layer and nothing from /tmp.
+    def usage() -> tuple[int, int, int, int]:
+        out = sh(guest, "stat -f -c '%b %f %S' / /tmp").split()
+        root_total, root_free, size, tmp_total, tmp_free, _ = map(int, out)
+        return root_total * size, root_free * size, tmp_total * size, tmp_free * size
+
+    root_total, root_free, tmp_total, tmp_free = usage()
+    assert root_total == tmp_total
+    guest.api(lambda c: c.write_file("/boxpark-written", b"x" * (8 << 20)))
+    after = usage()
+    assert root_free - after[1] >= 8 << 20 and abs(tmp_free - after[3]) < 1 << 20
+    assert not subprocess.run(["unsquashfs", "-l", guest.spec.root, "boxpark-written"], capture_output=True,
+                              text=True).stdout.count("boxpark-written")
+    guest.api(lambda c: c.exec(["rm", "/boxpark-written"]))
+
+
+def test_api_filesystems_are_mounted(guest: Machine) -> None:
+    mounts = mountinfo(sh(guest, "cat /proc/self/mountinfo"))
+    assert mounts["/proc"][0] == "proc"
+    assert mounts["/sys"][0] == "sysfs"
+    assert mounts["/dev"][0] == "tmpfs"  # ours, never the host's devtmpfs
+    assert mounts["/dev/pts"][0] == "devpts"
+    assert mounts["/sys/fs/cgroup"][0] == "cgroup2"
+    assert mounts["/run"][0] == "tmpfs"
+    assert mounts["/run/boxpark/host"][0] != "devtmpfs"
+    assert "devtmpfs" not in {fstype for fstype, _ in mounts.values()}
+
+
+def test_dev_holds_no_host_disk(guest: Machine) -> None:
+    listing = sh(guest, "find /dev -xdev \\( -type b -o -type c \\) -printf '%y %p\\n'")
+    nodes = sorted(line.split()[1] for line in listing.splitlines())
+    assert not [line for line in listing.splitlines() if line.startswith("b ")], listing
+    assert [n for n in nodes if not n.startswith("/dev/pts/")] == [
+        "/dev/full", "/dev/null", "/dev/ptmx", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"]
+
+
+def test_no_clock_or_power_capability(guest: Machine) -> None:
+    for pid in ("1", "self"):
+        bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", sh(guest, f"cat /proc/{pid}/status"))[1], 16)
+        assert not bounding & (1 << 25), "CAP_SYS_TIME"
+        assert not bounding & (1 << 22), "CAP_SYS_BOOT"
+    assert not os.path.exists("/dev/rtc0") or "rtc0" not in sh(guest, "ls /dev")
+
+
+def test_the_sandbox_has_its_own_namespaces_and_cgroup(guest: Machine) -> None:
+    init = guest.backend.init_pid()  # type: ignore[attr-defined]
+    for ns in ("pid", "mnt", "net", "uts", "ipc", "cgroup"):
+        assert os.readlink(f"/proc/{init}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    (unified,) = [line for line in sh(guest, "cat /proc/self/cgroup").splitlines() if line.startswith("0::")]
+    assert unified.startswith("0::/") and "boxpark" not in unified and ".." not in unified  # rooted at its own
+    assert guest.backend.cgroup.path.startswith(cgroup2_mount())  # type: ignore[attr-defined]
+    assert sh(guest, "hostname").strip() == guest.spec.name
+
+
+def test_the_event_stream_resumes_after_the_host_drops_it(guest: Machine) -> None:
+    events = guest.backend.events
+    assert events is not None
+    before = events.last_seq
+    guest.run(events.close())
+    guest.api(lambda c: c.exec(["true"]))
+    guest.api(lambda c: c.launch("short", ["true"], replace=True))
+    time.sleep(0.2)  # the guest has events to send and nobody to take them
+    guest.run(events.start())
+    exited = guest.run(events.wait_for(protocol.ProcessExited, 10, after=before, where=lambda e: e.name == "short"))
+    assert exited.code == 0
+    seqs = [frame.seq for frame in events.frames]
+    assert seqs == sorted(set(seqs)) and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no repeat
+    assert events.connections >= 2
+
+
+# --------------------------------------------------------------------------------- one guest each
+
+
+def host_leftovers(machine: Machine, loop: str, cgroup: str) -> list[str]:
+    """What a stopped sandbox must not leave on the host."""
+    left = []
+    number = loop.removeprefix("/dev/loop")
+    try:
+        backing = Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip()
+    except OSError:
+        backing = ""
+    if backing == machine.spec.root:
+        left.append(f"{loop} is still attached to {backing}")
+    if os.path.exists(cgroup):
+        left.append(f"the cgroup {cgroup} is still there")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if machine.spec.state_dir in mounts:
+        left.append("a mount under the state directory")
+    return left
+
+
+@pytest.mark.parametrize("how", ["sigterm", "poweroff"])
+def test_a_clean_stop_ends_services_and_leaves_nothing(machines: Machines, how: str) -> None:  # noqa: F811
+    guest = machines.boot("sandbox")
+    backend = guest.backend
+    guest.api(lambda c: c.launch("sleeper", ["sleep", "1000"]))
+    processes = guest.api(lambda c: c.list_processes())
+    assert [p.name for p in processes if p.running] == ["sleeper"]
+    host_pids = backend.pids()
+    assert len(host_pids) >= 3  # unshare, the init, the sleeper
+    loop, cgroup = backend.loop_device, backend.cgroup.path  # type: ignore[attr-defined]
+    if how == "sigterm":
+        os.kill(backend.init_pid(), signal.SIGTERM)  # type: ignore[attr-defined,arg-type]
+    else:
+        try:
+            guest.api(lambda c: c.poweroff())
+        except (ConnectionError, OSError):
+            pass  # the init may be gone before its reply is read
+    code = guest.run(backend.wait(), 30)
+    assert code == 0
+    log = Path(guest.spec.init_log).read_text()
+    assert "shutting down" in log and "powering off" in log
+    guest.stop()
+    for pid in host_pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie_or_other(pid), f"pid {pid} survived"
+    assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
+
+
+def _zombie_or_other(pid: int) -> bool:
+    """A pid that exists again after being killed is someone else's (reuse) — or our zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_killed_sandbox_leaves_nothing(machines: Machines) -> None:  # noqa: F811
+    guest = machines.boot("sandbox")
+    backend = guest.backend
+    loop, cgroup = backend.loop_device, backend.cgroup.path  # type: ignore[attr-defined]
+    os.kill(backend.init_pid(), signal.SIGKILL)  # type: ignore[attr-defined,arg-type]
+    guest.run(backend.wait(), 30)  # unshare ends with its child
+    guest.stop()
+    assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
+
+
+def test_a_host_that_never_answers_times_out_clearly_and_the_guest_keeps_trying(machines: Machines) -> None:  # noqa: F811
+    guest = machines.create("sandbox")
+    guest.start()
+    events = guest.backend.events
+    assert events is not None
+    guest.run(events.close())  # nobody answers the guest's dial from now on
+    with pytest.raises(EventStreamError) as info:
+        guest.run(guest.backend.wait_ready(2.0))
+    message = str(info.value)
+    assert "did not report Ready within 2 s" in message and "never connected" in message
+    assert guest.spec.init_log in message and guest.spec.console_log in message
+    assert "not answering yet" in Path(guest.spec.init_log).read_text()
+    guest.run(events.start())  # back: the guest's next retry gets through, Ready comes
+    assert guest.wait_ready(10).api
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def test_the_sandbox_refuses_what_it_cannot_do(machines: Machines, tmp_path: Path) -> None:  # noqa: F811
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    backend = get_backend("sandbox")
+    for fields, key in (({"disks": (Disk(str(disk)),)}, "disks"), ({"shares": {"src": str(tmp_path)}}, "shares"),
+                        ({"arch": "arm64" if os.uname().machine == "x86_64" else "amd64"}, "arch"),
+                        ({"api": "tcp:127.0.0.1:1"}, "api")):
+        spec = machines.spec("sandbox", image=image_dir(), **fields)
+        with pytest.raises(SpecError) as info:
+            backend.check(spec)
+        assert info.value.field == key, info.value
+    if "memory" not in Path(f"{cgroup2_mount()}/cgroup.controllers").read_text().split():
+        with pytest.raises(SpecError, match="memory: .*cgroup2"):
+            backend.check(machines.spec("sandbox", memory=512))
+
+
+def _squashfs(tmp_path: Path, init: bytes | None) -> str:
+    tree = tmp_path / "tree"
+    for d in ("dev", "run", "proc", "sys", "sbin", "mnt", "tmp"):
+        (tree / d).mkdir(parents=True)
+    if init is not None:
+        (tree / "sbin" / "init").write_bytes(init)
+        (tree / "sbin" / "init").chmod(0o755)
+    image = tmp_path / "root.squashfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-quiet", "-all-root"], check=True,
+                   capture_output=True)
+    return str(image)
+
+
+def _elf_for(machine: int) -> bytes:
+    """A 64-bit little-endian ELF header for `machine` (183: aarch64, 62: x86-64); enough for execve to judge."""
+    header = bytearray(64)
+    header[:7] = b"\x7fELF\x02\x01\x01"
+    header[16:18] = (2).to_bytes(2, "little")  # ET_EXEC
+    header[18:20] = machine.to_bytes(2, "little")
+    header[20:24] = (1).to_bytes(4, "little")
+    header[52:54] = (64).to_bytes(2, "little")
+    return bytes(header)
+
+
+@pytest.mark.parametrize("init, says", [
+    (None, "the image has no /sbin/init"),
+    (_elf_for(183 if os.uname().machine == "x86_64" else 62), "Exec format error"),
+])
+def test_a_broken_image_fails_fast_with_the_reason(machines: Machines, tmp_path: Path, init: bytes | None,  # noqa: F811
+                                                   says: str) -> None:
+    spec = MachineSpec(root=_squashfs(tmp_path, init), state_dir=machines.state_dir(), name="broken")
+    guest = machines.create("sandbox", spec, expect_errors=True)
+    guest.start()
+    began = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        guest.run(guest.backend.wait_ready(30))
+    assert time.monotonic() - began < 10
+    assert "before the guest was ready" in str(info.value) and says in str(info.value)
+    assert f"boxpark-preinit: FATAL: " in Path(spec.console_log).read_text()
+    loop, cgroup = guest.backend.loop_device, guest.backend.cgroup.path  # type: ignore[attr-defined]
+    guest.stop()
+    assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
+
+
+def test_start_twice_is_refused(machines: Machines) -> None:  # noqa: F811
+    guest = machines.boot("sandbox")
+    with pytest.raises(BackendError, match="started a machine already"):
+        guest.run(guest.backend.start(guest.spec))
+
+
+def test_concurrent_sandboxes_do_not_share_anything(machines: Machines) -> None:  # noqa: F811
+    a = machines.create("sandbox")
+    b = machines.create("sandbox")
+    a.start()
+    b.start()
+    a.wait_ready()
+    b.wait_ready()
+    assert a.backend.loop_device != b.backend.loop_device  # type: ignore[attr-defined]
+    assert a.backend.cgroup.path != b.backend.cgroup.path  # type: ignore[attr-defined]
+    assert a.api(lambda c: c.info()).pid == b.api(lambda c: c.info()).pid == 1
+    a.api(lambda c: c.write_file("/only-in-a", b"a"))
+    assert b.api(lambda c: c.exec(["test", "-e", "/only-in-a"])).code == 1
+    assert a.stop() == 0
+    assert b.api(lambda c: c.info()).pid == 1  # stopping one leaves the other alone
