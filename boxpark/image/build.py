@@ -21,11 +21,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import initramfs, kernel, modules, pylayer, rootfs, subp
 from .progress import Progress, to_stderr
+from .sources import read_host_sources
 from .subp import ImageError
 
 # Bump when the assembly below changes the outputs' bytes (the base and layer have their own versions).
@@ -127,79 +129,73 @@ def build_image(
     subp.require_tools("dpkg", "apt-cache", "apt-get", "dpkg-deb", "depmod", "mksquashfs")
     with _locked(cache_root, p):
         with p.step("inputs", f"{arch}, {'with' if with_docker else 'no'} docker"):
-            host_arch = kernel.host_arch()
-            kernel.check_apt_arch(arch)
-            kpkg, bbpkg = kernel.resolve_cached(arch, cache_root)
-            source = Path(source).absolute() if source is not None else pylayer.package_dir()
-            source_hash = pylayer.source_hash(source)
-            msgspec_version = pylayer.msgspec_version()
-            spec = rootfs.BaseSpec(arch, with_docker, kpkg.name, kpkg.version)
-            inputs = {
-                "builder": BUILDER_VERSION,
-                "base": spec.key,
-                "kernel": kpkg.key,
-                "busybox": bbpkg.key,
-                "initramfs_init": hashlib.sha256(initramfs.init_script()).hexdigest(),
-                "boot_modules": [name if required else name + "?" for name, required in modules.BOOT_MODULES],
-                "layer": [pylayer.LAYER_RECIPE_VERSION, source_hash, msgspec_version],
-            }
-            inputs_hash = rootfs.hash_json(inputs)
-        if not (force or refresh_base) and is_current(out, inputs_hash):
-            p.say(f"up to date: {out} (inputs {inputs_hash[:12]})")
+            i = _resolve_inputs(arch, with_docker, cache_root, source)
+        if not (force or refresh_base) and is_current(out, i.hash):
+            p.say(f"up to date: {out} (inputs {i.hash[:12]})")
             return out
         tmp_root = cache_root / "tmp"
         subp.remove_tree(tmp_root)  # left by an interrupted build (we hold the lock)
         tmp_root.mkdir(parents=True)
         try:
-            return _build(
-                out,
-                cache_root,
-                tmp_root,
-                p,
-                spec,
-                kpkg,
-                bbpkg,
-                inputs,
-                inputs_hash,
-                host_arch,
-                source,
-                source_hash,
-                msgspec_version,
-                refresh_base,
-            )
+            return _build(out, cache_root, tmp_root, p, i, refresh_base)
         finally:
             subp.remove_tree(tmp_root)
 
 
-def _build(
-    out: Path,
-    cache: Path,
-    tmp: Path,
-    p: Progress,
-    spec: rootfs.BaseSpec,
-    kpkg: kernel.DebPackage,
-    bbpkg: kernel.DebPackage,
-    inputs: dict[str, object],
-    inputs_hash: str,
-    host_arch: str,
-    source: Path,
-    source_hash: str,
-    msgspec_version: str,
-    refresh_base: bool,
-) -> Path:
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything the image is made from, resolved without building anything."""
+
+    host_arch: str
+    spec: rootfs.BaseSpec
+    kpkg: kernel.DebPackage
+    bbpkg: kernel.DebPackage
+    source: Path
+    source_hash: str
+    msgspec_version: str
+    values: dict[str, object]
+    hash: str
+
+
+def _resolve_inputs(
+    arch: str, with_docker: bool, cache: Path, source: str | os.PathLike[str] | None
+) -> _Inputs:
+    host_arch = kernel.host_arch()
+    kernel.check_apt_arch(arch)
+    kpkg, bbpkg = kernel.resolve_cached(arch, cache)
+    src = Path(source).absolute() if source is not None else pylayer.package_dir()
+    if src.name != "boxpark" or not (src / "__init__.py").is_file():
+        raise ImageError(f"{src} is not a boxpark package directory")
+    source_hash = pylayer.source_hash(src)
+    msgspec_version = pylayer.msgspec_version()
+    spec = rootfs.BaseSpec(arch, with_docker, kpkg.name, kpkg.version)
+    values: dict[str, object] = {
+        "builder": BUILDER_VERSION,
+        "base": spec.key,
+        "kernel": kpkg.key,
+        "busybox": bbpkg.key,
+        "initramfs_init": hashlib.sha256(initramfs.init_script()).hexdigest(),
+        "boot_modules": [name if required else name + "?" for name, required in modules.BOOT_MODULES],
+        "layer": [pylayer.LAYER_RECIPE_VERSION, source_hash, msgspec_version],
+    }
+    return _Inputs(
+        host_arch, spec, kpkg, bbpkg, src, source_hash, msgspec_version, values, rootfs.hash_json(values)
+    )
+
+
+def _build(out: Path, cache: Path, tmp: Path, p: Progress, i: _Inputs, refresh_base: bool) -> Path:
+    spec, kpkg, bbpkg = i.spec, i.kpkg, i.bbpkg
     base_dir = cache / "bases" / f"{spec.variant}-{spec.key}"
     base_sq = base_dir / "base.squashfs"
     base_json = base_sq.with_suffix(".json")
     build_base = refresh_base or not (base_sq.exists() and base_json.exists())
     if build_base:
-        rootfs.check_can_build_base(spec.arch, host_arch)  # before any download: fail fast
+        rootfs.check_can_build_base(spec.arch, i.host_arch)  # before any download: fail fast
 
     with p.step("kernel", f"{kpkg.name} {kpkg.version}"):
         kern = kernel.fetch_kernel(kpkg, cache)
 
     if build_base:
-        from .sources import read_host_sources
-
         base_dir.mkdir(parents=True, exist_ok=True)
         p.say(f"building the Debian base {base_dir.name} (once per package set and kernel)")
         base_work = tmp / "base"
@@ -217,12 +213,14 @@ def _build(
     new = {name: out / f"{name}.new" for name in OUTPUTS}
 
     with p.step("initramfs", f"busybox {bbpkg.version} + boot modules"):
-        initrd_modules = _initramfs(cache, spec.arch, kern, bbpkg, inputs, new["initrd.img"])
+        initrd_modules = _initramfs(cache, spec.arch, kern, bbpkg, i.values, new["initrd.img"])
 
     python = str(base["python"])
-    with p.step("boxpark layer", f"boxpark {source_hash[:12]}, msgspec {msgspec_version}, python {python}"):
-        wheel = pylayer.fetch_msgspec_wheel(msgspec_version, python, spec.arch, cache / "wheels")
-        layer = pylayer.stage(tmp / "layer", source, wheel, python)
+    with p.step(
+        "boxpark layer", f"boxpark {i.source_hash[:12]}, msgspec {i.msgspec_version}, python {python}"
+    ):
+        wheel = pylayer.fetch_msgspec_wheel(i.msgspec_version, python, spec.arch, cache / "wheels")
+        layer = pylayer.stage(tmp / "layer", i.source, wheel, python)
         pylayer.append(base_sq, tmp / "layer", new["root.squashfs"])
 
     with p.step("finish"):
@@ -239,8 +237,8 @@ def _build(
     manifest = {
         "format": MANIFEST_FORMAT,
         "builder_version": BUILDER_VERSION,
-        "inputs_hash": inputs_hash,
-        "inputs": inputs,
+        "inputs_hash": i.hash,
+        "inputs": i.values,
         "arch": spec.arch,
         "with_docker": spec.with_docker,
         "suite": spec.suite,
@@ -256,10 +254,10 @@ def _build(
             "init": "/sbin/init",
             "python": python,
             "python_dir": rootfs.PYTHON_DIR,
-            "boxpark_source_sha256": source_hash,
+            "boxpark_source_sha256": i.source_hash,
             "boxpark_files": layer.files,
             "pyc": layer.compiled,
-            "msgspec": msgspec_version,
+            "msgspec": i.msgspec_version,
             "modules": base.get("modules"),
             "versions": {name: packages[name] for name in KEY_PACKAGES if name in packages},
             "packages": packages,
