@@ -1,5 +1,5 @@
 """Thin ctypes wrappers over the system calls Python's `os` lacks: mount, umount2, swapon/swapoff,
-sethostname, reboot, pivot_root.
+sethostname, reboot, pivot_root, and the BLKPG ioctl that changes the kernel's view of one partition.
 
 The boot path imports this module before anything else is up, so it imports `ctypes`, `os` and nothing
 slow, and loads libc on first use. Every wrapper raises `OSError` with the errno and the path it was
@@ -53,6 +53,12 @@ SWAP_FLAG_DISCARD = 0x10000
 RB_AUTOBOOT = 0x01234567
 RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
+
+# BLKPG (linux/blkpg.h): add, delete or resize one partition in the kernel's table, even while in use
+BLKPG = 0x1269
+BLKPG_ADD_PARTITION = 1
+BLKPG_DEL_PARTITION = 2
+BLKPG_RESIZE_PARTITION = 3
 
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "i686": 217, "armv7l": 218}
 
@@ -119,3 +125,29 @@ def pivot_root(new_root: str, put_old: str) -> None:
         raise OSError(errno.ENOSYS, f"pivot_root: no syscall number known for {machine}")
     result = _lib().syscall(ctypes.c_long(number), _path(new_root), _path(put_old))
     _check(result, "pivot_root", new_root)
+
+
+class _BlkpgPartition(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_longlong), ("length", ctypes.c_longlong), ("pno", ctypes.c_int),
+                ("devname", ctypes.c_char * 64), ("volname", ctypes.c_char * 64)]
+
+
+class _BlkpgIoctlArg(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int),
+                ("data", ctypes.c_void_p)]
+
+
+def blkpg(disk: str, op: int, number: int, start: int, length: int) -> None:
+    """The BLKPG ioctl on a whole disk: partition `number` at `start` for `length` (both in bytes).
+
+    BLKPG_RESIZE_PARTITION keeps the start and works while the partition is mounted; the kernel refuses
+    (EBUSY) a size that would overlap another partition it knows.
+    """
+    part = _BlkpgPartition(start=start, length=length, pno=number)
+    arg = _BlkpgIoctlArg(op=op, flags=0, datalen=ctypes.sizeof(part),
+                         data=ctypes.cast(ctypes.pointer(part), ctypes.c_void_p))
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_lib().ioctl(fd, ctypes.c_ulong(BLKPG), ctypes.byref(arg)), "BLKPG", disk)
+    finally:
+        os.close(fd)

@@ -5,8 +5,8 @@ flags, the propagation change and the filesystem's data string, the way mount(8)
 global to the whole machine even inside namespaces, so swapon/swapoff check every argument (the path,
 its kind, the swap signature, whether it is in use) before the one system call, and the server lets them
 through only when it is the guest's init. `resize_disk` grows a partition to fill its disk and then the
-filesystem on it, with the real tools (sfdisk, partx, resize2fs, xfs_growfs) through `subp`; it is
-idempotent, so a host that retries after a failure or a reboot finishes the job. Nothing here may block
+filesystem on it, with the real tools (sfdisk, resize2fs, xfs_growfs) through `subp` and the BLKPG ioctl;
+it is idempotent, so a host that retries after a failure or a reboot finishes the job. Nothing here may block
 the event loop for long except `resize_disk`, which the server runs in a thread.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import stat as stat_
@@ -26,6 +27,8 @@ from .. import protocol
 from ..protocol import ErrorCode
 from . import libc, subp
 from .errors import GuestError, from_oserror
+
+log = logging.getLogger("boxpark.guest.storage")
 
 # ----------------------------------------------------------------------------------- mount options
 
@@ -383,9 +386,13 @@ def _partition_node(disk_sysfs: str, number: int) -> str | None:
     return None
 
 
-def _kernel_size(disk_sysfs: str, node: str) -> int:
-    with open(os.path.join(disk_sysfs, os.path.basename(node), "size")) as f:
-        return int(f.read()) * 512
+def _kernel_size(disk_sysfs: str, node: str) -> int | None:
+    """The size the kernel gives a partition now, in bytes (None: it has no such partition any more)."""
+    try:
+        with open(os.path.join(disk_sysfs, os.path.basename(node), "size")) as f:
+            return int(f.read()) * 512
+    except (OSError, ValueError):
+        return None
 
 
 def find_mountpoint(device: str) -> str | None:
@@ -526,7 +533,7 @@ def _resize(device: str, partition: int | None) -> protocol.ResizeResult:
             partition_grown = table.sizes[partition] > before
         wanted = table.sizes[partition] * table.sector
         if _kernel_size(disk_sysfs, target) != wanted:
-            _tell_kernel(device, partition, wanted)
+            _tell_kernel(device, partition, table.starts[partition] * table.sector, wanted)
             reboot_required = _kernel_size(disk_sysfs, target) != wanted
     new_size = _size(target)
     filesystem_grown = False
@@ -537,15 +544,16 @@ def _resize(device: str, partition: int | None) -> protocol.ResizeResult:
                                  reboot_required=reboot_required)
 
 
-def _tell_kernel(device: str, partition: int, size: int) -> None:
-    """Resize the kernel's view of one partition (BLKPG, which works while it is mounted)."""
+def _tell_kernel(device: str, partition: int, start: int, size: int) -> None:
+    """Resize the kernel's view of one partition with BLKPG (works while it is mounted).
+
+    Not `partx --update`: when a resize fails it may delete the partition and fail to add it back.
+    A refusal is not an error here: the caller sees the sizes still differ (reboot_required).
+    """
     try:
-        _run(["partx", "--update", "--nr", str(partition), device], "partx")
-    except GuestError:
-        try:
-            _run(["resizepart", device, str(partition), str(size // 512)], "resizepart")
-        except GuestError:
-            pass  # the caller sees the sizes still differ: reboot_required
+        libc.blkpg(device, libc.BLKPG_RESIZE_PARTITION, partition, start, size)
+    except OSError as exc:
+        log.warning("the kernel keeps the old size of partition %d of %s: %s", partition, device, exc.strerror)
 
 
 def _grow_filesystem(device: str, fstype: str) -> bool:

@@ -84,7 +84,7 @@ def test_tmpfs_with_flags_and_data_stays_in_the_namespace(guest_ns: Namespace) -
         await client.mount("", target, "", ["remount", "ro"])
         assert " ro," in mount_line(guest_ns, target)
         await refused(client.write_file(f"{target}/g", b"x"), ErrorCode.PERMISSION_DENIED, f"{target}/g")
-        await client.umount(target)
+        await client.umount(target, force=True)
         assert mount_line(guest_ns, target) == ""
 
     call(guest_ns, body)
@@ -266,6 +266,24 @@ def test_resize_whole_disk_filesystem_unmounted(guest_ns: Namespace, fstype: str
             values = dict(line.split(" = ") for line in info.splitlines())
             assert int(values["dblocks"]) * int(values["blocksize"]) == grown
         assert "boxpark-grow-" not in guest_ns.mounts()
+
+
+@requires_root
+def test_reboot_required_when_the_kernel_cannot_take_the_new_table(guest_ns: Namespace) -> None:
+    """The kernel still knows a partition 2 that the disk's table no longer has: growing partition 1 over
+    its place works on disk, but the kernel refuses the overlap; the filesystem waits for a reboot."""
+    image = make_image(f"{guest_ns.tmp}/r.img", 64 * MiB, partitions=[16 * MiB, 16 * MiB])
+    with loop_device(image) as loop:
+        mkfs(loop.partition(1), "ext4")
+        before = loop.size(loop.partition(1))
+        sh(["sfdisk", "--no-reread", "--no-tell-kernel", "--delete", loop.path, "2"])
+        assert os.path.exists(loop.partition(2))  # the kernel's view is stale now
+        result = call(guest_ns, lambda client: client.resize_disk(loop.path, 1))
+        assert result.partition_grown and result.reboot_required and not result.filesystem_grown
+        assert result.old_size == result.new_size == before == loop.size(loop.partition(1))
+        assert ext_size(loop.partition(1)) <= before
+        table = sh(["sfdisk", "--json", loop.path]).stdout
+        assert '"size": 32768' not in table  # on disk, partition 1 took the room
 
 
 @requires_root
