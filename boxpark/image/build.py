@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -353,8 +354,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that a SIGTERM'd build stops its commands and removes its work tree
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `boxpark image build`; print the image directory on stdout. Returns the exit code."""
+    signal.signal(signal.SIGTERM, _terminate)
     arch = getattr(args, "arch", None) or default_arch()
     with_docker = getattr(args, "with_docker", True)
     cache = getattr(args, "cache_dir", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -115,23 +116,39 @@ def run(
         full_env = dict(os.environ)
         full_env.update(env)
     try:
-        proc = subprocess.run(
+        # Its own session, so that an interrupted build can stop the command's whole process tree
+        # (debootstrap and apt leave dpkg children behind when only the parent is killed).
+        proc = subprocess.Popen(
             [exe, *args[1:]],
             cwd=cwd,
             env=full_env,
-            input=input,
-            stdin=subprocess.DEVNULL if input is None else None,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(args, None, _text(exc.stdout), _text(exc.stderr), hint) from None
     except OSError as exc:
         raise ImageError(f"cannot run {args[0]}: {exc.strerror}", hint) from None
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise CommandError(args, None, _text(stdout), _text(stderr), hint) from None
+    except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: stop it all, then go on
+        _kill_group(proc)
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        raise CommandError(args, proc.returncode, _text(proc.stdout), _text(proc.stderr), hint)
-    return proc
+        raise CommandError(args, proc.returncode, _text(stdout), _text(stderr), hint)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _text(data: bytes | str | None) -> str:
