@@ -176,10 +176,17 @@ class NotifyHub:
         return entry
 
     async def listen(self, channel: Channel, message: protocol.NotifyListen) -> None:
-        """The `NotifyListen` call: `Ok`, then every message after `since`, following until the client goes."""
+        """The `NotifyListen` call: `Ok`, then every message after `since`, following until the client goes.
+
+        A `since` past this socket's last number comes from an earlier server: the stream starts at 1.
+        """
         entry = self.socket_for(message.path)
         channel.send(protocol.Ok())
         since = message.since
+        if since > entry.seq:
+            # numbers from before this server (the guest rebooted, the server restarted): this socket's
+            # messages are all new to that client
+            since = 0
         peer = asyncio.ensure_future(channel.recv())  # anything from the client, or its EOF, ends the stream
         loop = asyncio.get_running_loop()
         try:
