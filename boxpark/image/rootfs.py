@@ -1,7 +1,7 @@
 """The Debian base of the guest's root: debootstrap, packages, kernel modules, trimmed, as a squashfs.
 
 This is the slow, rarely changing layer (a couple of minutes, needs root and the Debian mirror), so it is
-built alone and cached by what goes into it (`base_key`); boxpark's own code is appended to a copy of it
+built alone and cached by what goes into it (`BaseSpec.key`); boxpark's own code is appended to a copy of it
 later (see `pylayer`). Packages come from the host's mirror (`sources`); the guest's apt gets the suite's
 updates and security entries too, and the base is upgraded from them when built. Services never start
 while packages install (a policy-rc.d says no), and the build tree is removed without crossing mounts.
@@ -24,7 +24,7 @@ from .progress import Progress
 from .sources import AptSource, guest_sources_list, pick_mirror
 from .subp import ImageError
 
-# Bump when the recipe below changes in a way that changes the base's bytes.
+# Bump when the steps below change the base's bytes (package and module lists are hashed into the key already).
 BASE_RECIPE_VERSION = 1
 
 SUITE = "bookworm"
