@@ -136,6 +136,7 @@ class DockerService:
         self._on_change = on_change or (lambda status: None)
         self._stopping = False
         self._last_seq = 0
+        self._notify_seq = 0  # the guest keeps the notify socket's messages: resume after the last one seen
 
     def _set(self, state: str, note: str = "") -> None:
         self.status.state = state
@@ -184,7 +185,7 @@ class DockerService:
             await client.write_file(paths.daemon_json, json.dumps(self.daemon_json, indent=2).encode(),
                                     parents=True)
             await client.mkdir(os.path.dirname(paths.notify_socket), parents=True)
-            notify = await client.notify_listen(paths.notify_socket)
+            notify = await client.notify_listen(paths.notify_socket, since=self._notify_seq)
             watcher = asyncio.ensure_future(self._watch_notify(notify))
             try:
                 self._set("starting", "starting")
@@ -225,6 +226,7 @@ class DockerService:
 
     async def _watch_notify(self, notify: Any) -> None:
         async for message in notify:
+            self._notify_seq = message.seq
             if message.status is not None:
                 self.status.status = message.status
             if message.ready:
