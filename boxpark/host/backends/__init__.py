@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -195,17 +196,32 @@ class Child:
             self.pidfd = None
 
 
-def tail(path: str | os.PathLike[str], lines: int = 15) -> str:
-    """The last `lines` lines of a text file (empty when there is none)."""
+def _read_end(path: str | os.PathLike[str], size: int = 64 * 1024) -> list[str]:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
+            f.seek(max(0, f.tell() - size))
             data = f.read()
     except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+        return []
+    return data.decode(errors="replace").splitlines()
+
+
+def tail(path: str | os.PathLike[str], lines: int = 15) -> str:
+    """The last `lines` lines of a text file (empty when there is none)."""
+    return "\n".join(_read_end(path)[-lines:])
+
+
+# What says why a boot failed, wherever it is in a log: a stack dump after a panic pushes it out of the tail.
+_TELLING = re.compile(r"Kernel panic|FATAL|Traceback|[Ee]rror|can't |cannot |not found|No such|Exec format")
+
+
+def summary(path: str | os.PathLike[str], lines: int = 15, telling: int = 8) -> str:
+    """The telling lines of a log (panics, FATAL, errors) that are not in its tail, then the tail."""
+    text = _read_end(path)
+    end = text[-lines:]
+    before = [line for line in text[:-lines] if _TELLING.search(line)][-telling:] if len(text) > lines else []
+    return "\n".join(before + (["[...]"] if before else []) + end)
 
 
 # ------------------------------------------------------------------------------------ the interface
@@ -302,7 +318,7 @@ class Backend(abc.ABC):
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         parts = [f"the {self.name} machine {how} {when}"]
         for label, path in self.log_files():
-            text = tail(path)
+            text = summary(path)
             if text:
                 parts.append(f"--- {label} ({path}), last lines:\n{text}")
         if len(parts) == 1:
@@ -366,4 +382,4 @@ class Backend(abc.ABC):
 
 
 __all__ = ["Backend", "BackendError", "BACKENDS", "Child", "EventStreamError", "UnsupportedSpec", "get_backend",
-           "open_backend", "spec_from_config", "tail"]
+           "open_backend", "spec_from_config", "summary", "tail"]

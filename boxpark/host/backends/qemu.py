@@ -318,16 +318,15 @@ class QemuBackend(Backend):
     def check(self, spec: MachineSpec) -> None:
         if spec.arch not in BINARIES:
             raise UnsupportedSpec("arch", f"no QEMU for {spec.arch}")
-        binary = shutil.which(BINARIES[spec.arch])
-        if binary is None:
-            package = "qemu-system-x86" if spec.arch == "amd64" else "qemu-system-arm"
-            raise BackendError(f"{BINARIES[spec.arch]} is not installed: apt-get install {package}")
         if not spec.kernel:
             raise UnsupportedSpec("kernel", "the qemu backend boots a kernel: set kernel (and initrd)")
         found = kernel_arch(spec.kernel)
         if found is not None and found != spec.arch:
             raise UnsupportedSpec("kernel", f"{spec.kernel} is built for {found}, but the machine is {spec.arch}; "
                                             f"use the {found} image or set arch={found}")
+        if shutil.which(BINARIES[spec.arch]) is None:
+            package = "qemu-system-x86" if spec.arch == "amd64" else "qemu-system-arm"
+            raise BackendError(f"{BINARIES[spec.arch]} is not installed: apt-get install {package}")
         for key, value in (("api", spec.api), ("events", spec.events)):
             if value is not None:
                 address = parse_address(value)
@@ -410,24 +409,25 @@ class QemuBackend(Backend):
         self.running_at_wall = time.time()
 
     async def _connect_qmp(self, path: str) -> Qmp:
+        """QEMU's QMP, or a `BackendError` saying why not — with QEMU's stderr when QEMU exited."""
         assert self.child is not None
-        deadline = time.monotonic() + QMP_TIMEOUT
-        connecting = asyncio.ensure_future(Qmp.connect(path))
+        connecting = asyncio.ensure_future(asyncio.wait_for(Qmp.connect(path), QMP_TIMEOUT))
         ended = asyncio.ensure_future(self.child.wait())
         try:
-            done, _ = await asyncio.wait({connecting, ended}, timeout=max(0.1, deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({connecting, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ended.cancel()
-        if connecting in done and connecting.exception() is None:
+        if connecting.done() and connecting.exception() is None:
             return connecting.result()
         connecting.cancel()
-        code = self.child.returncode
+        # A QEMU that fails on its arguments may reset the connection just before it exits: give it a moment.
+        code = await self.child.wait_for(2.0)
         if code is not None:
             raise BackendError(self.ended_message(code, "while starting"))
-        raise BackendError(f"QEMU did not answer on its QMP socket {path} within {QMP_TIMEOUT:g} s"
-                           + (f": {connecting.exception()}" if connecting.done() and not connecting.cancelled()
-                              and connecting.exception() else ""))
+        problem = connecting.exception() if connecting.done() and not connecting.cancelled() else None
+        if isinstance(problem, asyncio.TimeoutError) or problem is None:
+            raise BackendError(f"QEMU did not answer on its QMP socket {path} within {QMP_TIMEOUT:g} s")
+        raise BackendError(f"cannot talk to QEMU on its QMP socket {path}: {problem}")
 
     async def _graceful_stop(self) -> None:
         """Poweroff over the Guest API (the init stops its services, syncs, powers off); QEMU then exits."""
