@@ -27,13 +27,18 @@ class EventLog:
         self._ring: collections.deque[EventFrame] = collections.deque(maxlen=size)
         self._seq = 0
         self._changed = asyncio.Condition() if _has_loop() else None
+        self._loop = asyncio.get_running_loop() if _has_loop() else None
 
     @property
     def last_seq(self) -> int:
         return self._seq
 
-    def emit(self, event: Event) -> EventFrame:
-        """Record an event (from the loop thread) and wake the streams."""
+    def emit(self, event: Event) -> EventFrame | None:
+        """Record an event and wake the streams; from another thread it is handed to the loop's thread."""
+        loop = self._loop
+        if loop is not None and not _on(loop):
+            loop.call_soon_threadsafe(self.emit, event)
+            return None
         self._seq += 1
         frame = EventFrame(seq=self._seq, time_ns=time.time_ns(), event=event)
         self._ring.append(frame)
@@ -77,6 +82,13 @@ class EventLog:
         channel.send(protocol.Ok())
         await self.follow(channel, message.since)
         return None
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _has_loop() -> bool:
