@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -123,9 +122,8 @@ class SandboxBackend(Backend):
         stack.push_async_callback(self.events.close)
         self.api_address = f"unix:{state}/api.sock"
 
-        config = {"loop": self.loop_device, "root": str(mountpoint), "state": str(state),
-                  "settings": command_line, "init": "/sbin/init"}
-        argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT, json.dumps(config)]
+        argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT,
+                self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line]
         console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         cgroup = self.cgroup
         try:

@@ -1,0 +1,184 @@
+"""Boot time: sandbox spawn → Ready, and QEMU (TCG) start → Ready, each with its shares and a reference.
+
+- sandbox: the median of several boots, against spawning a bare `python3 -S -I -c pass` in the same fresh
+  namespaces (the floor of "unshare + a Python"); goal ≤ 150 ms. Its shares: namespaces, pre-init and the
+  init's Python start (measured from the spawn: in the sandbox the guest's monotonic clock is the host's),
+  then the init's steps. Also the image's Python started cold from a fresh squashfs mount against the
+  same start warm: the sandbox pays the cold one on every boot.
+- qemu: start (spawn of QEMU) → Ready under TCG, goal ≤ 5 s, with the kernel's share (the guest's
+  CLOCK_MONOTONIC at Ready minus the init's steps: kernel, initramfs and the init's Python start) as the
+  reference; and `-cpu max` A/B against QEMU's default CPU model in the same run.
+
+Needs root and the built image (`boxpark image build`). Skips what this host cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench._report import figure
+
+SANDBOX_RUNS = 5
+QEMU_RUNS = 3
+
+
+def say(text: str) -> None:
+    print(f"   {text}", file=sys.stderr, flush=True)
+
+
+def image() -> Path:
+    from boxpark.image.build import build_image, default_image_dir
+
+    return Path(build_image(default_image_dir("amd64" if os.uname().machine == "x86_64" else "arm64", True)))
+
+
+async def sandbox_boot(image_dir: Path) -> tuple[float, dict[str, float]]:
+    """One boot: (spawn → Ready seconds, the shares by label, with "spawn → the init's first line")."""
+    from boxpark.host.backends import get_backend
+    from boxpark.host.boot import boot_shares
+    from boxpark.host.spec import spec_from_image
+
+    state = tempfile.mkdtemp(prefix="bp-bench-", dir="/tmp")
+    try:
+        spec = spec_from_image(image_dir, state, kernel=None, initrd=None)
+        backend = get_backend("sandbox")
+        async with backend:
+            await backend.start(spec)
+            ready = await backend.wait_ready(180)
+            total, shares = boot_shares(backend, ready)
+            first = _stamp(spec.init_log, r"boxpark-init: \[\s*([\d.]+)\] started")
+            exec_init = _stamp(spec.console_log, r"boxpark-preinit: \[\s*([\d.]+)\]")
+            assert backend.spawned_at is not None
+        result = {share.label: share.seconds for share in shares}
+        # the logs' stamps are CLOCK_MONOTONIC: in the sandbox, the host's
+        if exec_init is not None:
+            result["spawn -> exec of the init (unshare, pre-init)"] = exec_init - backend.spawned_at
+        if first is not None:
+            result["spawn -> the init's first log line"] = first - backend.spawned_at
+        return total, result
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _stamp(path: str, pattern: str) -> float | None:
+    import re
+
+    match = re.search(pattern, Path(path).read_text(errors="replace"))
+    return float(match[1]) if match else None
+
+
+async def qemu_boot(image_dir: Path, cpu: str | None) -> tuple[float, dict[str, float]]:
+    from boxpark.host.backends.qemu import QemuBackend
+    from boxpark.host.boot import boot_shares
+    from boxpark.host.spec import spec_from_image
+
+    state = tempfile.mkdtemp(prefix="bp-bench-", dir="/tmp")
+    try:
+        spec = spec_from_image(image_dir, state, memory=1024)
+        backend = QemuBackend(cpu=cpu)
+        async with backend:
+            await backend.start(spec)
+            ready = await backend.wait_ready(180)
+            total, shares = boot_shares(backend, ready)
+        return total, {share.label: share.seconds for share in shares}
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def bare_python_in_namespaces() -> float:
+    """Seconds to spawn `python3 -S -I -c pass` under the sandbox's unshare (the reference)."""
+    from boxpark.host.backends.sandbox import _unshare
+
+    argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", "-c", "pass"]
+    began = time.monotonic()
+    subprocess.run(argv, check=True)
+    return time.monotonic() - began
+
+
+def image_python_cold_and_warm(image_dir: Path) -> tuple[float, float]:
+    """The image's `python3 -SI -c pass`: first start on a fresh squashfs mount, and a second (warm) one."""
+    from boxpark.host.backends.sandbox import loop_device
+
+    script = ('set -e; root=$2; mount -t squashfs -o ro "$1" "$root"; '
+              't() { s=$(date +%s%N); chroot "$root" /usr/bin/python3 -SI -c pass; e=$(date +%s%N); '
+              'echo $(( e - s )); }; t; t')
+    with tempfile.TemporaryDirectory(prefix="bp-bench-") as mnt, loop_device(str(image_dir / "root.squashfs")) as dev:
+        out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", dev, mnt],
+                             check=True, capture_output=True, text=True).stdout.split()
+    return int(out[0]) / 1e9, int(out[1]) / 1e9
+
+
+def sandbox(image_dir: Path) -> None:
+    runs = [asyncio.run(sandbox_boot(image_dir)) for _ in range(SANDBOX_RUNS)]
+    references = [bare_python_in_namespaces() for _ in range(SANDBOX_RUNS)]
+    totals = [total for total, _ in runs]
+    median = statistics.median(totals)
+    say(f"sandbox spawn -> Ready: {', '.join(f'{t * 1000:.0f}' for t in totals)} ms")
+    figure("boot_sandbox_spawn_to_ready", median * 1000, "ms", statistics.median(references) * 1000, "<= 150 ms")
+    for label in runs[0][1]:
+        share = statistics.median(shares[label] for _, shares in runs)
+        say(f"  {label}: {share * 1000:.0f} ms ({share / median:.0%})")
+    first = runs[0][1]
+    before = statistics.median(shares[next(iter(first))] for _, shares in runs)
+    figure("boot_sandbox_before_init_steps", before * 1000, "ms", median * 1000, "share (informational)")
+    for key, name, goal in (
+            ("spawn -> exec of the init (unshare, pre-init)", "boot_sandbox_spawn_to_exec_init",
+             "share: the host's part (unshare, pre-init)"),
+            ("spawn -> the init's first log line", "boot_sandbox_spawn_to_init_first_line",
+             "share: + the image's Python and the init's first imports")):
+        if all(key in shares for _, shares in runs):
+            part = statistics.median(shares[key] for _, shares in runs)
+            figure(name, part * 1000, "ms", median * 1000, goal)
+    cold, warm = image_python_cold_and_warm(image_dir)
+    figure("boot_sandbox_image_python_cold_start", cold * 1000, "ms", warm * 1000, "informational: paid every boot")
+
+
+def qemu(image_dir: Path) -> None:
+    from boxpark.host.backends.qemu import kvm_usable
+
+    if shutil.which("qemu-system-x86_64") is None:
+        say("no qemu-system-x86_64: skipped")
+        return
+    use_kvm, why = kvm_usable("amd64")
+    accel = "kvm" if use_kvm else "tcg"
+    say(f"qemu: {accel} ({why})")
+    default: list[tuple[float, dict[str, float]]] = []
+    maximum: list[tuple[float, dict[str, float]]] = []
+    for _ in range(QEMU_RUNS):  # interleaved, so a busy moment of the host hurts both alike
+        default.append(asyncio.run(qemu_boot(image_dir, None)))
+        maximum.append(asyncio.run(qemu_boot(image_dir, "max" if accel == "tcg" else "host")))
+    total = statistics.median(t for t, _ in default)
+    say(f"qemu start -> Ready: {', '.join(f'{t:.2f}' for t, _ in default)} s (default cpu), "
+        f"{', '.join(f'{t:.2f}' for t, _ in maximum)} s (-cpu max)")
+    labels = list(default[0][1])
+    shares = {label: statistics.median(s[label] for _, s in default) for label in labels}
+    for label, seconds in shares.items():
+        say(f"  {label}: {seconds:.2f} s ({seconds / total:.0%})")
+    kernel = shares["kernel, initramfs, the init's start"]
+    init = shares["init steps"]
+    figure(f"boot_qemu_{accel}_start_to_ready", total, "s", kernel, "<= 5 s")
+    figure(f"boot_qemu_{accel}_kernel_share", kernel, "s", total, "share (informational)")
+    figure(f"boot_qemu_{accel}_init_steps_share", init, "s", total, "share (informational)")
+    figure(f"boot_qemu_{accel}_cpu_max", statistics.median(t for t, _ in maximum), "s", total,
+           "ratio < 1 would make max the default")
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        say("needs root (loop devices, namespaces): skipped")
+        return
+    image_dir = image()
+    sandbox(image_dir)
+    qemu(image_dir)
+
+
+if __name__ == "__main__":
+    main()
