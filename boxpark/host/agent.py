@@ -97,7 +97,8 @@ class Agent:
             elif op in ("follow", "down"):
                 if op == "down":
                     self._stop.set()
-                await self._stream_progress(writer, until=("stopped",) if op == "down" else FINAL)
+                await self._stream_progress(writer, until=("stopped",) if op == "down" else FINAL,
+                                            replay=op == "follow")
             else:
                 writer.write(json.dumps({"error": f"unknown op {op!r}"}).encode() + b"\n")
             await writer.drain()
@@ -106,9 +107,9 @@ class Agent:
         finally:
             writer.close()
 
-    async def _stream_progress(self, writer: asyncio.StreamWriter, until: tuple[str, ...]) -> None:
+    async def _stream_progress(self, writer: asyncio.StreamWriter, until: tuple[str, ...], replay: bool) -> None:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        for event in self.events:
+        for event in self.events if replay else ():
             queue.put_nowait(event)
         self._followers.add(queue)
         try:
@@ -233,7 +234,10 @@ class Agent:
                                                    "monotonic_ms": ready.monotonic_ns / 1e6,
                                                    "steps": [[s.name, s.duration_ns / 1e6, s.error]
                                                              for s in ready.timeline]})
-        self.progress(f"guest ready in {ready.monotonic_ns / 1e9:.2f} s (kernel {ready.kernel})")
+        spawned = getattr(self.backend, "spawned_at", None)
+        took = f" in {time.monotonic() - spawned:.2f} s" if spawned else ""
+        self.progress(f"guest ready{took} (kernel {ready.kernel}, init steps "
+                      f"{sum(s.duration_ns for s in ready.timeline) / 1e6:.0f} ms)")
 
         api = GuestProxy(str(machine.api_socket), self.open_api, refusal=lambda reason: b"")
         await api.start()

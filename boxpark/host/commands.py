@@ -166,13 +166,24 @@ def down(args: argparse.Namespace) -> int:
     except (CommandFailed, ConnectionError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while machine.agent_pid() is not None:
+    while _alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             machine.clean()
             raise CommandFailed("the agent did not stop in 60 s: killed it")
         time.sleep(0.05)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has finished all it had to do
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ------------------------------------------------------------------------------------- status
