@@ -288,8 +288,9 @@ def _elf_for(machine: int) -> bytes:
 
 @pytest.mark.parametrize("init, says", [
     (None, "the image has no /sbin/init"),
-    (_elf_for(183 if os.uname().machine == "x86_64" else 62), "Exec format error"),
-])
+    # the kernel refuses it, or a qemu-user binfmt_misc handler (if this host registered one) does
+    (_elf_for(183 if os.uname().machine == "x86_64" else 62), "Exec format error|Invalid ELF image"),
+], ids=["no-init", "init-for-another-arch"])
 def test_a_broken_image_fails_fast_with_the_reason(machines: Machines, tmp_path: Path, init: bytes | None,  # noqa: F811
                                                    says: str) -> None:
     spec = MachineSpec(root=_squashfs(tmp_path, init), state_dir=machines.state_dir(), name="broken")
@@ -299,8 +300,9 @@ def test_a_broken_image_fails_fast_with_the_reason(machines: Machines, tmp_path:
     with pytest.raises(BackendError) as info:
         guest.run(guest.backend.wait_ready(30))
     assert time.monotonic() - began < 10
-    assert "before the guest was ready" in str(info.value) and says in str(info.value)
-    assert f"boxpark-preinit: FATAL: " in Path(spec.console_log).read_text()
+    assert "before the guest was ready" in str(info.value) and re.search(says, str(info.value)), info.value
+    if init is None:
+        assert "boxpark-preinit: FATAL: " in Path(spec.console_log).read_text()
     loop, cgroup = guest.backend.loop_device, guest.backend.cgroup.path  # type: ignore[attr-defined]
     guest.stop()
     assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
