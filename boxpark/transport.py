@@ -435,7 +435,7 @@ async def client_handshake(channel: Channel, address: Address, secret: bytes | N
         raise TransportError(f"{address} needs the machine's secret (a secret file) to connect",
                              ErrorCode.UNAUTHENTICATED)
     channel.send(hello or Hello())
-    if then is not None and not address.needs_secret:
+    if then is not None and not secret:  # with a secret a Challenge may come first (also through a forward)
         channel.send(then)
         then = None
     try:
