@@ -7,10 +7,14 @@ cgroup and the loop device. Nothing here may touch what is global to the host (c
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -328,3 +332,47 @@ def test_concurrent_sandboxes_do_not_share_anything(machines: Machines) -> None:
     assert b.api(lambda c: c.exec(["test", "-e", "/only-in-a"])).code == 1
     assert a.stop() == 0
     assert b.api(lambda c: c.info()).pid == 1  # stopping one leaves the other alone
+
+
+# --------------------------------------------------------------------------------- the command
+
+
+def test_boxpark_boot_serves_until_sigterm_then_leaves_nothing(tmp_path: Path) -> None:
+    root = str(image_dir() / "root.squashfs")  # built first: the command would only say "run: boxpark image build"
+    state = tempfile.mkdtemp(prefix="bp-", dir="/tmp")
+    repo = Path(__file__).resolve().parents[2]
+    command = subprocess.Popen([sys.executable, "-m", "boxpark", "boot", "--backend", "sandbox", "--state", state],
+                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        assert command.stdout is not None
+        while not lines or not lines[-1].startswith("try: "):
+            assert time.monotonic() < deadline and command.poll() is None, (lines, command.stderr.read())  # type: ignore[union-attr]
+            lines.append(command.stdout.readline().rstrip("\n"))
+        text = "\n".join(lines)
+        assert re.search(r"^the guest is ready: \d+ ms from start \(sandbox\)", text, re.MULTILINE), text
+        assert re.search(r"^    step mounts +[\d.]+ ms", text, re.MULTILINE), text
+        address = re.search(r"^API: (unix:\S+)", text, re.MULTILINE)[1]  # type: ignore[index]
+        assert address == f"unix:{state}/api.sock"
+        record = json.loads(Path(state, "machine.json").read_text())
+        call = subprocess.run([sys.executable, "-m", "boxpark", "guest", "call", address, "info"], cwd=repo,
+                              capture_output=True, text=True, timeout=30)
+        assert json.loads(call.stdout)["pid"] == 1, call.stderr
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(30) == 0
+        assert "stopped (status 0)" in command.stderr.read()  # type: ignore[union-attr]
+        loop, cgroup = record["loop_device"], record["cgroup"]
+        number = loop.removeprefix("/dev/loop")
+        backing = Path(f"/sys/block/loop{number}/loop/backing_file")
+        assert not backing.exists() or backing.read_text().strip() != root
+        assert not os.path.exists(cgroup)
+        for pid in record["pids"]:
+            assert not os.path.exists(f"/proc/{pid}") or _zombie_or_other(pid)
+        assert not Path(state, "machine.json").exists()
+        assert state not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+        shutil.rmtree(state, ignore_errors=True)

@@ -375,10 +375,15 @@ class Backend(abc.ABC):
         record: dict[str, Any] = {
             "backend": self.name, "name": self.spec.name, "api": self.api_address,
             "secret_file": self.secret_file, "events": str(self.events.address) if self.events else None,
-            "pids": self.pids(), "started": time.time(),
+            "pids": self.pids(), "started": time.time(), **self._record_extra(),
         }
         path = Path(self.spec.state_dir) / "machine.json"
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        self._stack.callback(path.unlink, missing_ok=True)  # it describes a running machine only
+
+    def _record_extra(self) -> dict[str, Any]:
+        """Backend-specific facts for machine.json."""
+        return {}
 
 
 __all__ = ["Backend", "BackendError", "BACKENDS", "Child", "EventStreamError", "UnsupportedSpec", "get_backend",

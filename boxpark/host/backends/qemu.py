@@ -458,6 +458,10 @@ class QemuBackend(Backend):
             self.qmp.close()
         self.child.close()
 
+    def _record_extra(self) -> dict[str, object]:
+        return {"accel": self.plan.accel if self.plan else None, "accel_reason": self.accel_reason,
+                "qmp": self.spec.state_file("qmp.sock") if self.spec else None}
+
     # ----------------------------------------------------------------------- extras
 
     async def resize_disk(self, name: str, size: int) -> None:

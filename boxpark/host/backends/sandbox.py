@@ -172,6 +172,10 @@ class SandboxBackend(Backend):
             return None
         return int(children[0]) if children else None
 
+    def _record_extra(self) -> dict[str, object]:
+        return {"loop_device": self.loop_device, "cgroup": self.cgroup.path if self.cgroup else None,
+                "init_pid": self.init_pid()}
+
     def pids(self) -> list[int]:
         if self.cgroup is None:
             return super().pids()
