@@ -46,7 +46,7 @@ push_interval = 60      # seconds between pushes of the host's time to the guest
 # [[mounts]]            # host directories (virtiofs) or guest disks, mounted parent first
 # source = "/srv/data"
 # target = "/srv/data"
-# type = "virtiofs"     # virtiofs for a host directory, else a filesystem type for a guest device
+# type = "virtiofs"     # virtiofs for a host directory, tmpfs, or a filesystem type for a guest device
 # options = []
 # read_only = false
 # optional = false      # true: a failure is logged and `up` goes on
@@ -143,6 +143,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         return self.arch or host_arch()
 
 
+MEMORY_FILESYSTEMS = ("tmpfs",)  # mounts that need no device: the source is only a name
+
 CHOICES = {"backend": ("qemu", "vz", "sandbox"), "arch": ("amd64", "arm64")}
 
 
@@ -193,7 +195,7 @@ def validate(config: Config, path: str = "") -> Config:
             source = expand(mount.source)
             if not os.path.isdir(source) and not mount.optional:
                 fail(f"{key}.source", f"{mount.source} is not a directory on this host")
-        elif not mount.source.startswith("/dev/"):
+        elif mount.type not in MEMORY_FILESYSTEMS and not mount.source.startswith("/dev/"):
             fail(f"{key}.source", f"a {mount.type} mount needs a guest device like /dev/vdc, not {mount.source!r}")
     for key, value in (("image", config.image), ("kernel", config.kernel), ("initrd", config.initrd),
                        ("docker.daemon_json", config.docker.daemon_json)):

@@ -1,0 +1,121 @@
+"""The end-to-end checks of `boxpark up`, shared by the sandbox and vm tiers (each takes an UpMachine)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.upmachine import UpMachine, busybox_tarball
+
+IMAGE = "boxpark-test/busybox:1"
+
+
+def docker_cli_everyday(m: UpMachine, tmp: Path) -> None:
+    version = m.docker("version", "--format", "{{.Server.Version}}")
+    assert version.returncode == 0 and version.stdout.strip(), version.stderr
+    info = m.docker("info", "--format", "{{.OperatingSystem}} {{.Driver}}")
+    assert info.returncode == 0 and info.stdout.strip(), info.stderr
+    imported = m.docker("import", str(busybox_tarball(tmp)), IMAGE)
+    assert imported.returncode == 0, imported.stderr
+    hi = m.docker("run", "--rm", IMAGE, "echo", "hi")
+    assert (hi.returncode, hi.stdout) == (0, "hi\n"), hi.stderr
+    piped = m.docker("run", "--rm", "-i", IMAGE, "wc", "-l", input="a\nb\nc\n")
+    assert piped.returncode == 0 and piped.stdout.strip() == "3", piped.stderr
+    started = m.docker("run", "-d", "--name", "ticker", IMAGE, "sh", "-c",
+                       "for i in 1 2 3 4 5; do echo tick $i; sleep 0.3; done")
+    assert started.returncode == 0, started.stderr
+    follow = m.docker("logs", "-f", "ticker", timeout=120)  # returns when the container ends
+    assert follow.stdout.split("\n")[:5] == [f"tick {i}" for i in range(1, 6)], follow.stdout
+    assert m.docker("rm", "ticker").returncode == 0
+    code = m.docker("run", "--rm", IMAGE, "sh", "-c", "exit 42")
+    assert code.returncode == 42
+
+
+def docker_python_package(m: UpMachine) -> None:
+    import docker
+
+    client = docker.DockerClient(base_url=m.docker_host, timeout=180)
+    try:
+        assert client.version()["Version"]
+        assert client.containers.run(IMAGE, ["echo", "from python"], remove=True) == b"from python\n"
+    finally:
+        client.close()
+
+
+def exec_and_status(m: UpMachine) -> None:
+    result = m.cli("exec", "--", "sh", "-c", "echo $((6*7)); exit 3")
+    assert (result.returncode, result.stdout) == (3, "42\n"), result.stderr
+    piped = m.cli("exec", "-i", "--", "cat", input="through stdin\n")
+    assert piped.stdout == "through stdin\n"
+    status = m.status()
+    assert status["state"] == "ready" and status["docker"]["state"] == "ready"
+    assert [s["step"] for s in status["boot"]["timeline"]][:2] == ["rootfs", "mounts"]
+    text = m.cli("status").stdout
+    assert "ready" in text and "DOCKER_HOST=" in text
+
+
+def mounts_parent_first(m: UpMachine) -> None:
+    """The config lists /srv/a/b/c, /srv/a, /srv/a/b; the guest must have mounted them parent-first."""
+    info = m.cli("exec", "--", "cat", "/proc/self/mountinfo")
+    assert info.returncode == 0, info.stderr
+    points = [line.split()[4] for line in info.stdout.splitlines()]
+    order = [p for p in points if p in ("/srv/a", "/srv/a/b", "/srv/a/b/c")]
+    assert order == ["/srv/a", "/srv/a/b", "/srv/a/b/c"], points
+
+
+def dockerd_killed_and_restarted(m: UpMachine) -> None:
+    secret = m.dir / "backend" / "secret"
+    extra = ["--secret-file", str(secret)] if secret.exists() else []
+    killed = _guest_call(m, "signal", '{"name": "dockerd", "signal": 9}', extra)
+    assert killed.returncode == 0, killed.stderr
+    deadline = time.monotonic() + 20
+    refused = None
+    while time.monotonic() < deadline:
+        attempt = m.docker("version", timeout=30)
+        if attempt.returncode != 0:
+            refused = attempt
+            break
+        time.sleep(0.05)
+    assert refused is not None and "dockerd in the Boxpark guest is" in refused.stderr + refused.stdout, refused
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if m.docker("version", "--format", "{{.Server.Version}}", timeout=30).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("docker did not come back after dockerd was killed:\n" + m.logs())
+    assert "exited with signal 9" in (m.dir / "docker.log").read_text()
+    assert "exited with signal 9" in (m.dir / "agent.log").read_text()
+    assert m.status()["docker"]["restarts"] >= 1
+
+
+def _guest_call(m: UpMachine, method: str, params: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
+    from tests.upmachine import boxpark
+
+    return boxpark(m.home, "guest", "call", f"unix:{m.dir}/api.sock", method, "--json", params, *extra)
+
+
+def down_leaves_nothing(m: UpMachine) -> None:
+    result = m.down()
+    assert result.returncode == 0, result.stderr
+    left = m.leftovers()
+    assert not left, left
+    assert m.status()["state"] == "stopped"
+
+
+def killed_agent_is_recognised(m: UpMachine) -> None:
+    """An agent killed with SIGKILL leaves state; the next `up` cleans it and comes up."""
+    pid = m.agent_pid()
+    assert pid is not None
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again = m.up()
+    assert again.returncode == 0, again.stderr + m.logs()
+    assert "cleaned up after a dead agent" in again.stderr
+    assert m.docker("version", "--format", "{{.Server.Version}}").returncode == 0
