@@ -175,6 +175,9 @@ def qemu_args(spec: MachineSpec, plan: Plan) -> list[str]:
     if plan.qmp_fd >= 0:
         args += ["-chardev", f"socket,id=qmp,fd={plan.qmp_fd},server=on,wait=off",
                  "-mon", "chardev=qmp,mode=control"]
+    # A second QMP monitor for people and tests (the backend keeps the first): state/qmp-user.sock.
+    args += ["-chardev", f"socket,id=qmpuser,path={_opt(str(state / 'qmp-user.sock'))},server=on,wait=off",
+             "-mon", "chardev=qmpuser,mode=control"]
     return args + plan.extra
 
 
