@@ -323,6 +323,17 @@ class Channel:
         """Let `handler(message)` answer a message as it arrives (return True) instead of queueing it."""
         self._protocol.fast_path = handler
 
+    def set_send_buffer(self, size: int) -> None:
+        """Let up to `size` bytes of sent frames wait in the kernel (SO_SNDBUF, within net.core.wmem_max) and
+        as many in the write buffer before `drain()` waits: for a stream that must ride out a reader's pauses."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:  # not every socket family takes it (vsock has its own buffer size)
+                pass
+        self._transport.set_write_buffer_limits(high=size)
+
     def send(self, message: Message) -> None:
         """Queue one message; call `drain()` now and then when sending many."""
         if not self._transport.is_closing():
