@@ -30,6 +30,10 @@ BATCH_RECORDS = 1000
 BATCH_BYTES = 64 * 1024
 """A `LogBatch` holds at most this many records and (past its first record) this many bytes of data."""
 
+STREAM_BUFFER = 4 * 1024 * 1024
+"""Encoded batches a stream lets wait in the socket, and as many in its write buffer, for a host that pauses
+(a descheduled client, a busy host): without it a flooding service outruns the ring in a few tens of ms."""
+
 LINGER = 0.02
 """How long a stream waits for a batch to fill before sending what it has (seconds)."""
 
@@ -203,6 +207,7 @@ async def follow(channel: Channel, ring: LogRing, service: str, since: int = 0, 
     A batch that is not full waits up to `linger` for more records (never once the process has ended).
     """
     loop = asyncio.get_running_loop()
+    channel.set_send_buffer(STREAM_BUFFER)
     peer = asyncio.ensure_future(channel.recv())
     waiting: list[asyncio.Future[None]] = []  # the wait in progress, woken when the peer goes
     peer.add_done_callback(lambda _: [_set(future) for future in waiting])
