@@ -1,0 +1,81 @@
+"""Unary exec latency: `exec(["true"])` through the Guest API against a local `subprocess.run(["true"])`.
+
+The guest server runs in its own process (`boxpark guest serve` on a unix socket) and the caller is the
+host's asyncio `GuestClient`, as the agent uses it. The two are measured alternately in one run, so both see
+the same machine; the figure is the median of each. Goal: ratio <= 1.5.
+Run: `python -m bench exec_true` (or `python bench/exec_true.py [--calls N]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._report import figure  # noqa: E402
+
+
+def wait_for(path: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while not os.path.exists(path):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the guest server did not start listening on {path}")
+        time.sleep(0.01)
+
+
+async def measure(address: str, calls: int) -> tuple[list[float], list[float]]:
+    from boxpark.host.client import GuestClient
+
+    via: list[float] = []
+    local: list[float] = []
+    async with await GuestClient.open(address) as client:
+        for _ in range(20):  # warm both paths up
+            await client.exec(["true"])
+            subprocess.run(["true"])
+        for _ in range(calls):
+            start = time.perf_counter()
+            result = await client.exec(["true"])
+            via.append(time.perf_counter() - start)
+            if result.code != 0:
+                raise RuntimeError(f"true exited with {result.code} through the API")
+            start = time.perf_counter()
+            subprocess.run(["true"])
+            local.append(time.perf_counter() - start)
+    return via, local
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=500)
+    args = parser.parse_args(argv or [])
+    with tempfile.TemporaryDirectory() as directory:
+        path = f"{directory}/api.sock"
+        server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(path, server)
+            via, local = asyncio.run(measure(f"unix:{path}", args.calls))
+        finally:
+            server.terminate()
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    api = statistics.median(via) * 1e6
+    reference = statistics.median(local) * 1e6
+    print(f"   {args.calls} calls each; p90 through the API {statistics.quantiles(via, n=10)[-1] * 1e6:.0f} us, "
+          f"local {statistics.quantiles(local, n=10)[-1] * 1e6:.0f} us", file=sys.stderr)
+    figure("exec_true_p50", api, "us", reference, "ratio <= 1.5 (vs local subprocess.run)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
