@@ -267,7 +267,8 @@ class OutputReader:
     """Reads one non-blocking fd on the loop as data arrives, handing each chunk to `on_data`.
 
     At EOF (or EIO, which a pty master reports once every slave is closed) it stops, closes the fd and
-    calls `on_eof`. `close()` stops it early. It never pauses: the producer is never blocked by us.
+    calls `on_eof`. `close()` stops it early, `discard_rest()` stops delivering. It never pauses: the
+    producer is never blocked by us.
     """
 
     __slots__ = ("fd", "_loop", "_on_data", "_on_eof", "_size")
@@ -298,9 +299,11 @@ class OutputReader:
             self.close()
             self._on_eof()
 
-    def drain(self) -> None:
-        """Read whatever is buffered now (without waiting), e.g. just before giving up on the fd."""
-        while self.fd >= 0:
+    def drain(self, limit: int = 16) -> None:
+        """Read what is buffered now (at most `limit` reads, without waiting), e.g. before giving up on it."""
+        for _ in range(limit):
+            if self.fd < 0:
+                return
             try:
                 data = os.read(self.fd, self._size)
             except BlockingIOError:
@@ -313,10 +316,24 @@ class OutputReader:
                 return
             self._on_data(data)
 
+    def discard_rest(self) -> None:
+        """Deliver nothing more, but go on reading (and dropping) to EOF, then close: a writer left behind
+        (a daemon that kept the pipe) never gets EPIPE from us."""
+        self._on_data = _ignore
+        self._on_eof = _nothing
+
     def close(self) -> None:
         if self.fd >= 0:
             self._loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
 
 

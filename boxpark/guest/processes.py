@@ -6,8 +6,8 @@ namespace shared by launched services (kept, with their logs, after they exit, u
 interactive processes (addressable only while they run).
 
 Output is collected until every writer has closed the pipe, but at most `EXIT_GRACE` seconds after the
-main process exits: a daemon left behind holding the pipe does not hold up the call (its later output is
-not collected, and it gets EPIPE).
+main process exits: a daemon left behind holding the pipe does not hold up the call. What it writes later
+is read and dropped (never EPIPE: we do not kill what we did not collect).
 
 Replace semantics: `Launch` of a name whose process still runs is ALREADY_EXISTS; one whose process has
 exited is ALREADY_EXISTS too unless `replace=True`, which discards the old process's log ring (so a host
@@ -133,7 +133,7 @@ class Processes:
             if writer is not None:
                 writer.close()
             for reader in readers:
-                reader.close()
+                reader.discard_rest()
             if child.running:  # the call was cancelled (server closing): leave nothing behind
                 child.send_signal(signals.SIGKILL, group=True)
         stdout, stderr = capture.result()
@@ -343,7 +343,7 @@ class _ServiceOutput:
         for reader, eof in self.streams:
             reader.drain()  # calls eof itself if it meets the end
             if reader.open:
-                reader.close()
+                reader.discard_rest()
                 eof()
 
     def _finish(self) -> None:
@@ -428,7 +428,7 @@ class _Session:
             await channel.drain()
 
     def _send_buffered(self, fd: int, number: int) -> None:
-        while True:
+        for _ in range(16):  # bounded: a writer left behind may never stop
             try:
                 data = os.read(fd, 65536)
             except OSError:
@@ -491,15 +491,28 @@ class _Session:
         self.stdin.close()
 
     def close(self) -> None:
-        """Close our ends (unregistering them first, whether or not a pump is still waiting on one)."""
+        """Close the pty master (a hang-up); pipes someone still holds are read to their end and dropped.
+
+        Either way the fds leave `_fds` first, so that a pump still waiting on one does not touch it."""
         loop = asyncio.get_running_loop()
         self.stdin.close()
         fds, self._fds = self._fds, []
         for fd in fds:
-            loop.remove_reader(fd)
-            os.close(fd)
+            if fd == self.master:
+                loop.remove_reader(fd)
+                os.close(fd)
+            else:
+                logs.OutputReader(fd, _ignore, _nothing).discard_rest()
         if self.child.running:  # the connection went away (or the server is closing)
             self.child.send_signal(signals.SIGHUP, group=True)
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
 
 
 def _set_none(future: asyncio.Future[None]) -> None:

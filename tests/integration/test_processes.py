@@ -146,14 +146,20 @@ def test_exec_output_past_the_frame_limit_is_cut_and_flagged(guest: RunningServe
     assert len(result.stdout) == processes.OUTPUT_CAP and not result.stdout.strip(b"\0")
 
 
-def test_exec_does_not_wait_forever_for_a_daemon_holding_its_pipe(guest: RunningServer) -> None:
+def test_exec_does_not_wait_forever_for_a_daemon_holding_its_pipe(guest: RunningServer, tmp_path: Path) -> None:
+    marker = tmp_path / "still-alive"
+    script = f"setsid sh -c 'sleep 3; echo late; echo late >&2; touch {marker}' & echo $!"
     start = time.monotonic()
-    result = talk(guest, lambda client: client.exec(["sh", "-c", "setsid sleep 60 & echo $!"]))
+    result = talk(guest, lambda client: client.exec(["sh", "-c", script]))
     try:
         assert result.code == 0
-        assert time.monotonic() - start < processes.EXIT_GRACE + 3
+        assert time.monotonic() - start < processes.EXIT_GRACE + 1.5
+        deadline = time.monotonic() + 8
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), "the daemon died writing to the pipe the call no longer reads"
     finally:
-        kill_stray(int(result.stdout), "sleep")
+        kill_stray(int(result.stdout), "late")
 
 
 def test_exec_of_many_processes_at_once_all_report_their_own_status(guest: RunningServer) -> None:
