@@ -210,7 +210,7 @@ async def follow(channel: Channel, ring: LogRing, service: str, since: int = 0, 
     channel.set_send_buffer(STREAM_BUFFER)
     peer = asyncio.ensure_future(channel.recv())
     waiting: list[asyncio.Future[None]] = []  # the wait in progress, woken when the peer goes
-    peer.add_done_callback(lambda _: [_set(future) for future in waiting])
+    peer.add_done_callback(lambda done: _peer_went(done, waiting))
     end = ring.last_seq  # without follow: the last record to send
     cursor = since
     lingered = False
@@ -256,6 +256,13 @@ async def _linger(loop: asyncio.AbstractEventLoop, ring: LogRing, full: int, dea
             await waiter
         finally:
             timer.cancel()
+
+
+def _peer_went(peer: asyncio.Future[object], waiting: list[asyncio.Future[None]]) -> None:
+    if not peer.cancelled():
+        peer.exception()  # a bad frame from the host ends the stream like a close does; nothing to log
+    for future in waiting:
+        _set(future)
 
 
 def _set(future: asyncio.Future[None]) -> None:
