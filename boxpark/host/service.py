@@ -65,6 +65,40 @@ def daemon_config(user_file: str, data_root: str, extra: dict[str, Any] | None =
     return config
 
 
+async def follow_logs(client: GuestClient, name: str, stream: Any, write: Callable[[protocol.LogBatch], None], *,
+                      since: Callable[[], int], stopped: Callable[[], bool] = lambda: False,
+                      patience: float = 30.0) -> protocol.Exit:
+    """Hand every log batch of `name` to `write` until its Exit.
+
+    When the stream drops, re-attach after the last sequence number written (`since()`), so the log has no
+    gap and no duplicate; keep trying for `patience` seconds while the guest does not answer.
+    """
+    while True:
+        try:
+            async for frame in stream:
+                if isinstance(frame, protocol.LogBatch):
+                    write(frame)
+                elif isinstance(frame, protocol.Exit):
+                    return frame
+        except (ConnectionError, protocol.ProtocolError) as exc:
+            log.info("%s's log stream dropped (%s); re-attaching", name, exc)
+        stream.close()
+        if stopped():
+            return protocol.Exit(code=None, signal=signal.SIGTERM)
+        deadline = time.monotonic() + patience
+        delay = 0.05
+        while True:
+            try:
+                stream = await client.attach(name, since=since())
+                break
+            except (TransportError, ConnectionError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("re-attaching to %s's logs: %s", name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
 class RotatingLog:
     """A log file that rolls over at `limit` bytes, keeping `keep` old ones (docker.log.1, …)."""
 
@@ -206,23 +240,13 @@ class DockerService:
         self._set("stopped" if self._stopping else "exited", f"exited with {how}")
 
     async def _follow(self, client: GuestClient, stream: Any) -> protocol.Exit:
-        """Write log batches until the Exit; re-attach from the last sequence number if the stream drops."""
-        while True:
-            try:
-                async for frame in stream:
-                    if isinstance(frame, protocol.LogBatch):
-                        self.log.write_records(frame.records, frame.dropped)
-                        if frame.records:
-                            self._last_seq = frame.records[-1].seq
-                    elif isinstance(frame, protocol.Exit):
-                        return frame
-            except (ConnectionError, protocol.ProtocolError) as exc:
-                log.info("dockerd's log stream dropped (%s); re-attaching", exc)
-            stream.close()
-            if self._stopping and self.status.state == "stopped":
-                return protocol.Exit(code=None, signal=signal.SIGTERM)
-            await asyncio.sleep(0.1)
-            stream = await client.attach(self.name, since=self._last_seq)
+        def write(batch: protocol.LogBatch) -> None:
+            self.log.write_records(batch.records, batch.dropped)
+            if batch.records:
+                self._last_seq = batch.records[-1].seq
+
+        return await follow_logs(client, self.name, stream, write, since=lambda: self._last_seq,
+                                 stopped=lambda: self._stopping and self.status.state == "stopped")
 
     async def _watch_notify(self, notify: Any) -> None:
         async for message in notify:

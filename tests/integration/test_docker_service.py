@@ -114,3 +114,49 @@ def test_dockerd_supervised_through_the_api_and_proxied(short_tmp: Path) -> None
         os.kill(results["stopped_pid"], 0)
     log = (d / "docker.log").read_text()
     assert "dockerd started" in log and "exited with signal 9" in log and "API listen on" in log
+
+
+def test_a_cut_log_stream_resumes_with_no_gap_and_no_duplicate(tmp_path) -> None:
+    """The agent's log follower: the guest drops the stream twice mid-flood; the file still has 1..N once."""
+    from boxpark import protocol
+    from boxpark.host.service import follow_logs
+
+    with running_server(tmp_path) as srv:
+        async def cut_streams() -> int:
+            cut = 0
+            for task in list(srv.server._connections):
+                task.cancel()
+                cut += 1
+            return cut
+
+        async def scenario() -> tuple[list[bytes], int]:
+            lines: list[bytes] = []
+            last = 0
+
+            def write(batch: protocol.LogBatch) -> None:
+                nonlocal last
+                assert not batch.dropped
+                for record in batch.records:
+                    assert record.seq == last + 1, (record.seq, last)  # no gap, no duplicate
+                    last = record.seq
+                    lines.append(record.data)
+
+            async with await GuestClient.open(srv.address) as client:
+                stream = await client.launch_connect("counter", ["sh", "-c",
+                                                                 "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); "
+                                                                 "echo $i; [ $((i % 1000)) -eq 0 ] && sleep 0.1; "
+                                                                 "done; true"])
+                follower = asyncio.ensure_future(follow_logs(client, "counter", stream, write, since=lambda: last))
+                cuts = 0
+                for _ in range(2):
+                    while len(lines) < 5000 * (cuts + 1) and not follower.done():
+                        await asyncio.sleep(0.01)
+                    assert not follower.done() and len(lines) < 30000  # the cut falls mid-stream
+                    cuts += await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(cut_streams(), srv.loop))
+                exit_ = await asyncio.wait_for(follower, 120)
+                assert exit_.code == 0
+            return lines, cuts
+
+        lines, cuts = asyncio.run(scenario())
+    assert cuts >= 2
+    assert lines == [str(i).encode() for i in range(1, 30001)]
