@@ -257,10 +257,15 @@ class _Reporter:
 
 @pytest.fixture(scope="session")
 def _machine_reporter(pytestconfig: pytest.Config) -> Iterator[None]:
+    # Imported into several conftests and test modules, this fixture may be set up more than once a session.
+    manager = pytestconfig.pluginmanager
+    if manager.has_plugin("boxpark-machines"):
+        yield
+        return
     plugin = _Reporter()
-    pytestconfig.pluginmanager.register(plugin, "boxpark-machines")
+    manager.register(plugin, "boxpark-machines")
     yield
-    pytestconfig.pluginmanager.unregister(plugin)
+    manager.unregister(plugin)
 
 
 @pytest.fixture

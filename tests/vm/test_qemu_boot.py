@@ -65,8 +65,12 @@ def vm(module_machines: Machines, tmp_path_factory: pytest.TempPathFactory) -> M
             f.truncate(64 << 20)
     subprocess.run(["mkswap", str(swap)], check=True, capture_output=True)  # formats a file; no swapon here
     subprocess.run(["mkfs.ext4", "-q", "-F", str(data)], check=True, capture_output=True)
+    shared = tmp_path_factory.mktemp("shared")
+    (shared / "from-host.txt").write_text("written on the host\n")
     machine = module_machines.create("qemu", memory=1536, console=True, rtc_base=RTC_BASE, rtc_clock="vm",
-                                     disks=(Disk(str(swap), name="swap"), Disk(str(data), name="data")))
+                                     disks=(Disk(str(swap), name="swap"), Disk(str(data), name="data")),
+                                     shares={"hostdir": str(shared)})
+    machine.shared = shared  # type: ignore[attr-defined]
     machine.start()
     # A host that does not answer: the guest must keep retrying, the host time out with a clear message.
     events = machine.backend.events
@@ -150,6 +154,7 @@ def test_the_rtc_sets_the_clock_and_the_refine_makes_it_exact(vm: Machine) -> No
     running = vm.backend.running_at_wall  # type: ignore[attr-defined]
     # the RTC started at RTC_BASE when the guest started running (clock=vm), and counts with the VM
     error = guest_clock_error_ns(vm, lambda host_ns: RTC_BASE_NS + host_ns - int(running * 1e9))
+    print(f"after the refine the guest's clock is within {error / 1e6:.1f} ms of the RTC")
     assert error <= CLOCK_TOLERANCE_NS, f"the guest's clock is {error / 1e6:.1f} ms off the RTC"
 
 
@@ -189,6 +194,17 @@ def test_a_grown_data_disk_is_resized(vm: Machine) -> None:
     total, size = map(int, sh(vm, "stat -f -c '%b %S' /mnt/data").split())
     assert total * size > 100 << 20 and total > before
     vm.api(lambda c: c.umount("/mnt/data"))
+
+
+def test_a_directory_share_mounts_with_virtiofs(vm: Machine) -> None:
+    shared: Path = vm.shared  # type: ignore[attr-defined]
+    vm.api(lambda c: c.mount("hostdir", "/mnt/hostdir", "virtiofs", mkdir=True))
+    try:
+        assert sh(vm, "cat /mnt/hostdir/from-host.txt") == "written on the host\n"
+        vm.api(lambda c: c.write_file("/mnt/hostdir/from-guest.txt", b"written in the guest\n"))
+        assert (shared / "from-guest.txt").read_text() == "written in the guest\n"
+    finally:
+        vm.api(lambda c: c.umount("/mnt/hostdir"))
 
 
 # --------------------------------------------------------------------------------------- docker

@@ -347,14 +347,12 @@ class Backend(abc.ABC):
         self._stopped = True
         try:
             if self.child is not None and self.child.returncode is None:
-                deadline = time.monotonic() + timeout
-                try:
-                    await asyncio.wait_for(self._graceful_stop(), max(0.1, timeout / 2))
-                except Exception as exc:  # the guest may be gone or deaf: the kill below handles both
-                    log.debug("graceful stop of the %s machine: %s", self.name, exc)
-                code = await self.child.wait_for(max(0.1, deadline - time.monotonic()))
-                if code is None:
+                try:  # asks the guest, then waits for the machine to end
+                    await asyncio.wait_for(self._graceful_stop(), timeout)
+                except asyncio.TimeoutError:
                     log.warning("the %s machine did not stop within %g s; killing it", self.name, timeout)
+                except Exception as exc:  # the guest is gone or deaf: no use waiting, the kill below ends it
+                    log.info("the %s machine could not be asked to stop (%s); killing it", self.name, exc)
         finally:
             await self._stack.aclose()  # kills what still runs, in reverse order of starting
         if self.child is not None:
