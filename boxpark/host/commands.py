@@ -314,7 +314,7 @@ async def _interactive(address: str, secret: bytes | None, argv: list[str], *, t
         saved = None
         if tty:
             saved = termios.tcgetattr(0)
-            tty_.setraw(0)
+            tty_.setraw(0, termios.TCSADRAIN)  # not TCSAFLUSH: keep what was typed ahead
             loop.add_signal_handler(signal.SIGWINCH, lambda: process.resize(*_size()))
 
         async def pump_stdin() -> None:

@@ -75,3 +75,86 @@ def test_killed_agent_is_recognised(machine) -> None:
 
 def test_down_leaves_nothing(machine) -> None:
     upchecks.down_leaves_nothing(machine)
+
+
+def test_shell_is_a_pty_that_follows_the_window_and_dies_with_its_client(machine) -> None:
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    def set_size(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def read_until(fd: int, text: bytes, timeout: float = 30) -> bytes:
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {text!r} in {seen[-500:]!r}"
+            if select.select([fd], [], [], left)[0]:
+                seen += os.read(fd, 65536)
+        return seen
+
+    master, slave = pty.openpty()
+    set_size(slave, 30, 100)
+    env = {**os.environ, "BOXPARK_HOME": str(machine.home), "TERM": "xterm"}
+    client = subprocess.Popen([sys.executable, "-m", "boxpark", "shell", "--name", machine.name],
+                              stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+                              preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    try:
+        read_until(master, b"# ")  # the prompt: the shell is up
+        os.write(master, b"stty size; echo marker-$((1+1))\n")
+        read_until(master, b"30 100")
+        read_until(master, b"marker-2")
+        set_size(master, 40, 120)  # the kernel sends SIGWINCH to the client, which forwards the size
+        time.sleep(0.3)
+        os.write(master, b"stty size\n")
+        read_until(master, b"40 120")
+        os.write(master, b"exec sleep 1000\n")
+        time.sleep(0.5)
+        client.send_signal(signal.SIGKILL)  # the client dies; its shell in the guest must get SIGHUP
+        client.wait(10)
+    finally:
+        os.close(master)
+        if client.poll() is None:
+            client.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        ps = machine.cli("exec", "--", "sh", "-c", "ls /proc | grep -c '^[0-9]' ; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        if "sleep 1000" not in ps.stdout:
+            break
+        time.sleep(0.2)
+    assert "sleep 1000" not in ps.stdout, ps.stdout
+    assert machine.status()["docker"]["state"] == "ready"  # the agent did not notice a thing
+
+
+def test_killing_up_midway_harms_nothing() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    m = UpMachine("sandbox", name="k")
+    try:
+        env = {**os.environ, "BOXPARK_HOME": str(m.home)}
+        up = subprocess.Popen([sys.executable, "-m", "boxpark", "up", "--name", "k", "--config", str(m.config),
+                               "--no-context"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while m.agent_pid() is None:
+            assert time.monotonic() < deadline and up.poll() is None
+            time.sleep(0.005)
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+        again = m.up()
+        assert again.returncode == 0, again.stderr + m.logs()
+        assert m.docker("version", "--format", "{{.Server.Version}}").returncode == 0
+        assert m.down().returncode == 0 and not m.leftovers()
+    finally:
+        m.destroy()
