@@ -130,8 +130,8 @@ class SandboxBackend(Backend):
             self.spawned_at = time.monotonic()
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
                                      preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True)
-        except OSError as exc:
-            raise BackendError(f"cannot start the sandbox ({argv[0]}): {exc.strerror}") from None
+        except (OSError, subprocess.SubprocessError) as exc:  # the latter: joining the cgroup failed
+            raise BackendError(f"cannot start the sandbox ({argv[0]}): {getattr(exc, 'strerror', None) or exc}") from None
         finally:
             os.close(console)
         self.child = Child(popen, "unshare")
@@ -361,7 +361,11 @@ def loop_device(path: str) -> Iterator[str]:
 
 
 def _attach(backing: int, path: str) -> tuple[str, int]:
-    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"the sandbox needs loop devices: /dev/loop-control: {exc.strerror} "
+                           f"(modprobe loop?)") from None
     try:
         for _ in range(16):  # another process may take the free device between our two calls
             number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
