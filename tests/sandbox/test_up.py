@@ -73,10 +73,6 @@ def test_killed_agent_is_recognised(machine) -> None:
     upchecks.killed_agent_is_recognised(machine)
 
 
-def test_down_leaves_nothing(machine) -> None:
-    upchecks.down_leaves_nothing(machine)
-
-
 def test_shell_is_a_pty_that_follows_the_window_and_dies_with_its_client(machine) -> None:
     import fcntl
     import pty
@@ -158,3 +154,8 @@ def test_killing_up_midway_harms_nothing() -> None:
         assert m.down().returncode == 0 and not m.leftovers()
     finally:
         m.destroy()
+
+
+# last: it takes the module's machine down
+def test_down_leaves_nothing(machine) -> None:
+    upchecks.down_leaves_nothing(machine)
