@@ -315,6 +315,24 @@ def test_a_broken_image_fails_fast_with_the_reason(machines: Machines, tmp_path:
     assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
 
 
+def test_cgroups_left_by_a_killed_host_process_are_swept(machines: Machines) -> None:  # noqa: F811
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    parent = Path(cgroup2_mount(), "boxpark")
+    parent.mkdir(exist_ok=True)
+    leftover = parent / f"gone-{dead.pid}-00000000"
+    (leftover / "init").mkdir(parents=True)  # the guest's own cgroups come along
+    (leftover / "docker").mkdir()
+    try:
+        guest = machines.boot("sandbox")
+        assert not leftover.exists()
+        assert Path(guest.backend.cgroup.path).name.split("-")[1] == str(os.getpid())  # type: ignore[attr-defined]
+    finally:
+        for directory in (leftover / "init", leftover / "docker", leftover):
+            if directory.exists():
+                directory.rmdir()
+
+
 def test_start_twice_is_refused(machines: Machines) -> None:  # noqa: F811
     guest = machines.boot("sandbox")
     with pytest.raises(BackendError, match="started a machine already"):

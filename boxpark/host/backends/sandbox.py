@@ -214,9 +214,10 @@ def cgroup2_controllers() -> set[str]:
 class Cgroup:
     """A cgroup2 directory of our own; every process of the sandbox ends up in it (or below)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, joinable: bool = True) -> None:
         self.path = path
-        self._procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        # opened beforehand: the preexec_fn that joins it runs in a forked child, where less is safer
+        self._procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) if joinable else -1
 
     def enter_and_die_with_parent(self) -> None:
         """Run in the forked child before exec (preexec_fn): join the cgroup, die if our host process dies.
@@ -269,7 +270,9 @@ class Cgroup:
                 f.write(f"{cpus * 100000} 100000")
 
     def remove(self) -> None:
-        os.close(self._procs_fd)
+        if self._procs_fd >= 0:
+            os.close(self._procs_fd)
+            self._procs_fd = -1
         for directory in self.walk():
             try:
                 os.rmdir(directory)
@@ -290,7 +293,7 @@ def sandbox_cgroup(name: str, cpus: int | None = None, memory_mib: int | None = 
         for directory in (cgroup2_mount(), parent):
             with open(f"{directory}/cgroup.subtree_control", "w") as f:
                 f.write(" ".join(f"+{c}" for c in wanted))
-    path = f"{parent}/{name}-{secrets.token_hex(4)}"
+    path = f"{parent}/{name}-{os.getpid()}-{secrets.token_hex(4)}"  # the owner's pid: see _sweep
     os.mkdir(path, 0o755)
     try:
         cgroup = Cgroup(path)
@@ -310,13 +313,24 @@ def sandbox_cgroup(name: str, cpus: int | None = None, memory_mib: int | None = 
 
 
 def _sweep(parent: str, age: float = 300.0) -> None:
-    """Remove empty cgroups a crashed host process left (old ones only: a new one may be about to fill)."""
+    """Remove the empty cgroups a killed host process left behind (with the guest's own cgroups inside).
+
+    A cgroup goes when nothing runs in it and its owner (the pid in its name) is gone — or, should that pid
+    have been reused, when it is older than `age`. A live owner's empty cgroup may be about to fill: kept.
+    """
     now = time.time()
     with contextlib.suppress(OSError):
         for entry in os.scandir(parent):
-            if entry.is_dir(follow_symlinks=False) and now - entry.stat().st_mtime > age:
-                with contextlib.suppress(OSError):  # EBUSY when it has processes or children: not ours to judge
-                    os.rmdir(entry.path)
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            parts = entry.name.rsplit("-", 2)
+            owner = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            owner_gone = owner is not None and not os.path.exists(f"/proc/{owner}")
+            if not (owner_gone or now - entry.stat().st_mtime > age):
+                continue
+            cgroup = Cgroup(entry.path, joinable=False)
+            if not cgroup.populated():
+                cgroup.remove()  # an EBUSY (something moved in meanwhile) is logged and left alone
 
 
 # ------------------------------------------------------------------------------------ loop device
