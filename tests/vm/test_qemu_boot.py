@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -28,7 +26,7 @@ from boxpark.host.backends import BackendError
 from boxpark.host.backends.qemu import QemuBackend
 from boxpark.host.client import GuestClient
 from boxpark.host.eventstream import EventStreamError
-from boxpark.host.spec import Disk, MachineSpec, SpecError
+from boxpark.host.spec import Disk, SpecError
 from boxpark.transport import TransportError
 from tests.machines import Machine, Machines, image_dir
 
