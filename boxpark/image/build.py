@@ -191,7 +191,7 @@ def _build(out: Path, cache: Path, tmp: Path, p: Progress, i: _Inputs, refresh_b
     base_json = base_sq.with_suffix(".json")
     build_base = refresh_base or not (base_sq.exists() and base_json.exists())
     if build_base:
-        rootfs.check_can_build_base(spec.arch, i.host_arch)  # before any download: fail fast
+        rootfs.check_can_build_base(spec.arch, i.host_arch, p)  # before any download: fail fast
 
     with p.step("kernel", f"{kpkg.name} {kpkg.version}"):
         kern = kernel.fetch_kernel(kpkg, cache)

@@ -7,10 +7,13 @@ installed on the host. The kernel's unpacked tree gets its own `depmod` so that 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,14 @@ from .subp import ImageError
 
 KERNEL_META = {"amd64": "linux-image-cloud-amd64", "arm64": "linux-image-cloud-arm64"}
 APT_HINT = "is this host's Debian mirror reachable? try 'apt-get update'"
+
+# What a backend can boot: arm64 wants the raw `Image` (VZ takes nothing else; its header carries this
+# magic at 0x38), x86 a bzImage (its setup header's "HdrS" at 0x202).
+ARM64_MAGIC_OFFSET, ARM64_MAGIC = 0x38, b"ARM\x64"
+BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZBOOT_MAGIC = b"zimg"  # EFI zboot: a PE stub ("MZ") wrapping a compressed Image
 
 
 @dataclass(frozen=True)
@@ -259,7 +270,80 @@ def fetch_kernel(pkg: DebPackage, cache: Path) -> Kernel:
     if fresh or not (moddir / "modules.dep").exists():
         basedir = moddir.parent.parent.parent  # <tree> or <tree>/usr
         subp.run(["depmod", "-b", basedir, release], timeout=300)
-    return Kernel(pkg, release, vmlinuz, moddir)
+    return Kernel(pkg, release, bootable_image(vmlinuz, pkg.arch, tree / "boot-image"), moddir)
+
+
+def image_format(head: bytes) -> str:
+    """What a kernel file is, from its first bytes: arm64-image, bzimage, zboot, gzip, zstd or unknown."""
+    if head[ARM64_MAGIC_OFFSET : ARM64_MAGIC_OFFSET + 4] == ARM64_MAGIC:
+        return "arm64-image"
+    if head[BZIMAGE_MAGIC_OFFSET : BZIMAGE_MAGIC_OFFSET + 4] == BZIMAGE_MAGIC:
+        return "bzimage"
+    if head[:2] == b"MZ" and head[4:8] == ZBOOT_MAGIC:
+        return "zboot"
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    if head[:4] == ZSTD_MAGIC:
+        return "zstd"
+    return "unknown"
+
+
+def decompress_kernel(data: bytes) -> bytes:
+    """The payload of a gzip, zstd or EFI zboot kernel (one layer; the caller checks what comes out)."""
+    kind = image_format(data[:0x240])
+    if kind == "zboot":
+        # The zboot header: "MZ", 2 bytes, "zimg", payload offset and size (u32 LE), 8 bytes, the
+        # compression's name (NUL-padded) at 0x18.
+        offset, size = struct.unpack_from("<II", data, 8)
+        method = data[0x18:0x20].rstrip(b"\0").decode("ascii", "replace")
+        payload = data[offset : offset + size]
+        if method == "gzip":
+            return _gunzip(payload)
+        if method == "zstd":
+            return _unzstd(payload)
+        raise ImageError(f"the kernel is an EFI zboot image compressed with {method!r}, which boxpark cannot unpack")
+    if kind == "gzip":
+        return _gunzip(data)
+    if kind == "zstd":
+        return _unzstd(data)
+    raise ImageError(f"the kernel is neither a boot image nor gzip/zstd-compressed ({kind})")
+
+
+def _gunzip(data: bytes) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
+        # A kernel's gzip stream may be followed by padding that gzip.decompress takes for a bad member.
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
+
+
+def _unzstd(data: bytes) -> bytes:
+    return subp.run(["zstd", "-d", "-c", "-q"], input=data, timeout=120).stdout
+
+
+def bootable_image(vmlinuz: Path, arch: str, dest: Path) -> Path:
+    """The kernel as a backend boots it: `vmlinuz` itself when it already is one, else its unpacked
+    payload, written once to `dest`. For arm64 that is the raw `Image` (VZ boots nothing else)."""
+    want = "arm64-image" if arch == "arm64" else "bzimage"
+    with open(vmlinuz, "rb") as f:
+        head = f.read(0x240)
+    kind = image_format(head)
+    if kind == want:
+        return vmlinuz
+    if kind in ("arm64-image", "bzimage"):
+        raise ImageError(f"{vmlinuz.name} is a {kind} kernel, not one for {arch}")
+    if dest.exists() and image_format(dest.read_bytes()[:0x240]) == want:
+        return dest
+    raw = decompress_kernel(vmlinuz.read_bytes())
+    if image_format(raw[:0x240]) != want:
+        raise ImageError(
+            f"{vmlinuz.name} unpacks ({kind}) to something that is not an {arch} boot image "
+            f"(no {ARM64_MAGIC if arch == 'arm64' else BZIMAGE_MAGIC!r} magic)",
+        )
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, dest)
+    return dest
 
 
 def fetch_busybox(pkg: DebPackage, cache: Path) -> Path:

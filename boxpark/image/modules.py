@@ -42,6 +42,8 @@ ROOT_MODULE_GLOBS: tuple[str, ...] = (
     "kernel/drivers/block/loop.ko*",
     "kernel/drivers/net/tun.ko*",
     "kernel/drivers/net/dummy.ko*",
+    # binfmt_misc: foreign-arch programs through an interpreter (Rosetta on a Mac, qemu-user elsewhere)
+    "kernel/fs/binfmt_misc.ko*",
 )
 DOCKER_MODULE_GLOBS: tuple[str, ...] = (
     "kernel/fs/overlayfs/*",

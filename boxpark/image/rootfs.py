@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import modules, subp
+from . import foreign, modules, subp
 from .kernel import Kernel
 from .progress import Progress
 from .sources import AptSource, guest_sources_list, pick_mirror
@@ -54,9 +54,6 @@ main()
 """
 
 POLICY_RC_D = "#!/bin/sh\n# boxpark image build: no service starts while packages install\nexit 101\n"
-
-QEMU_USER = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
-
 
 @dataclass(frozen=True)
 class BaseSpec:
@@ -115,22 +112,15 @@ def parse_dpkg_status(text: str) -> dict[str, str]:
     return installed
 
 
-def check_can_build_base(arch: str, host_arch: str) -> None:
-    """Root, the tools, and for a foreign arch a registered qemu-user binfmt handler."""
+def check_can_build_base(arch: str, host_arch: str, progress: Progress) -> None:
+    """Root, the tools, and for a foreign arch qemu-user through binfmt_misc (set up here if it can be)."""
     if os.geteuid() != 0:
         raise ImageError(
             "building the Debian base of the image needs root (debootstrap, chroot)",
             hint="run the build as root, e.g. sudo boxpark image build",
         )
     subp.require_tools("debootstrap", "chroot", "mksquashfs", "depmod")
-    if arch != host_arch:
-        handler = Path("/proc/sys/fs/binfmt_misc") / QEMU_USER.get(arch, f"qemu-{arch}")
-        if not handler.exists():
-            raise ImageError(
-                f"building an {arch} root on an {host_arch} host needs qemu-user binfmt support",
-                hint="apt-get install qemu-user-static binfmt-support; and if /proc/sys/fs/binfmt_misc is "
-                "empty: mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc",
-            )
+    foreign.ensure_can_run(arch, host_arch, progress)
 
 
 def build_base(
