@@ -178,6 +178,18 @@ def _image_build(args: argparse.Namespace) -> int:
     return build.run(args)
 
 
+def _image_export(args: argparse.Namespace) -> int:
+    from .image import bundle
+
+    return bundle.run_export(args)
+
+
+def _image_import(args: argparse.Namespace) -> int:
+    from .image import bundle
+
+    return bundle.run_import(args)
+
+
 def _boot(args: argparse.Namespace) -> int:
     from .host import boot
 
@@ -241,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "root and manifest, from Debian packages.")
     _add_image_build(image_build)
     image_build.set_defaults(func=_image_build)
+    image_export = image_commands.add_parser(
+        "export", help="write an image as one bundle file (for a host that cannot build it)",
+        description="Write the image (kernel, initramfs, root, manifest) as a bundle: a tar with the sha256 "
+                    "of each file.")
+    image_import = image_commands.add_parser(
+        "import", help="verify and install an image bundle (a file or an http(s)/file URL)",
+        description="Verify every file of a bundle against its sha256 and install the image atomically.")
+    try:
+        from .image import bundle
+    except ImportError:
+        pass
+    else:
+        bundle.add_export_arguments(image_export)
+        bundle.add_import_arguments(image_import)
+    image_export.set_defaults(func=_image_export)
+    image_import.set_defaults(func=_image_import)
 
     from .host.boot import add_arguments as add_boot_arguments  # cheap: the backends load when it runs
 
