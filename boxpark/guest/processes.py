@@ -21,7 +21,6 @@ import errno
 import fcntl
 import os
 import signal as signals
-import subprocess
 import termios
 import time
 from typing import Any, Callable, Literal
@@ -100,19 +99,23 @@ class Processes:
     async def _run(self, message: protocol.Exec) -> protocol.ExecResult:
         loop = asyncio.get_running_loop()
         fds = _Fds()
+        capture = _Capture(OUTPUT_CAP)
+        eof = _Countdown(2)
+        readers: list[logs.OutputReader] = []
         try:
-            stdin = fds.pipe_to_child() if message.stdin else subprocess.DEVNULL
+            stdin = fds.pipe_to_child() if message.stdin else _devnull()
+            # the readers are set up before the spawn: less to do while the child starts
             out = fds.pipe_from_child()
+            readers.append(logs.OutputReader(fds.take(), capture.stdout, eof.tick))
             err = fds.pipe_from_child()
+            readers.append(logs.OutputReader(fds.take(), capture.stderr, eof.tick))
             child = self._spawn(message.argv, message.env, message.cwd, stdin=stdin, stdout=out, stderr=err)
         except BaseException:
+            for reader in readers:
+                reader.close()
             fds.close_all()
             raise
         fds.close_child_ends()
-        capture = _Capture(OUTPUT_CAP)
-        eof = _Countdown(2)
-        readers = [logs.OutputReader(fds.ours[-2], capture.stdout, eof.tick),
-                   logs.OutputReader(fds.ours[-1], capture.stderr, eof.tick)]
         writer = _Writer(fds.ours[0], on_eof=None) if message.stdin else None
         if writer is not None:
             writer.write(message.stdin)
@@ -549,6 +552,10 @@ class _Fds:
                 pass
         return write
 
+    def take(self) -> int:
+        """Hand our newest end over to its new owner (who closes it)."""
+        return self.ours.pop()
+
     def close_child_ends(self) -> None:
         for fd in self.child_ends:
             os.close(fd)
@@ -559,6 +566,17 @@ class _Fds:
         for fd in self.ours:
             os.close(fd)
         self.ours = []
+
+
+_DEVNULL = -1
+
+
+def _devnull() -> int:
+    """One /dev/null kept open for every exec without stdin (the child gets a copy)."""
+    global _DEVNULL
+    if _DEVNULL < 0:
+        _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DEVNULL
 
 
 class _Capture:
