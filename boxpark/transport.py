@@ -520,6 +520,68 @@ async def dial(address: Address | str, *, secret: bytes | None = None, hello: He
     return channel, welcome
 
 
+async def open_raw(address: Address | str, request: Message, *, secret: bytes | None = None,
+                   hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
+    """One connection that makes one upgrade call (e.g. `Connect`) and returns the raw socket after its `Ok`.
+
+    The lean path for proxies: no channel or protocol objects, the request right behind the handshake,
+    and frames read exactly (header, then body), so no byte of the raw stream is ever read here.
+    """
+    if isinstance(address, str):
+        address = parse_address(address)
+    loop = asyncio.get_running_loop()
+    sock = await dial_socket(address, timeout)
+
+    async def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise TransportError(f"{address} closed the connection during the call")
+            data += chunk
+        return data
+
+    async def next_message() -> Message:
+        (length,) = protocol.HEADER.unpack(await exactly(4))
+        if length > protocol.MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes is over the limit")
+        return protocol.decode_body(await exactly(length))
+
+    try:
+        first = protocol.encode(hello or Hello())
+        if not secret:
+            first += protocol.encode(request)
+        await loop.sock_sendall(sock, first)
+        reply = await asyncio.wait_for(next_message(), timeout)
+        if isinstance(reply, Challenge):
+            if not secret:
+                raise TransportError(f"{address} asks for a token proof and no secret was given",
+                                     ErrorCode.UNAUTHENTICATED)
+            await loop.sock_sendall(sock, protocol.encode(Proof(hmac=proof(secret, reply.nonce)))
+                                    + protocol.encode(request))
+            reply = await asyncio.wait_for(next_message(), timeout)
+        if isinstance(reply, Error):
+            raise TransportError(f"{address} refused the connection: {reply.message}", reply.code)
+        if not isinstance(reply, Welcome):
+            raise TransportError(f"{address} is not a Boxpark endpoint (got {type(reply).__name__})",
+                                 ErrorCode.BAD_FRAME)
+        reply = await asyncio.wait_for(next_message(), timeout)
+        if isinstance(reply, Error):
+            raise RemoteError(reply.code, reply.message)
+        if not isinstance(reply, protocol.Ok):
+            raise TransportError(f"{address} answered {type(reply).__name__} instead of Ok", ErrorCode.BAD_FRAME)
+    except asyncio.TimeoutError:
+        sock.close()
+        raise TransportError(f"{address} did not answer within {timeout:g} s") from None
+    except ProtocolError as exc:
+        sock.close()
+        raise TransportError(f"{address} sent a bad frame: {exc}", ErrorCode.BAD_FRAME) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 Handler = Callable[[Channel], Awaitable[None]]
 
 

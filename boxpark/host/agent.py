@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from .. import __version__, protocol
-from ..transport import Address, dial_socket, listen_socket, parse_address
+from ..transport import Address, dial_socket, listen_socket, open_raw, parse_address
 from . import initphase
 from .client import GuestClient
 from .config import Config
@@ -155,11 +155,8 @@ class Agent:
         return await GuestClient.open(self.api_address, secret=self.secret)
 
     async def open_docker(self) -> socket.socket:
-        client = await self.dial()  # dials a fresh connection for the stream; the unary one is unused
-        try:
-            return await client.connect(path="/var/run/docker.sock")
-        finally:
-            await client.close()
+        assert self.api_address is not None
+        return await open_raw(self.api_address, protocol.Connect(path="/var/run/docker.sock"), secret=self.secret)
 
     async def open_api(self) -> socket.socket:
         assert self.api_address is not None

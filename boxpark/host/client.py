@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Generic, Iterable, TypeVar
 
 from .. import __version__, protocol
 from ..protocol import Message
-from ..transport import Address, Channel, RemoteError, TransportError, dial, parse_address
+from ..transport import Address, Channel, RemoteError, TransportError, dial, open_raw, parse_address
 
 __all__ = ["GuestClient", "RemoteError", "TransportError", "Stream", "Interactive"]
 
@@ -212,13 +212,9 @@ class GuestClient:
     async def connect(self, *, path: str | None = None, port: int | None = None, host: str = "127.0.0.1",
                       timeout: float = 10.0) -> socket.socket:
         """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket."""
-        channel, _ = await self._owning_call(protocol.Connect(path=path, port=port, host=host, timeout=timeout),
-                                      protocol.Ok)
-        sock, leftover = channel.take_socket()
-        if leftover:  # the guest sends nothing before the target does; bytes here are the target's
-            raise TransportError("the guest sent frames after Ok on a raw connection")
-        sock.setblocking(False)
-        return sock
+        return await open_raw(self.address, protocol.Connect(path=path, port=port, host=host, timeout=timeout),
+                              secret=self.secret, timeout=max(timeout, self._timeout),
+                              hello=protocol.Hello(client=f"boxpark-host {__version__}"))
 
 
 class Stream(Generic[M]):

@@ -90,10 +90,12 @@ def test_bytes_both_ways_and_half_close(setup) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
             payload = os.urandom(3 * 1024 * 1024)
+            reading = asyncio.ensure_future(reader.read())  # read while writing: the echo answers as it goes
+
             writer.write(payload)
             await writer.drain()
             writer.write_eof()  # half-close: the echo server still answers after our EOF
-            data = await asyncio.wait_for(reader.read(), 30)
+            data = await asyncio.wait_for(reading, 30)
             writer.close()
             assert data[:len(payload)] == payload
             return data[len(payload):]
