@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 import signal
 import socket
 import time
@@ -21,7 +20,7 @@ from .. import __version__, protocol
 from ..protocol import ErrorCode, Message
 from ..transport import Address, Channel, serve
 from . import clock as clock_
-from . import events, files, notify, processes, proxy, storage, system
+from . import events, files, processes, system
 from .errors import GuestError, from_oserror
 
 log = logging.getLogger("boxpark.guest")
@@ -56,7 +55,7 @@ class GuestServer:
         self.events = event_log or events.EventLog(self.boot_id)
         self.clock = clock or clock_.Clock(emit=self.events.emit)
         self.processes = processes.Processes(self.events)
-        self.notify = notify.NotifyHub()
+        self._notify: Any = None  # the NotifyHub, made on first use (its import is not on the boot path)
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[Any]] = set()
         # Quick calls run synchronously, straight from the connection's data callback when it is idle.
@@ -66,10 +65,10 @@ class GuestServer:
             protocol.WriteFile: files.write_file,
             protocol.Mkdir: files.mkdir,
             protocol.Stat: files.stat,
-            protocol.Mount: storage.mount,
-            protocol.Umount: storage.umount,
-            protocol.Swapon: self._machine_wide(storage.swapon, swap=True),
-            protocol.Swapoff: self._machine_wide(storage.swapoff, swap=True),
+            protocol.Mount: _lazy("storage", "mount"),
+            protocol.Umount: _lazy("storage", "umount"),
+            protocol.Swapon: self._machine_wide(_lazy("storage", "swapon"), swap=True),
+            protocol.Swapoff: self._machine_wide(_lazy("storage", "swapoff"), swap=True),
             protocol.SetTime: self._machine_wide(self.clock.set_from_host),
             protocol.Hostname: self._hostname,
             protocol.Reboot: self._machine_wide(self._power),
@@ -83,9 +82,9 @@ class GuestServer:
             protocol.Wait: self.processes.wait,
             protocol.Signal: self.processes.signal,
             protocol.ListProcesses: self.processes.list,
-            protocol.ResizeDisk: _threaded(storage.resize_disk),
-            protocol.NotifyListen: self.notify.listen,
-            protocol.Connect: proxy.connect,
+            protocol.ResizeDisk: _threaded(_lazy("storage", "resize_disk")),
+            protocol.NotifyListen: self._notify_listen,
+            protocol.Connect: _lazy_async("proxy", "connect"),
             protocol.Events: self.events.stream,
             protocol.Sync: _threaded(system.sync),
         }
@@ -106,7 +105,10 @@ class GuestServer:
             server.close()
         for task in list(self._connections):
             task.cancel()
-        self.notify.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=2)
+        if self._notify is not None:
+            self._notify.close()
 
     async def handle(self, channel: Channel) -> None:
         """One connection, after its handshake."""
@@ -137,6 +139,17 @@ class GuestServer:
         finally:
             self._connections.discard(task)
 
+    @property
+    def notify(self) -> Any:
+        if self._notify is None:
+            from .notify import NotifyHub
+
+            self._notify = NotifyHub()
+        return self._notify
+
+    async def _notify_listen(self, channel: Channel, message: protocol.NotifyListen) -> None:
+        return await self.notify.listen(channel, message)
+
     def _fast(self, channel: Channel, message: Message) -> bool:
         function = self._sync.get(type(message))
         if function is None:
@@ -159,7 +172,7 @@ class GuestServer:
     def _info(self, message: protocol.Info) -> protocol.InfoReply:
         uname = os.uname()
         return protocol.InfoReply(protocol=protocol.PROTOCOL_VERSION, boxpark=__version__, kernel=uname.release,
-                                  arch=platform.machine(), hostname=uname.nodename, boot_id=self.boot_id,
+                                  arch=uname.machine, hostname=uname.nodename, boot_id=self.boot_id,
                                   uptime=time.clock_gettime(time.CLOCK_BOOTTIME), pid=os.getpid(),
                                   pid1=self.pid1)
 
@@ -193,6 +206,28 @@ class GuestServer:
             return function(message)
 
         return guarded
+
+
+def _lazy(module: str, name: str) -> Callable[[Any], Message]:
+    """A call whose module is imported on its first use, to keep the boot path's imports small."""
+
+    def call(message: Any) -> Message:
+        import importlib
+
+        function: Callable[[Any], Message] = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return function(message)
+
+    return call
+
+
+def _lazy_async(module: str, name: str) -> Handler:
+    async def call(channel: Channel, message: Any) -> Message | None:
+        import importlib
+
+        function: Handler = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return await function(channel, message)
+
+    return call
 
 
 def _sync(function: Callable[[Any], Message]) -> Handler:
