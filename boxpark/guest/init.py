@@ -69,6 +69,7 @@ def main() -> None:
 def boot(settings: settings_.Settings, timeline: Timeline) -> None:
     from . import mounts
 
+    _raise_limits(settings.sandbox)
     with timeline.step("mounts"):
         mounts.mount_all()
         enabled = mounts.init_cgroup()
@@ -93,6 +94,25 @@ def boot(settings: settings_.Settings, timeline: Timeline) -> None:
     import asyncio
 
     asyncio.run(serve(settings, timeline, clock))
+
+
+def _raise_limits(sandbox: bool) -> None:
+    """Open files for a thousand proxied connections (three fds each), inherited by every service;
+    socket buffers that let a log stream absorb a slow host (machine-wide: not in the sandbox)."""
+    import resource
+
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            most = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(most, 1 << 20), min(most, 1 << 20)))
+    except (OSError, ValueError) as exc:
+        log.warning("RLIMIT_NOFILE not raised: %s", exc)
+    if not sandbox:
+        try:
+            with open("/proc/sys/net/core/wmem_max", "w") as f:
+                f.write(str(4 << 20))
+        except OSError as exc:
+            log.warning("net.core.wmem_max not raised: %s", exc)
 
 
 def read_secret(source: str) -> bytes | None:

@@ -156,6 +156,25 @@ def test_killing_up_midway_harms_nothing() -> None:
         m.destroy()
 
 
+def test_killing_logs_follow_harms_nothing(machine) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "BOXPARK_HOME": str(machine.home)}
+    follower = subprocess.Popen([sys.executable, "-m", "boxpark", "logs", "-f", "docker", "--name", machine.name],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert follower.stdout.readline()  # it prints the log so far, then follows
+        machine.docker("version")  # dockerd writes more while we follow
+        time.sleep(0.5)
+    finally:
+        follower.send_signal(signal.SIGKILL)
+        follower.wait(10)
+    assert machine.status()["docker"]["state"] == "ready"
+    assert machine.docker("version", "--format", "{{.Server.Version}}").returncode == 0
+
 # last: it takes the module's machine down
 def test_down_leaves_nothing(machine) -> None:
     upchecks.down_leaves_nothing(machine)
