@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import socket
 
@@ -19,9 +18,6 @@ from ..protocol import ErrorCode
 from ..relay import Relay
 from ..transport import Channel
 from .errors import GuestError
-
-log = logging.getLogger("boxpark.guest.proxy")
-
 
 
 # ------------------------------------------------------------------------------------------ dialing
