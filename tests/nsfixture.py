@@ -11,8 +11,21 @@
 
 What a test mounts in the namespace stays there (`unshare --mount --propagation private`) and goes away
 with it. The server runs with CAP_SYS_TIME and CAP_SYS_BOOT dropped from its bounding set, so not even
-a bug can set this host's clock or power it off. pytest fixtures: `short_tmp` (a short temp dir) and
-`guest_ns` (a namespace server in it). Needs root, `unshare`, `nsenter`, `setpriv`, `losetup`, `sfdisk`.
+a bug can set this host's clock or power it off. Needs root, `unshare`, `nsenter`, `setpriv`, `losetup`,
+`sfdisk`.
+
+The API:
+- `guest_namespace(tmp, uts=False, argv=None)` → `Namespace`: `.address`, `.pid`, `.run(argv)`,
+  `.spawn(argv)` (killed with it), `.argv(argv)` (wrapped in nsenter), `.mounts()`, `.server_log()`,
+  `.close()`; with `argv` any command instead of the server.
+- `run_in_namespace(argv, uts=False)`: one command in a fresh namespace; `python_argv(code, *args)` makes
+  a `python -c` command line with the repository importable; `namespace_argv(argv)` just wraps.
+- `make_image(path, size, partitions=[bytes or None…], label="gpt"|"dos")`, `grow_image(path, size)`,
+  `mkfs(device_or_file, "ext4"|"xfs"|…)`.
+- `loop_device(image)` → `LoopDevice`: `.path`, `.partition(n)`, `.refresh()` (losetup -c), `.size(dev)`.
+- `dockerd(ns, notify_socket=None)` → `Dockerd`: `.pid`, `.socket`, `.root`; a real dockerd in `ns`.
+- pytest fixtures (registered in conftest.py): `short_tmp` (a short temp dir) and `guest_ns` (a
+  namespace server in it); `requires_root` marks tests that need root.
 """
 
 from __future__ import annotations
