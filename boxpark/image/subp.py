@@ -19,6 +19,7 @@ from pathlib import Path
 TOOL_PACKAGES: dict[str, str] = {
     "apt-cache": "apt",
     "apt-get": "apt",
+    "apt-config": "apt",
     "chroot": "coreutils",
     "debootstrap": "debootstrap",
     "depmod": "kmod",
