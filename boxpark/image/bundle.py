@@ -171,7 +171,13 @@ class _Counting(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
+        import http.client
+
+        try:
+            data = self._raw.read(len(buffer))
+        except (OSError, http.client.HTTPException) as exc:  # a reset or stalled download, a bad disk
+            raise ImageError(f"reading {self._what.removeprefix('reading ')} failed: {exc or type(exc).__name__}",
+                             hint="check the network (or the file) and try again") from None
         n = len(data)
         buffer[:n] = data
         self.done += n
@@ -337,10 +343,8 @@ def _unpack(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], head: dict
             try:
                 while chunk := source.read(CHUNK):
                     digest.update(chunk)
-                    out.write(chunk)
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno is not None:
-                    raise  # a local write failed (disk full, ...): not the bundle's fault
+                    out.write(chunk)  # OSError here (disk full) is ours, not the bundle's: it passes
+            except (tarfile.TarError, EOFError) as exc:
                 raise ImageError(f"{what} is truncated in {name} ({exc})",
                                  hint="download or export it again") from None
         if digest.hexdigest() != declared["sha256"]:

@@ -151,6 +151,43 @@ def test_an_http_error_is_a_sentence(http_server: str, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_a_truncated_bundle_is_refused(exported: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(exported.read_bytes()[: member_offset(exported, "root.squashfs") + 100])
+    with pytest.raises(ImageError, match="truncated in root.squashfs|incomplete"):
+        bundle.import_bundle(cut, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_download_cut_short_is_a_sentence(exported: Path, tmp_path: Path) -> None:
+    """The server promises the whole length and closes halfway: the read fails, nothing is installed."""
+    data = exported.read_bytes()
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ImageError, match="reading http://127.0.0.1:.* failed|truncated") as info:
+            bundle.import_bundle(f"http://127.0.0.1:{server.server_address[1]}/b.tar", tmp_path / "x")
+        assert info.value.hint
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert not (tmp_path / "x").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b.tar", "built"]
+
+
 def test_a_compressed_bundle_imports(image: Path, exported: Path, tmp_path: Path) -> None:
     packed = tmp_path / "b.tar.gz"
     packed.write_bytes(gzip.compress(exported.read_bytes()))
