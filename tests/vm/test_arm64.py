@@ -1,10 +1,10 @@
 """The arm64 image — what a Mac boots — built here through qemu-user and booted under TCG on the qemu backend.
 
 One machine (`qemu-system-aarch64 -M virt -cpu cortex-a72 -accel tcg`) is shared by every test: Ready and
-exec (`uname -m` is aarch64), the raw `Image` kernel VZ needs, dockerd READY and a container, and Rosetta's
-guest side with qemu-x86_64-static standing in for /run/rosetta/rosetta: registered through
-`boxpark.guest.binfmt` (run in the guest over the API), an x86_64 busybox runs, and so does
-`docker run --platform linux/amd64`. The factory fails a test on any traceback in the guest's logs.
+exec (`uname -m` is aarch64), the raw `Image` kernel VZ needs, dockerd READY, and Rosetta's guest side with
+qemu-x86_64-static standing in for /run/rosetta/rosetta: registered through `boxpark.guest.binfmt` (run in
+the guest over the API), an x86_64 busybox runs, and so does `docker run --platform linux/amd64` (the one
+container run: each costs ~16 s under TCG). The factory fails a test on any traceback in the guest's logs.
 
 Needs (Debian): qemu-system-arm (qemu-system-aarch64), qemu-user-static (the build, and the arm64 build of
 qemu-x86_64-static it downloads for the guest), debootstrap, squashfs-tools, and `dpkg --add-architecture
