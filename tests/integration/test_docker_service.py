@@ -33,6 +33,18 @@ needs_dockerd = pytest.mark.skipif(shutil.which("dockerd") is None or os.geteuid
 def short_tmp():
     directory = tempfile.mkdtemp(prefix="bp", dir="/tmp")  # unix socket paths must stay short
     yield Path(directory)
+    # A SIGKILLed dockerd leaves its containerd behind: stop every process that runs from our directory.
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if directory.encode() in argv:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     subprocess.run(["umount", "-R", "-l", f"{directory}/data"], capture_output=True)
     shutil.rmtree(directory, ignore_errors=True)
 
