@@ -318,11 +318,27 @@ async def _interactive(address: str, secret: bytes | None, argv: list[str], *, t
             loop.add_signal_handler(signal.SIGWINCH, lambda: process.resize(*_size()))
 
         async def pump_stdin() -> None:
-            reader = asyncio.StreamReader()
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0, closefd=False))
-            while data := await reader.read(65536):
-                process.write(data)
-                await process.drain()
+            fd = _private_stdin()
+            try:
+                while True:
+                    ready = loop.create_future()
+                    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_reader(fd)
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # EIO: the terminal went away
+                        data = b""
+                    if not data:
+                        break
+                    process.write(data)
+                    await process.drain()
+            finally:
+                os.close(fd)
             if not tty:
                 process.close_stdin()
 
@@ -342,6 +358,20 @@ async def _interactive(address: str, secret: bytes | None, argv: list[str], *, t
         if exit_ is None:
             raise CommandFailed("the connection to the guest ended before the command did")
         return exit_.code if exit_.code is not None else 128 + (exit_.signal or 0)
+
+
+def _private_stdin() -> int:
+    """A non-blocking descriptor for stdin that does not share its file description with stdout.
+
+    Setting O_NONBLOCK on fd 0 would also set it on a terminal's stdout and stderr (one description),
+    and a full terminal would then fail our writes; reopening stdin gives a description of our own.
+    """
+    try:
+        fd = os.open("/proc/self/fd/0", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:  # a socket, or no /proc (macOS): a duplicate, then
+        fd = os.dup(0)
+    os.set_blocking(fd, False)
+    return fd
 
 
 def _size() -> tuple[int, int]:
