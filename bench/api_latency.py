@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from bench._report import figure
+from bench._report import figure, wait_for
 
 N = 5000
 
@@ -30,12 +30,6 @@ while d := c.recv(65536):
 """
 
 
-def wait_for(path: str) -> None:
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.01)
 
 
 ASYNC_ECHO = """

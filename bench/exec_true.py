@@ -23,15 +23,9 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure  # noqa: E402
+from bench._report import figure, wait_for  # noqa: E402
 
 
-def wait_for(path: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while not os.path.exists(path):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the guest server did not start listening on {path}")
-        time.sleep(0.01)
 
 
 async def measure(address: str, calls: int) -> tuple[list[float], list[float]]:
