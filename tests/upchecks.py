@@ -86,6 +86,9 @@ def dockerd_killed_and_restarted(m: UpMachine) -> None:
         time.sleep(0.5)
     else:
         raise AssertionError("docker did not come back after dockerd was killed:\n" + m.logs())
+    # The killed dockerd's containerd went with it (its service cgroup), so exactly one runs now.
+    count = m.cli("exec", "--", "sh", "-c", "grep -lx containerd /proc/[0-9]*/comm | wc -l")
+    assert count.stdout.strip() == "1", count.stdout + count.stderr
     assert "exited with signal 9" in (m.dir / "docker.log").read_text()
     assert "exited with signal 9" in (m.dir / "agent.log").read_text()
     assert m.status()["docker"]["restarts"] >= 1

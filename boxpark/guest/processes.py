@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 from .. import protocol
 from ..protocol import ErrorCode, Exit, Message
 from ..transport import Channel
-from . import logs, tty
+from . import cgroups, logs, tty
 from .errors import GuestError, from_oserror
 from .supervisor import Child, Supervisor
 
@@ -203,14 +203,21 @@ class Processes:
         if message.notify_socket:
             env["NOTIFY_SOCKET"] = message.notify_socket
         fds = _Fds()
+        group = None
         try:
             out = fds.pipe_from_child(PIPE_SIZE)
             err = fds.pipe_from_child(PIPE_SIZE)
-            child = self._spawn(message.argv, env, message.cwd, stdout=out, stderr=err)
+            group = cgroups.make(message.name)
+            extra = {"preexec_fn": lambda: cgroups.enter(group)} if group else {}
+            child = self._spawn(message.argv, env, message.cwd, stdout=out, stderr=err, **extra)
         except BaseException:
             fds.close_all()
+            if group is not None:
+                os.rmdir(group)
             raise
         fds.close_child_ends()
+        if group is not None:  # what the service leaves behind goes with it
+            child.exited.add_done_callback(lambda _: cgroups.kill(group))
         ring = logs.LogRing(message.ring_records, message.ring_bytes)
         named = _Named(message.name, "service", child, ring)
         self._register(named, forget_at_exit=False)
