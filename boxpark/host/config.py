@@ -7,7 +7,6 @@ Every key is optional; `DEFAULT_TOML` is the documented default and needs no edi
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 import tomllib
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+
+from .spec import host_arch
 
 DEFAULT_TOML = """\
 # boxpark.toml: every key is optional; these are the defaults.
@@ -146,11 +147,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 MEMORY_FILESYSTEMS = ("tmpfs",)  # mounts that need no device: the source is only a name
 
 CHOICES = {"backend": ("qemu", "vz", "sandbox"), "arch": ("amd64", "arm64")}
-
-
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
 def expand(path: str) -> str:
