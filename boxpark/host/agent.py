@@ -257,9 +257,7 @@ class Agent:
                 # the sandbox: no disk; dockerd's data on a tmpfs (overlay2 cannot stack on the root overlay)
                 await client.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True)
             await initphase.mounts(client, config.mounts, getattr(self.backend, "share_tags", {}), self.progress)
-        except (initphase.InitError, Exception) as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except Exception as exc:  # InitError, or a call the guest refused: `up` says which
             raise AgentFailure(f"initialization failed: {exc}") from None
 
         self.progress("starting dockerd", phase="service", state="starting docker")

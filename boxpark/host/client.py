@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, AsyncIterator, Generic, Iterable, TypeVar
+from typing import AsyncIterator, Generic, Iterable, TypeVar
 
 from .. import __version__, protocol
 from ..protocol import Message
