@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import os
@@ -475,8 +476,14 @@ async def client_handshake(channel: Channel, address: Address, secret: bytes | N
 async def server_handshake(channel: Channel, *, require_proof: bool, secret: bytes | None,
                            welcome: Welcome) -> Hello | None:
     """Receive `Hello` (and check the token proof); reply `Welcome`, or an `Error` and return None."""
+
+    def expire() -> None:  # a timer, not wait_for: no extra task on every new connection
+        channel.send(protocol.error(ErrorCode.TIMEOUT, "handshake timed out"))
+        channel.close()  # recv() below then sees the end of the stream
+
+    timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, expire)
     try:
-        hello = await asyncio.wait_for(channel.recv(), HANDSHAKE_TIMEOUT)
+        hello = await channel.recv()
         if not isinstance(hello, Hello):
             what = "nothing" if hello is None else type(hello).__name__
             channel.send(protocol.error(ErrorCode.BAD_FRAME, f"expected Hello first, got {what}"))
@@ -490,16 +497,15 @@ async def server_handshake(channel: Channel, *, require_proof: bool, secret: byt
             assert secret is not None
             nonce = secrets.token_bytes(32)
             channel.send(Challenge(nonce=nonce))
-            answer = await asyncio.wait_for(channel.recv(), HANDSHAKE_TIMEOUT)
+            answer = await channel.recv()
             if not isinstance(answer, Proof) or not hmac.compare_digest(answer.hmac, proof(secret, nonce)):
                 channel.send(protocol.error(ErrorCode.UNAUTHENTICATED, "wrong or missing token proof"))
                 return None
-    except asyncio.TimeoutError:
-        channel.send(protocol.error(ErrorCode.TIMEOUT, "handshake timed out"))
-        return None
     except ProtocolError as exc:
         channel.send(protocol.error(exc.code, str(exc)))
         return None
+    finally:
+        timer.cancel()
     channel.send(welcome)
     channel.hello = hello
     return hello
@@ -547,38 +553,51 @@ async def open_raw(address: Address | str, request: Message, *, secret: bytes | 
             raise ProtocolError(f"frame of {length} bytes is over the limit")
         return protocol.decode_body(await exactly(length))
 
+    expired = False
+
+    def expire() -> None:  # a timer, not wait_for: no extra task per proxied connection
+        nonlocal expired
+        expired = True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # the pending recv sees the end of the stream
+
+    timer = loop.call_later(timeout, expire)
     try:
         first = protocol.encode(hello or Hello())
         if not secret:
             first += protocol.encode(request)
         await loop.sock_sendall(sock, first)
-        reply = await asyncio.wait_for(next_message(), timeout)
+        reply = await next_message()
         if isinstance(reply, Challenge):
             if not secret:
                 raise TransportError(f"{address} asks for a token proof and no secret was given",
                                      ErrorCode.UNAUTHENTICATED)
             await loop.sock_sendall(sock, protocol.encode(Proof(hmac=proof(secret, reply.nonce)))
                                     + protocol.encode(request))
-            reply = await asyncio.wait_for(next_message(), timeout)
+            reply = await next_message()
         if isinstance(reply, Error):
             raise TransportError(f"{address} refused the connection: {reply.message}", reply.code)
         if not isinstance(reply, Welcome):
             raise TransportError(f"{address} is not a Boxpark endpoint (got {type(reply).__name__})",
                                  ErrorCode.BAD_FRAME)
-        reply = await asyncio.wait_for(next_message(), timeout)
+        reply = await next_message()
         if isinstance(reply, Error):
             raise RemoteError(reply.code, reply.message)
         if not isinstance(reply, protocol.Ok):
             raise TransportError(f"{address} answered {type(reply).__name__} instead of Ok", ErrorCode.BAD_FRAME)
-    except asyncio.TimeoutError:
+    except (TransportError, OSError) as exc:
         sock.close()
-        raise TransportError(f"{address} did not answer within {timeout:g} s") from None
+        if expired:
+            raise TransportError(f"{address} did not answer within {timeout:g} s", ErrorCode.TIMEOUT) from None
+        raise exc if isinstance(exc, TransportError) else TransportError(f"{address}: {exc}") from None
     except ProtocolError as exc:
         sock.close()
         raise TransportError(f"{address} sent a bad frame: {exc}", ErrorCode.BAD_FRAME) from None
     except BaseException:
         sock.close()
         raise
+    finally:
+        timer.cancel()
     return sock
 
 

@@ -345,3 +345,16 @@ def test_cli_serve_and_call(tmp_path) -> None:
     missing = subprocess.run([sys.executable, "-m", "boxpark", "guest", "call", address, "info"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "cannot connect" in missing.stderr
+
+
+def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypatch) -> None:
+    import boxpark.transport
+
+    monkeypatch.setattr(boxpark.transport, "HANDSHAKE_TIMEOUT", 0.3)
+    with running_server(tmp_path) as srv:
+        with raw_connect(srv.address) as sock:
+            started = time.monotonic()
+            reply = recv_frame(sock)  # we never say Hello
+            assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.TIMEOUT
+            assert recv_frame(sock) is None and time.monotonic() - started < 5
+        still_serving(srv.address)
