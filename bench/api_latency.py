@@ -44,9 +44,13 @@ asyncio.run(main())
 """
 
 
-def blocking_p50(path: str, payload: bytes) -> float:
+def blocking_p50(path: str, payload: bytes, opening: bytes = b"") -> float:
+    """p50 of `payload` round trips on one blocking connection (after `opening`, e.g. the API's Hello)."""
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
+    if opening:
+        sock.sendall(opening)
+        sock.recv(65536)
     times = []
     for _ in range(N):
         start = time.perf_counter_ns()
@@ -102,19 +106,7 @@ def info_p50(directory: str) -> tuple[float, float]:
                               stderr=subprocess.DEVNULL)
     try:
         wait_for(path)
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(path)
-        sock.sendall(protocol.encode(protocol.Hello()))
-        sock.recv(65536)
-        request = protocol.encode(protocol.Info())
-        times = []
-        for _ in range(N):
-            start = time.perf_counter_ns()
-            sock.sendall(request)
-            sock.recv(65536)
-            times.append(time.perf_counter_ns() - start)
-        sock.close()
-        blocking = statistics.median(times) / 1000
+        blocking = blocking_p50(path, protocol.encode(protocol.Info()), protocol.encode(protocol.Hello()))
 
         async def measure() -> float:
             async with await GuestClient.open(f"unix:{path}") as client:
