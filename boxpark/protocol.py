@@ -453,12 +453,17 @@ class NotifyMessage(Message, tag="notify"):
 
 
 class Connect(Message, tag="connect"):
-    """Open a stream to a unix socket `path` or a TCP `port` in the guest; after `Ok`, raw bytes both ways."""
+    """Open a stream to a unix socket `path` or a TCP `port` in the guest; after `Ok`, raw bytes both ways.
+
+    With `udp`, `port` is a UDP port and the stream carries datagrams, each a 2-byte big-endian length and
+    its bytes, both ways (a published UDP port: one stream per host-side peer).
+    """
 
     path: str | None = None
     port: int | None = None
     host: str = "127.0.0.1"
     timeout: float = 10.0
+    udp: bool = False
 
 
 class Events(Message, tag="events"):

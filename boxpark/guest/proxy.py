@@ -1,5 +1,6 @@
 """The connect call: a raw byte stream from the API connection to a unix socket or TCP port in the guest.
 
+A UDP port (`udp`) gets a connected UDP socket and a `DatagramRelay`: datagrams framed on the stream.
 The handler dials the target first, so a missing or refusing target is an `Error` reply, never a hang.
 Then it replies `Ok`, leaves framing (`Channel.take_socket`) and moves bytes both ways until both sides are
 done, through the shared `relay` (splice threads, half-close) that the host's proxies use too. Nothing
@@ -15,7 +16,7 @@ import socket
 
 from .. import protocol
 from ..protocol import ErrorCode
-from ..relay import Relay
+from ..relay import DatagramRelay, Relay
 from ..transport import Channel
 from .errors import GuestError
 
@@ -43,6 +44,10 @@ async def dial_target(message: protocol.Connect) -> socket.socket:
             raise GuestError(ErrorCode.INVALID_ARGUMENT, f"connect: port {port} is out of range")
         name = f"{message.host}:{port}"
         targets = await _resolve(message.host, port, message.timeout)
+    if message.udp:
+        if message.path is not None:
+            raise GuestError(ErrorCode.INVALID_ARGUMENT, "connect: udp needs a port, not a path")
+        return _udp_socket(targets, name)
     loop = asyncio.get_running_loop()
     failure: OSError | None = None
     deadline = loop.time() + message.timeout
@@ -72,6 +77,21 @@ async def dial_target(message: protocol.Connect) -> socket.socket:
         return sock
     assert failure is not None
     raise _dial_error(failure, name, message.path is not None)
+
+
+def _udp_socket(targets: list[tuple[int, object]], name: str) -> socket.socket:
+    """A blocking UDP socket connected to the first target that takes it (a connect sends nothing)."""
+    failure: OSError | None = None
+    for family, address in targets:
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+    assert failure is not None
+    raise _dial_error(failure, name, False)
 
 
 async def _connected(sock: socket.socket, address: object) -> None:
@@ -147,7 +167,8 @@ async def connect(channel: Channel, message: protocol.Connect) -> None:
         except RuntimeError:  # the loop is gone (server shut down): nobody waits any more
             pass
 
-    relay = Relay(client, target, leftover, done)
+    relay: Relay | DatagramRelay
+    relay = (DatagramRelay if message.udp else Relay)(client, target, leftover, done)
     try:
         client.sendall(protocol.encode(protocol.Ok()))
     except OSError:

@@ -31,6 +31,7 @@ from . import initphase
 from .client import GuestClient
 from .config import Config
 from .guestproxy import GuestProxy
+from .ports import PortForwards
 from .service import DockerService, daemon_config
 from .state import Machine
 from .timesync import TimePusher
@@ -60,6 +61,7 @@ class Agent:
         self.service: DockerService | None = None
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
+        self.ports: PortForwards | None = None
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -145,6 +147,7 @@ class Agent:
                                                     "last_offset_ms": None if self.time.last_offset_ns is None
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
+            "ports": None if self.ports is None else self.ports.status(),
             "recent": [e["message"] for e in self.events[-5:]],
         }
 
@@ -155,8 +158,11 @@ class Agent:
         return await GuestClient.open(self.api_address, secret=self.secret)
 
     async def open_docker(self) -> socket.socket:
+        return await self.open_connect(protocol.Connect(path="/var/run/docker.sock"))
+
+    async def open_connect(self, request: protocol.Connect) -> socket.socket:
         assert self.api_address is not None
-        return await open_raw(self.api_address, protocol.Connect(path="/var/run/docker.sock"), secret=self.secret)
+        return await open_raw(self.api_address, request, secret=self.secret)
 
     async def open_api(self) -> socket.socket:
         assert self.api_address is not None
@@ -280,6 +286,10 @@ class Agent:
         await proxy.start()
         self.proxies.append(proxy)
         stack.callback(proxy.close)
+        if config.ports.forward:
+            self.ports = PortForwards(self.open_docker, self.open_connect,
+                                      all_interfaces=config.ports.all_interfaces)
+            stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
         self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",
                       state="ready")
 

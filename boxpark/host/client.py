@@ -210,9 +210,12 @@ class GuestClient:
         return Interactive(channel, reply.pid)
 
     async def connect(self, *, path: str | None = None, port: int | None = None, host: str = "127.0.0.1",
-                      timeout: float = 10.0) -> socket.socket:
-        """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket."""
-        return await open_raw(self.address, protocol.Connect(path=path, port=port, host=host, timeout=timeout),
+                      timeout: float = 10.0, udp: bool = False) -> socket.socket:
+        """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket.
+
+        With `udp`, a stream of framed datagrams (`relay.frame_datagram`) to a UDP port."""
+        return await open_raw(self.address, protocol.Connect(path=path, port=port, host=host, timeout=timeout,
+                                                             udp=udp),
                               secret=self.secret, timeout=max(timeout, self._timeout),
                               hello=protocol.Hello(client=f"boxpark-host {__version__}"))
 

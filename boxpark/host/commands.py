@@ -215,6 +215,13 @@ def status(args: argparse.Namespace) -> int:
         restarts = f", {docker['restarts']} restarts" if docker["restarts"] else ""
         print(f"  docker: {docker['state']}{extra}{restarts}"
               + (f", last exit {docker['last_exit']}" if docker["last_exit"] else ""))
+    ports = info.get("ports")
+    if ports:
+        for port in ports["forwarded"]:
+            print(f"  port: {port['host']}/{port['proto']} → {port['container']} (guest {port['guest']}, "
+                  f"{port['connections']} connections)")
+        for problem in ports["problems"]:
+            print(f"  port NOT forwarded: {problem}")
     boot = info.get("boot")
     if boot:
         steps = sum(s["ms"] for s in boot["timeline"])

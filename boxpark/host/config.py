@@ -44,6 +44,11 @@ restart_delay_max = 30.0  # ... up to this
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
 
+[ports]                 # published container ports (docker run -p) answer on the host
+forward = true
+all_interfaces = false  # true: a binding on all interfaces (docker's default) listens on all of the
+                        # host's; false: on 127.0.0.1 and ::1 only (others on the network cannot reach it)
+
 # [[mounts]]            # host directories (virtiofs) or guest disks, mounted parent first
 # source = "/srv/data"
 # target = "/srv/data"
@@ -110,6 +115,11 @@ class Time(msgspec.Struct, forbid_unknown_fields=True):
     push_interval: float = 60.0
 
 
+class Ports(msgspec.Struct, forbid_unknown_fields=True):
+    forward: bool = True
+    all_interfaces: bool = False
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     backend: Literal["qemu", "vz", "sandbox"] = "qemu"
     arch: Literal["amd64", "arm64", ""] = ""
@@ -124,6 +134,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     swap: Swap = msgspec.field(default_factory=Swap)
     docker: Docker = msgspec.field(default_factory=Docker)
     time: Time = msgspec.field(default_factory=Time)
+    ports: Ports = msgspec.field(default_factory=Ports)
     mounts: list[Mount] = []
 
     # -- derived, checked values

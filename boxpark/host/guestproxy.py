@@ -4,7 +4,7 @@ For Docker, the host socket is `<state>/docker.sock` (mode 0600) and each connec
 the guest's /var/run/docker.sock. While dockerd is not ready the proxy answers each connection itself with
 an HTTP 503 whose JSON message says why (the docker CLI prints it), instead of hanging. A guest side that
 dies closes the host side at once (the relay shuts both down). The same class serves other forwards
-(the API socket) with a different `open_target`.
+(the API socket, published TCP ports on an already-bound `listener`) with a different `open_target`.
 """
 
 from __future__ import annotations
@@ -43,20 +43,28 @@ class GuestProxy:
 
     def __init__(self, path: str, open_target: Callable[[], Awaitable[socket.socket]], *,
                  unavailable: Callable[[], str | None] = lambda: None,
-                 refusal: Callable[[str], bytes] = http_unavailable) -> None:
-        self.path = path
+                 refusal: Callable[[str], bytes] = http_unavailable,
+                 listener: socket.socket | None = None) -> None:
+        self.path = path  # the unix socket to listen on, or only a name when `listener` is given (TCP)
+        self._listener = listener
         self._open_target = open_target
         self._unavailable = unavailable
         self._refusal = refusal
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[Relay] = set()
+        self._unix = True
         self.accepted = 0
         self.failed = 0
 
     async def start(self) -> None:
         raise_nofile()
-        self._sock = listen_socket(parse_address(f"unix:{self.path}"), backlog=4096)
+        if self._listener is not None:
+            self._sock, self._listener = self._listener, None
+            self._sock.setblocking(False)
+            self._unix = False
+        else:
+            self._sock = listen_socket(parse_address(f"unix:{self.path}"), backlog=4096)
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -88,6 +96,8 @@ class GuestProxy:
             return
         client.setblocking(True)
         target.setblocking(True)
+        if client.family != socket.AF_UNIX:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
 
@@ -128,10 +138,11 @@ class GuestProxy:
             loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if self._unix:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
         for relay in list(self._relays):
             relay.abort()
         for task in list(self._tasks):
