@@ -1,0 +1,149 @@
+"""End-to-end checks of published ports (`docker run -p`), shared by the sandbox and vm tiers.
+
+Each takes a machine that is up (tests/upmachine.py) with the busybox image loaded as `IMAGE`; `net` is the
+`docker run` network arguments of the tier (the sandbox's dockerd has no default bridge: a user network).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+import urllib.request
+from typing import Callable
+
+from tests.upmachine import UpMachine
+
+IMAGE = "boxpark-busybox"
+# A UDP echo server from the guest's own python3 (busybox has none): the guest's /usr mounted read-only.
+UDP_ECHO = ("import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0', 5353))\n"
+            "while True:\n"
+            "    data, peer = s.recvfrom(65535)\n"
+            "    s.sendto(b'echo:' + data, peer)\n")
+GUEST_PYTHON = ["-v", "/usr:/usr:ro", "-v", "/usr/lib:/lib:ro", "-v", "/usr/lib64:/lib64:ro"]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
+    """Poll `check` until true; the seconds it took. Fails naming `what`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def fetch(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def closed(port: int, proto: int = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, proto) as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def run(m: UpMachine, *args: str) -> str:
+    result = m.docker("run", "-d", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def httpd(m: UpMachine, net: list[str], name: str, publish: str, *extra: str) -> str:
+    return run(m, "--name", name, *net, "-p", publish, *extra, IMAGE, "sh", "-c",
+               "busybox mkdir -p /www && echo published > /www/f && exec httpd -f -p 80 -h /www")
+
+
+def published_tcp_port(m: UpMachine, net: list[str]) -> None:
+    """`-p 18080:80` answers on the host; 200 connections at once; closed within 2 s after `docker stop`."""
+    httpd(m, net, "web", "18080:80")
+    wait_for("the published port serving", lambda: fetch("http://127.0.0.1:18080/f") == "published\n", 60)
+    forwarded = m.status()["ports"]["forwarded"]
+    assert {"proto": "tcp", "host": "127.0.0.1:18080", "guest": "127.0.0.1:18080", "container": "web"} \
+        .items() <= forwarded[0].items(), forwarded
+
+    sockets = [socket.create_connection(("127.0.0.1", 18080), timeout=60) for _ in range(200)]  # all open at once
+    try:
+        for s in sockets:
+            s.sendall(b"GET /f HTTP/1.0\r\n\r\n")
+
+        def answer(s: socket.socket) -> bytes:
+            parts = []
+            while data := s.recv(65536):
+                parts.append(data)
+            return b"".join(parts)
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(answer, sockets))
+    finally:
+        for s in sockets:
+            s.close()
+    assert all(a.startswith(b"HTTP/1.") and a.endswith(b"published\n") for a in answers), \
+        [a[:80] for a in answers if not a.endswith(b"published\n")][:3]
+
+    stop = m.docker("stop", "-t", "1", "web")
+    assert stop.returncode == 0, stop.stderr
+    took = wait_for("the host port closed after docker stop", lambda: closed(18080), 2.0)
+    print(f"host port closed {took:.3f} s after docker stop returned")
+    m.docker("rm", "web")
+
+
+def published_udp_port(m: UpMachine, net: list[str]) -> None:
+    """`-p 15353:5353/udp`: datagrams from two host peers each come back to their sender."""
+    run(m, "--name", "udpecho", *net, "-p", "15353:5353/udp", *GUEST_PYTHON, IMAGE, "python3", "-c", UDP_ECHO)
+    peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        def answered() -> bool:
+            peers[0].settimeout(0.5)
+            peers[0].sendto(b"ping", ("127.0.0.1", 15353))
+            try:
+                return peers[0].recv(100) == b"echo:ping"
+            except TimeoutError:
+                return False
+
+        wait_for("the UDP echo through the published port", answered, 60)
+        peers[1].settimeout(10)
+        peers[1].sendto(b"second", ("127.0.0.1", 15353))
+        assert peers[1].recv(100) == b"echo:second"
+    finally:
+        for peer in peers:
+            peer.close()
+    m.docker("rm", "-f", "udpecho")
+    wait_for("the UDP port closed after the container went", lambda: not any(
+        f["host"] == "127.0.0.1:15353" for f in m.status()["ports"]["forwarded"]), 5)
+
+
+def host_port_in_use_is_reported(m: UpMachine, net: list[str]) -> None:
+    """A host port someone else holds: the container runs, `status` says which port and why, no crash."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 18082))
+        holder.listen()
+
+        def reported() -> bool:
+            return any("127.0.0.1:18082 for busy: Address already in use" in p
+                       for p in m.status()["ports"]["problems"])
+
+        httpd(m, net, "busy", "18082:80")
+        wait_for("the port-in-use problem in status", reported, 30)
+        status = m.cli("status")
+        assert "port NOT forwarded: tcp 127.0.0.1:18082 for busy: Address already in use" in status.stdout
+        assert m.status()["state"] == "ready"
+        assert "18082" in (m.dir / "agent.log").read_text()
+    m.docker("rm", "-f", "busy")
+    wait_for("the problem gone with its container", lambda: not m.status()["ports"]["problems"], 10)
+
+
+def ports_come_back_after_dockerd_restarts(m: UpMachine, net: list[str], kill_dockerd: Callable[[], None]) -> None:
+    """A `--restart always` container's port serves again after dockerd was killed and restarted: the
+    watcher reopens the event stream and lists the running containers (as at the agent's start)."""
+    httpd(m, net, "always", "18084:80", "--restart", "always")
+    wait_for("the port serving", lambda: fetch("http://127.0.0.1:18084/f") == "published\n", 60)
+    kill_dockerd()
+    wait_for("the port serving again", lambda: fetch("http://127.0.0.1:18084/f") == "published\n", 180)
+    m.docker("rm", "-f", "always")

@@ -1,0 +1,65 @@
+"""Everyday Docker on QEMU (TCG): published ports (TCP, UDP, a port in use, after dockerd restarts).
+
+One machine for the module; containers on docker's default bridge, as a user's would be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests import portchecks, upchecks
+from tests.upmachine import UpMachine, busybox_tarball
+
+pytestmark = [pytest.mark.vm,
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
+                                 or shutil.which("docker") is None,
+                                 reason="needs root, qemu-system-x86 and the docker CLI")]
+
+CONFIG = """
+memory = "1GiB"
+[disk]
+size = "1GiB"
+[swap]
+size = "0"
+"""
+NET: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def machine(request, tmp_path_factory):
+    m = UpMachine("qemu", CONFIG)
+    result = m.up()
+    if result.returncode != 0:
+        logs = m.logs()
+        m.destroy()
+        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
+    try:
+        loaded = m.docker("import", str(busybox_tarball(tmp_path_factory.mktemp("bb"))), portchecks.IMAGE)
+        assert loaded.returncode == 0, loaded.stderr
+    except BaseException:
+        m.destroy()
+        raise
+    yield m
+    if request.session.testsfailed:
+        print(m.logs())
+    m.destroy()
+
+
+def test_published_tcp_port(machine) -> None:
+    portchecks.published_tcp_port(machine, NET)
+
+
+def test_published_udp_port(machine) -> None:
+    portchecks.published_udp_port(machine, NET)
+
+
+def test_host_port_in_use_is_reported(machine) -> None:
+    portchecks.host_port_in_use_is_reported(machine, NET)
+
+
+def test_ports_come_back_after_dockerd_restarts(machine) -> None:
+    portchecks.ports_come_back_after_dockerd_restarts(
+        machine, NET, lambda: upchecks.dockerd_killed_and_restarted(machine))
