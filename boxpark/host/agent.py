@@ -160,9 +160,9 @@ class Agent:
     async def open_docker(self) -> socket.socket:
         return await self.open_connect(protocol.Connect(path="/var/run/docker.sock"))
 
-    async def open_connect(self, request: protocol.Connect) -> socket.socket:
+    async def open_connect(self, request: protocol.Connect, timeout: float = 10.0) -> socket.socket:
         assert self.api_address is not None
-        return await open_raw(self.api_address, request, secret=self.secret)
+        return await open_raw(self.api_address, request, secret=self.secret, timeout=timeout)
 
     async def open_api(self) -> socket.socket:
         assert self.api_address is not None
@@ -287,7 +287,8 @@ class Agent:
         self.proxies.append(proxy)
         stack.callback(proxy.close)
         if config.ports.forward:
-            self.ports = PortForwards(self.open_docker, self.open_connect,
+            # a client of a published port waits as for a slow server, not 10 s (a burst on a TCG guest)
+            self.ports = PortForwards(self.open_docker, lambda request: self.open_connect(request, timeout=60),
                                       all_interfaces=config.ports.all_interfaces)
             stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
         self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",

@@ -31,6 +31,7 @@ from .guestproxy import GuestProxy
 log = logging.getLogger("boxpark.agent.ports")
 
 UDP_IDLE = 60.0  # seconds of silence after which a UDP peer's stream is closed
+DIALS = 8  # new streams being opened into the guest at once; more wait their turn here (see _dial)
 EVENTS_FILTER = json.dumps({"type": ["container"], "event": ["start", "die"]})
 
 OpenDocker = Callable[[], Awaitable[socket.socket]]
@@ -271,6 +272,13 @@ class PortForwards:
         self._containers: dict[str, set[Listen]] = {}
         self.synced = asyncio.Event()  # set after each listing of the running containers
         self.watching = False
+        self._dials = asyncio.Semaphore(DIALS)
+
+    async def _dial(self, request: protocol.Connect) -> socket.socket:
+        """A stream into the guest, a few at a time: QEMU's user network accepts host connections with a
+        backlog of one, and a burst beyond it waits for TCP's SYN retries (1 s, 3 s, 7 s ...) instead."""
+        async with self._dials:
+            return await self._open_guest(request)
 
     # -- the watch
 
@@ -358,11 +366,11 @@ class PortForwards:
         forward: GuestProxy | UdpForward
         if listen.proto == "tcp":
             request = protocol.Connect(port=listen.port, host=listen.guest_ip)
-            forward = GuestProxy(name, lambda: self._open_guest(request), refusal=lambda reason: b"",
+            forward = GuestProxy(name, lambda: self._dial(request), refusal=lambda reason: b"",
                                  listener=sock)
             await forward.start()
         else:
-            forward = UdpForward(listen, self._open_guest)
+            forward = UdpForward(listen, self._dial)
             await forward.start(sock)
         self.forwards[listen] = (cid, binding, forward)
         log.info("published port %s → %s (%s)", name, binding.container, listen.guest_ip)
