@@ -388,6 +388,7 @@ class VzBackend(Backend):
     """`get_backend("vz")`: a VM in this process. `rosetta`: auto (when installed), on (required), off."""
 
     name = "vz"
+    machine_class: Callable[..., VzMachine] = VzMachine  # tests put a fake here (tests/integration/test_vz_forward.py)
 
     def __init__(self, *, rosetta: RosettaChoice = "auto") -> None:
         super().__init__()
@@ -421,7 +422,7 @@ class VzBackend(Backend):
         stack.push_async_callback(self.events.close)
         stack.callback(_unlink, plan.events_socket)
 
-        self.machine = VzMachine(plan, loop, self._guest_dialled)
+        self.machine = self.machine_class(plan, loop, self._guest_dialled)
         stack.push_async_callback(self.machine.close)
         stack.callback(self._abort_relays)
         self.spawned_at = time.monotonic()
