@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 ROUNDS = 20
 
 
-def run_threads(targets: list, jitter: bool = True) -> None:
+def run_threads(targets: list) -> None:
     barrier = threading.Barrier(len(targets))
 
     def wrap(fn):  # type: ignore[no-untyped-def]
@@ -214,7 +214,11 @@ def test_kept_socket_holds_its_owner_until_closed() -> None:
     released: list[object] = []
     ours, theirs = socket.socketpair()
     owner = Connection(ours)
-    kept = KeptSocket.dup(ours.fileno(), owner, lambda o: (released.append(o), o.sock.close()))  # type: ignore[attr-defined]
+    def release(o: object) -> None:
+        released.append(o)
+        o.sock.close()  # type: ignore[attr-defined]
+
+    kept = KeptSocket.dup(ours.fileno(), owner, release)
     ref = weakref.ref(owner)
     del owner
     gc.collect()

@@ -185,7 +185,8 @@ def test_vz_end_before_ready_names_the_reason(short_tmp: str) -> None:
         async with backend:
             await backend.start(spec)
             Path(spec.console_log).write_text("Kernel panic - not syncing: VFS\n")
-            backend.machine.end.finish(1, "VZ stopped the machine: Internal Virtualization error.")  # type: ignore[union-attr]
+            assert backend.machine is not None
+            backend.machine.end.finish(1, "VZ stopped the machine: Internal Virtualization error.")
             from boxpark.host.backends import BackendError
 
             with pytest.raises(BackendError) as caught:

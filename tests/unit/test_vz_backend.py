@@ -27,7 +27,8 @@ def test_vz_without_pyobjc_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
     else:
         pytest.skip("PyObjC's Virtualization is installed here")
     monkeypatch.setattr(sys, "platform", "darwin")
-    with pytest.raises(BackendError, match=r"needs PyObjC's Virtualization and libdispatch .*pip install 'boxpark\[macos\]'"):
+    with pytest.raises(BackendError,
+                       match=r"needs PyObjC's Virtualization and libdispatch .*pip install 'boxpark\[macos\]'"):
         require_macos()
 
 

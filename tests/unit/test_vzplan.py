@@ -125,7 +125,8 @@ def test_disk_size_not_a_multiple_of_512(image: Path, tmp_path: Path) -> None:
     with pytest.raises(SpecError) as caught:
         make_plan(spec_for(image, tmp_path, disks=(Disk(str(data)),)), LIMITS)
     assert caught.value.field == "disks[0].path"
-    assert str(data) in str(caught.value) and "1000 bytes" in str(caught.value) and "truncate -s 1024" in str(caught.value)
+    text = str(caught.value)
+    assert str(data) in text and "1000 bytes" in text and "truncate -s 1024" in text
     (image / "root.squashfs").write_bytes(b"\0" * 4097)
     with pytest.raises(SpecError) as root:
         make_plan(spec_for(image, tmp_path), LIMITS)
@@ -165,7 +166,8 @@ def test_arch_must_be_arm64(image: Path, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="arch: must be arm64 on Apple silicon.*not 'amd64'"):
         make_plan(spec_for(image, tmp_path, arch="amd64"), LIMITS)
     intel = VzLimits(**{**LIMITS.__dict__, "host_arch": "amd64"})
-    with pytest.raises(SpecError, match="arch: .*this Mac is amd64: use backend = \"qemu\""):
+    with pytest.raises(SpecError, match=r"arch: .*this Mac \(or this Python, if it runs under Rosetta\) is amd64: "
+                                        r"use backend = \"qemu\""):
         make_plan(spec_for(image, tmp_path), intel)
 
 

@@ -247,8 +247,8 @@ def make_plan(spec: MachineSpec, limits: VzLimits, *, rosetta: RosettaChoice = "
     spec.validate()
     notes: list[str] = []
     if limits.host_arch != "arm64":
-        raise PlanError("arch", f"the vz backend runs arm64 guests on Apple silicon; this Mac is "
-                                f"{limits.host_arch}: use backend = \"qemu\"")
+        raise PlanError("arch", f"the vz backend runs arm64 guests on Apple silicon; this Mac (or this Python, "
+                                f"if it runs under Rosetta) is {limits.host_arch}: use backend = \"qemu\"")
     if spec.arch != "arm64":
         raise PlanError("arch", f"must be arm64 on Apple silicon (VZ runs the host's architecture), not "
                                 f"{spec.arch!r}; amd64 programs run in the arm64 guest through Rosetta")
