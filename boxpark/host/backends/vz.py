@@ -397,6 +397,7 @@ class VzBackend(Backend):
         self.machine: VzMachine | None = None
         self.rosetta_ready = False
         self._relays: set[Relay] = set()
+        self._joining: set[asyncio.Future[None]] = set()  # referenced until done (the loop keeps weak ones)
 
     def check(self, spec: MachineSpec) -> None:
         require_macos()
@@ -462,7 +463,9 @@ class VzBackend(Backend):
             sock.setblocking(True)
             self._join(sock, kept)
 
-        asyncio.ensure_future(join())
+        task = asyncio.ensure_future(join())
+        self._joining.add(task)
+        task.add_done_callback(self._joining.discard)
 
     async def _forward_api(self, listener: socket.socket) -> None:
         """Each connection to api.sock becomes a connectToPort dial to the guest's API."""
