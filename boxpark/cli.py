@@ -190,6 +190,12 @@ def _image_import(args: argparse.Namespace) -> int:
     return bundle.run_import(args)
 
 
+def _vz_sign(args: argparse.Namespace) -> int:
+    from .host import vzsign
+
+    return vzsign.run(args)
+
+
 def _boot(args: argparse.Namespace) -> int:
     from .host import boot
 
@@ -269,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
         bundle.add_import_arguments(image_import)
     image_export.set_defaults(func=_image_export)
     image_import.set_defaults(func=_image_import)
+
+    vz = commands.add_parser("vz", help="macOS: Virtualization.framework set-up",
+                             description="Set up the vz backend (macOS, Virtualization.framework).")
+    vz_commands = vz.add_subparsers(dest="vz_command", metavar="SUBCOMMAND", required=True)
+    vz_sign = vz_commands.add_parser(
+        "sign", help="make the ad-hoc-signed Python launcher the agent needs for VZ (macOS)",
+        description="Copy this Python's interpreter, sign the copy ad hoc with the "
+                    "com.apple.security.virtualization entitlement, and record it: `up` with backend vz starts "
+                    "the machine agent with it. Prints the launcher's path.")
+    from .host.vzsign import add_arguments as add_vz_sign_arguments  # stdlib only: cheap
+
+    add_vz_sign_arguments(vz_sign)
+    vz_sign.set_defaults(func=_vz_sign)
 
     from .host.boot import add_arguments as add_boot_arguments  # cheap: the backends load when it runs
 

@@ -248,6 +248,8 @@ class Agent:
 
         self.time = TimePusher(self.dial, config.time.push_interval)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.time.run()))
+        from .wake import watch_wake  # macOS: push the time at once when the Mac wakes (a no-op elsewhere)
+        stack.callback(watch_wake(self.time.poke).close)
 
         self.progress("initializing", phase="initialize", state="initializing")
         client = await self.dial()

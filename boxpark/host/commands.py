@@ -91,9 +91,13 @@ def up(args: argparse.Namespace) -> int:
         if machine.stale():
             for what in machine.clean():
                 print(f"boxpark: cleaned up after a dead agent: {what}", file=sys.stderr)
-        if not config.image and config.backend != "vz":
+        python, env = sys.executable, None
+        if config.backend == "vz":
+            python, env = _vz_launcher()  # says first when this is no Mac
+            _ensure_imported_image(config)
+        elif not config.image:
             _ensure_image(config)
-        _start_agent(machine, config_path)
+        _start_agent(machine, config_path, python, env)
     last = None
     for event in control(machine, "follow", timeout=None):
         if not args.quiet:
@@ -119,13 +123,40 @@ def _ensure_image(config: Any) -> None:
     build.build_image(directory, arch=arch, with_docker=True)
 
 
-def _start_agent(machine: Machine, config_path: str | None) -> None:
-    argv = [sys.executable, "-m", "boxpark", "agent", "run", "--name", machine.name]
+def _ensure_imported_image(config: Any) -> None:
+    """A Mac cannot build the image: without `image` in the config, an imported one must be there."""
+    if config.image:
+        return
+    from ..image.build import default_image_dir
+
+    arch = config.guest_arch
+    directory = default_image_dir(arch, with_docker=True)
+    if not (directory / "manifest.json").exists():
+        raise CommandFailed(
+            f"no {arch} guest image in {directory}: a Mac cannot build one (no debootstrap)",
+            f"on a Linux machine run `boxpark image build --arch {arch}` and `boxpark image export --arch {arch}`, "
+            f"copy the bundle here, then run `boxpark image import FILE` (or `boxpark image import URL`) "
+            f"and `boxpark up` again")
+
+
+def _vz_launcher() -> tuple[str, dict[str, str]]:
+    """The signed Python the agent needs for VZ (made on the first `up`), and its environment."""
+    from .vzsign import SignError, agent_environment, ensure_launcher
+
+    try:
+        return ensure_launcher().path, agent_environment()
+    except SignError as exc:
+        raise CommandFailed(str(exc), exc.hint or "run `boxpark vz sign`") from None
+
+
+def _start_agent(machine: Machine, config_path: str | None, python: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+    argv = [python or sys.executable, "-m", "boxpark", "agent", "run", "--name", machine.name]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
     log = open(machine.agent_log, "ab")
     agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                             close_fds=True, cwd="/")
+                             close_fds=True, cwd="/", env=env)
     log.close()
     deadline = time.monotonic() + 15
     while not machine.control_answers(timeout=0.5):

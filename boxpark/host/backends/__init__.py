@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("boxpark.host.backends")
 
-BACKENDS = ("qemu", "sandbox")
+BACKENDS = ("qemu", "sandbox", "vz")
 
 
 class BackendError(Exception):
@@ -52,7 +52,7 @@ class UnsupportedSpec(SpecError):
 
 
 def get_backend(name: str) -> Backend:
-    """A new, unstarted backend by name: `qemu` or `sandbox`."""
+    """A new, unstarted backend by name: `qemu`, `sandbox` or `vz` (macOS; `BackendError` elsewhere)."""
     if name == "qemu":
         from .qemu import QemuBackend
 
@@ -61,6 +61,11 @@ def get_backend(name: str) -> Backend:
         from .sandbox import SandboxBackend
 
         return SandboxBackend()
+    if name == "vz":
+        from .vz import VzBackend, require_macos
+
+        require_macos()
+        return VzBackend()
     raise BackendError(f"unknown backend {name!r}; one of: {', '.join(BACKENDS)}")
 
 
