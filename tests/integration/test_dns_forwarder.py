@@ -107,7 +107,8 @@ async def ask_tcp(port: int, message: bytes) -> bytes:
         writer.close()
 
 
-async def forwarder_and_upstream(upstreams: list[str] | None = None, **kwargs: object) -> tuple[dns.Forwarder, FakeUpstream]:
+async def forwarder_and_upstream(upstreams: list[str] | None = None,
+                                 **kwargs: object) -> tuple[dns.Forwarder, FakeUpstream]:
     upstream = FakeUpstream()
     await upstream.start()
     forwarder = dns.Forwarder("127.0.0.1", upstreams or ["127.0.0.1"], "10.0.2.2", port=0,
