@@ -147,10 +147,11 @@ async def start_dns(net: Result) -> Forwarder | None:
 
     if not net.address or not net.gateway:
         return None
-    forwarder = dns.Forwarder(net.address, net.dns, net.gateway)
+    upstreams = [server for server in net.dns if server != net.address]  # never itself: a loop
+    forwarder = dns.Forwarder(net.address, upstreams, net.gateway)
     await forwarder.start()
     network.write_resolv_conf([net.address])
-    log.info("dns: forwarder on %s:53 → %s; %s is %s", net.address, ", ".join(net.dns) or "no upstream",
+    log.info("dns: forwarder on %s:53 → %s; %s is %s", net.address, ", ".join(upstreams) or "no upstream",
              dns.HOST_NAME, net.gateway)
     return forwarder
 
