@@ -93,3 +93,24 @@ def test_answer_decides_local_forward_or_servfail() -> None:
     alone = dns.Forwarder("127.0.0.1", [], "10.0.2.2")
     nothing, _ = alone.answer(query("example.test"))
     assert nothing is not None and nothing[3] & 0x0F == dns.RCODE_SERVFAIL
+
+
+def test_no_message_makes_the_handling_raise() -> None:
+    """Whatever arrives on port 53 (junk, truncations, mutations of a real query) gets an answer or nothing."""
+    import random
+
+    rng = random.Random(6)
+    forwarder = dns.Forwarder("127.0.0.1", ["192.0.2.1"], "10.0.2.2")
+    seeds = [query("host.boxpark.internal"), query("example.test", dns.TYPE_AAAA)]
+    for _ in range(5000):
+        if rng.random() < 0.3:
+            message = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64)))
+        else:
+            message = bytearray(rng.choice(seeds))
+            for _ in range(rng.randrange(1, 4)):
+                message[rng.randrange(len(message))] = rng.getrandbits(8)
+            message = bytes(message[:rng.randrange(len(message) + 1)])
+        dns.parse_question(message)
+        if dns.is_query(message):
+            reply, _ = forwarder.answer(message)
+            assert reply is None or (len(reply) >= 12 and reply[:2] == message[:2] and reply[2] & 0x80)
