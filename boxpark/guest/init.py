@@ -18,10 +18,14 @@ BOOT_START_NS = time.monotonic_ns()
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from typing import Iterator  # noqa: E402
+from typing import TYPE_CHECKING, Iterator  # noqa: E402
 
 from .. import __version__  # noqa: E402
 from . import initlog, rootfs, settings as settings_  # noqa: E402
+
+if TYPE_CHECKING:
+    from .dns import Forwarder
+    from .network import Result
 
 log = logging.getLogger("boxpark.init")
 
@@ -87,13 +91,15 @@ def boot(settings: settings_.Settings, timeline: Timeline) -> None:
 
     from . import network
 
+    net = network.Result("not configured")
     with timeline.step("network"):
         network.set_hostname(settings.hostname)
-        log.info("network: %s", network.configure(settings))
+        net = network.configure(settings)
+        log.info("network: %s", net.summary)
 
     import asyncio
 
-    asyncio.run(serve(settings, timeline, clock))
+    asyncio.run(serve(settings, timeline, clock, net))
 
 
 def _raise_limits(sandbox: bool) -> None:
@@ -135,7 +141,22 @@ def read_secret(source: str) -> bytes | None:
     return secret
 
 
-async def serve(settings: settings_.Settings, timeline: Timeline, clock: object) -> None:
+async def start_dns(net: Result) -> Forwarder | None:
+    """The DNS forwarder on eth0's address, then resolv.conf pointing at it; None without a network."""
+    from . import dns, network
+
+    if not net.address or not net.gateway:
+        return None
+    upstreams = [server for server in net.dns if server != net.address]  # never itself: a loop
+    forwarder = dns.Forwarder(net.address, upstreams, net.gateway)
+    await forwarder.start()
+    network.write_resolv_conf([net.address])
+    log.info("dns: forwarder on %s:53 → %s; %s is %s", net.address, ", ".join(upstreams) or "no upstream",
+             dns.HOST_NAME, net.gateway)
+    return forwarder
+
+
+async def serve(settings: settings_.Settings, timeline: Timeline, clock: object, net: Result | None = None) -> None:
     """Start the Guest API, send Ready, then do PID 1's duties until a shutdown is asked for."""
     import asyncio
     import signal
@@ -154,6 +175,9 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object)
 
     event_log = events.EventLog(boot_id())
     clock.emit = event_log.emit  # type: ignore[attr-defined]
+    if net is not None:
+        with timeline.step("dns"):
+            forwarder = await start_dns(net)  # noqa: F841 (it serves as long as the loop runs)
     server: GuestServer | None = None
     api: list[str] = []
     with timeline.step("api"):

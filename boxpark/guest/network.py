@@ -1,4 +1,9 @@
-"""The guest's network: lo up; eth0 static from the settings or by DHCP; resolv.conf and hostname.
+"""The guest's network: lo up; eth0 static from the settings or by DHCP; resolv.conf, hosts and hostname.
+
+resolv.conf names the guest's own eth0 address, where the DNS forwarder (dns.py) listens and answers
+`host.boxpark.internal` (also in /etc/hosts, for the guest itself); the lease's or the settings' resolvers
+are its upstreams. In the sandbox, eth0 is slirp4netns's tap, attached by the host once the namespace
+exists: the init waits for it (bounded) instead of racing it.
 
 The boot path: plain ioctls (0.5 ms) instead of a netlink library (pyroute2 costs 240 ms to import).
 No network is never fatal: the API may still be reachable over vsock.
@@ -99,6 +104,42 @@ def write_resolv_conf(servers: list[str], search: str = "") -> None:
     os.replace(tmp, "/etc/resolv.conf")
 
 
+HOST_NAME = "host.boxpark.internal"
+SANDBOX_TAP_WAIT = 5.0  # s; the host attaches the tap within milliseconds of the init starting
+
+
+class Result:
+    """What the network step set up: eth0's address, the gateway (= the host) and the upstream resolvers."""
+
+    def __init__(self, summary: str, address: str = "", gateway: str = "", dns: list[str] | None = None) -> None:
+        self.summary = summary
+        self.address = address
+        self.gateway = gateway
+        self.dns = dns or []
+
+
+def wait_for_interface(name: str, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while name not in interfaces():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def write_sysctl(key: str, value: str) -> None:
+    with open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+        f.write(value)
+
+
+def add_host(name: str, address: str) -> None:
+    """A line in /etc/hosts (which `set_hostname` wrote)."""
+    with open("/etc/hosts", "a") as f:
+        f.write(f"{address}\t{name}\n")
+
+
 def set_hostname(name: str) -> None:
     libc.sethostname(name)
     try:
@@ -110,15 +151,18 @@ def set_hostname(name: str) -> None:
         pass
 
 
-def configure(settings: Settings) -> str:
-    """Bring the network up as the settings say; return a one-line summary for the log."""
+def configure(settings: Settings) -> Result:
+    """Bring the network up as the settings say; the result has a one-line summary for the log.
+
+    resolv.conf gets the upstream resolvers here; `use_forwarder` points it at the forwarder once that runs.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         link_up(sock, "lo")
         if settings.net == "none":
-            return "lo up; eth0 left down (boxpark.net=none)"
-        if "eth0" not in interfaces():
-            return "lo up; no eth0"
+            return Result("lo up; eth0 left down (boxpark.net=none)")
+        if "eth0" not in interfaces() and not (settings.sandbox and wait_for_interface("eth0", SANDBOX_TAP_WAIT)):
+            return Result("lo up; no eth0")
         link_up(sock, "eth0")
         static = settings.static
         if settings.net == "dhcp":
@@ -133,8 +177,21 @@ def configure(settings: Settings) -> str:
         set_address(sock, "eth0", static.address, static.prefix)
         if static.gateway:
             default_route(sock, static.gateway)
+            add_host(HOST_NAME, static.gateway)
+        if settings.sandbox:
+            _route_containers()
         write_resolv_conf(static.dns)
-        return (f"eth0 {static.address}/{static.prefix} via {static.gateway}, dns {','.join(static.dns) or '-'} "
-                f"({how})")
+        return Result(f"eth0 {static.address}/{static.prefix} via {static.gateway}, dns {','.join(static.dns) or '-'} "
+                      f"({how})", static.address, static.gateway, static.dns)
     finally:
         sock.close()
+
+
+def _route_containers() -> None:
+    """The sandbox's dockerd has no NAT (iptables off): containers' packets leave eth0 with their own source
+    addresses, so the guest forwards them and answers slirp's ARP for them (proxy ARP) to get the replies."""
+    try:
+        write_sysctl("net.ipv4.ip_forward", "1")
+        write_sysctl("net.ipv4.conf.eth0.proxy_arp", "1")
+    except OSError as exc:
+        log.warning("containers cannot reach the host: %s", exc)

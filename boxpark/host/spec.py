@@ -76,7 +76,7 @@ class MachineSpec:
     share_targets: dict[str, str] = field(default_factory=dict)  # guest mount point -> tag (for whoever mounts)
     api: str | None = None  # where the host dials the Guest API; None: the backend picks
     events: str | None = None  # where the host listens for the guest's event stream; None: the backend picks
-    net: str | None = None  # boxpark.net; None: the backend's default (qemu: static user-net, sandbox: none)
+    net: str | None = None  # boxpark.net; None: the backend's default (static user-net: qemu, sandbox+slirp4netns)
     settings: dict[str, str] = field(default_factory=dict)  # more boxpark.* settings, e.g. {"log": "debug"}
     rtc_base: str = "utc"  # qemu -rtc base=: utc, localtime, or YYYY-MM-DD[THH:MM:SS] (UTC)
     rtc_clock: Literal["host", "vm"] = "host"  # "vm": the RTC runs from rtc_base only while the guest runs

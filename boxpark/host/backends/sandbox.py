@@ -6,6 +6,11 @@ directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` â†
 â†’ the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
 which the guest sees at /run/boxpark/host.
 
+The network: slirp4netns attaches a tap (eth0) to the sandbox's network namespace and gives it QEMU's
+user-mode layout (gateway 10.0.2.2 = the host's loopback, DNS 10.0.2.3, the guest at 10.0.2.100), so the
+guest and its containers reach the host and, through the host's sockets, the world. Without slirp4netns the
+sandbox has loopback only (the log says so).
+
 It is not a security boundary, but it never touches what is global to the machine: no host /dev, no
 CAP_SYS_TIME, no CAP_SYS_BOOT, no swap; every process lands in its cgroup, so stopping finds them all.
 Stopping leaves nothing behind: no process (the cgroup is killed and removed), no mount (the mount
@@ -22,6 +27,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import signal
 import struct
 import subprocess
@@ -41,6 +47,8 @@ GUEST_HOST_DIR = "/run/boxpark/host"
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
 CGROUP_PARENT = "boxpark"
+SLIRP_NET = "static:10.0.2.100/24,10.0.2.2,10.0.2.3"  # slirp4netns's own default guest address
+SLIRP_ARGS = ("--enable-sandbox", "--enable-seccomp")  # it runs in an empty root, with a syscall filter
 PR_SET_PDEATHSIG = 1
 
 
@@ -53,6 +61,8 @@ class SandboxBackend(Backend):
         super().__init__()
         self.cgroup: Cgroup | None = None
         self.loop_device: str | None = None
+        self.slirp4netns = shutil.which("slirp4netns")
+        self.slirp: Child | None = None
 
     def check(self, spec: MachineSpec) -> None:
         if sys.platform != "linux":
@@ -96,7 +106,7 @@ class SandboxBackend(Backend):
             "events": f"unix:{GUEST_HOST_DIR}/events.sock",
             "sandbox": "1",
             "logfile": f"{GUEST_HOST_DIR}/init.log",
-            "net": spec.net or "none",
+            "net": spec.net or (SLIRP_NET if self.slirp4netns else "none"),
             "hostname": spec.name,
         }
 
@@ -137,6 +147,45 @@ class SandboxBackend(Backend):
         self.child = Child(popen, "unshare")
         self._record_pid(self.child, argv[0])
         stack.push_async_callback(self._reap)
+        if self.settings(spec)["net"] != "none":
+            await self._start_network(state, stack)
+        elif not self.slirp4netns:
+            log.warning("slirp4netns is not installed: the sandbox has loopback only, its containers cannot "
+                        "reach the host or the network (apt-get install slirp4netns)")
+
+    async def _start_network(self, state: Path, stack: contextlib.AsyncExitStack) -> None:
+        """slirp4netns on the sandbox's network namespace (once its PID 1 is there); the guest waits for eth0.
+
+        Not in the sandbox's cgroup: the guest owns that tree. It dies with us (PDEATHSIG) and is recorded
+        in slirp4netns.pid like every helper.
+        """
+        assert self.slirp4netns is not None and self.child is not None
+        deadline = time.monotonic() + 5.0
+        while (pid := self.init_pid()) is None:
+            if self.child.returncode is not None or time.monotonic() > deadline:
+                log.error("the sandbox's PID 1 did not appear: no network")
+                return
+            await asyncio.sleep(0.002)
+        argv = [self.slirp4netns, *SLIRP_ARGS, str(pid), "eth0"]
+        output = os.open(state / "slirp4netns.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                     preexec_fn=_die_with_parent, close_fds=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("cannot start slirp4netns: %s; the sandbox has loopback only", exc)
+            return
+        finally:
+            os.close(output)
+        self.slirp = Child(popen, "slirp4netns")
+        self._record_pid(self.slirp, argv[0])
+        stack.push_async_callback(self._stop_network)
+
+    async def _stop_network(self) -> None:
+        assert self.slirp is not None
+        self.slirp.signal(signal.SIGTERM)
+        if await self.slirp.wait_for(2.0) is None:
+            log.warning("slirp4netns did not end on SIGTERM; killing it")
+        self.slirp.close()
 
     async def _graceful_stop(self) -> None:
         """SIGTERM to the init (PID 1 inside): it stops its services, syncs and exits."""
@@ -177,9 +226,17 @@ class SandboxBackend(Backend):
                 "init_pid": self.init_pid()}
 
     def pids(self) -> list[int]:
-        if self.cgroup is None:
-            return super().pids()
-        return sorted(set(super().pids()) | set(self.cgroup.pids()))
+        pids = set(super().pids())
+        if self.cgroup is not None:
+            pids |= set(self.cgroup.pids())
+        if self.slirp is not None and self.slirp.returncode is None:
+            pids.add(self.slirp.pid)
+        return sorted(pids)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL when our host process dies."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _unshare() -> list[str]:
