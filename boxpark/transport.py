@@ -20,8 +20,9 @@ import re
 import secrets
 import socket
 import stat
+import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal
+from typing import Awaitable, Callable, Generator, Literal
 
 from . import protocol
 from .protocol import (Challenge, Error, ErrorCode, FrameDecoder, Hello, Message, Proof, ProtocolError,
@@ -202,23 +203,33 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
-async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
-    """Connect a non-blocking socket to `address`, or raise `TransportError` naming it and why."""
-    loop = asyncio.get_running_loop()
+def _blocking_socket(address: Address) -> socket.socket:
+    """An unconnected socket of the address's kind (TCP without Nagle: the protocol's frames are small)."""
     if address.kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        target: object = address.path
-    elif address.kind == "tcp":
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    if address.kind == "tcp":
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        target = (address.host, address.port)
-    else:
-        sock = _vsock_socket(address)
-        target = (address.cid, address.port)
+        return sock
+    return _vsock_socket(address)
+
+
+def _target(address: Address) -> object:
+    if address.kind == "unix":
+        return address.path
+    if address.kind == "tcp":
+        return (address.host, address.port)
+    return (address.cid, address.port)
+
+
+async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
+    """Connect a non-blocking socket to `address`, or raise `TransportError` naming it and why."""
+    loop = asyncio.get_running_loop()
+    sock = _blocking_socket(address)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
+        await asyncio.wait_for(loop.sock_connect(sock, _target(address)), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
         if isinstance(exc, asyncio.TimeoutError):
@@ -526,36 +537,65 @@ async def dial(address: Address | str, *, secret: bytes | None = None, hello: He
     return channel, welcome
 
 
+def _raw_call(address: Address, request: Message, secret: bytes | None,
+              hello: Hello | None) -> Generator[bytes | int, bytes, None]:
+    """The client side of one upgrade call, without I/O: yields bytes to send, or a count of bytes to read
+    (and is sent them back); returns once the call's `Ok` is read. Frames are read exactly (header, then
+    body), so no byte of the raw stream that follows is ever taken."""
+
+    def next_message() -> Generator[bytes | int, bytes, Message]:
+        (length,) = protocol.HEADER.unpack((yield 4))
+        if length > protocol.MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes is over the limit")
+        return protocol.decode_body((yield length))
+
+    first = protocol.encode(hello or Hello())
+    if not secret:
+        first += protocol.encode(request)  # no proof can be asked for: the request rides with the Hello
+    yield first
+    reply = yield from next_message()
+    if isinstance(reply, Challenge):
+        if not secret:
+            raise TransportError(f"{address} asks for a token proof and no secret was given",
+                                 ErrorCode.UNAUTHENTICATED)
+        yield protocol.encode(Proof(hmac=proof(secret, reply.nonce))) + protocol.encode(request)
+        reply = yield from next_message()
+    if isinstance(reply, Error):
+        raise TransportError(f"{address} refused the connection: {reply.message}", reply.code)
+    if not isinstance(reply, Welcome):
+        raise TransportError(f"{address} is not a Boxpark endpoint (got {type(reply).__name__})",
+                             ErrorCode.BAD_FRAME)
+    reply = yield from next_message()
+    if isinstance(reply, Error):
+        raise RemoteError(reply.code, reply.message)
+    if not isinstance(reply, protocol.Ok):
+        raise TransportError(f"{address} answered {type(reply).__name__} instead of Ok", ErrorCode.BAD_FRAME)
+
+
+def _raw_failure(address: Address, exc: BaseException, expired: bool, timeout: float) -> BaseException:
+    """What a failed raw call raises: a TransportError naming the address and why, or `exc` itself."""
+    if expired and isinstance(exc, (TransportError, OSError)):
+        return TransportError(f"{address} did not answer within {timeout:g} s", ErrorCode.TIMEOUT)
+    if isinstance(exc, ProtocolError):
+        return TransportError(f"{address} sent a bad frame: {exc}", ErrorCode.BAD_FRAME)
+    if isinstance(exc, OSError):
+        return TransportError(f"{address}: {exc}")
+    return exc
+
+
 async def open_raw(address: Address | str, request: Message, *, secret: bytes | None = None,
                    hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
     """One connection that makes one upgrade call (e.g. `Connect`) and returns the raw socket after its `Ok`.
 
-    The lean path for proxies: no channel or protocol objects, the request right behind the handshake,
-    and frames read exactly (header, then body), so no byte of the raw stream is ever read here.
+    The lean path for asyncio code: no channel or protocol objects, the request right behind the handshake.
     """
     if isinstance(address, str):
         address = parse_address(address)
     loop = asyncio.get_running_loop()
     sock = await dial_socket(address, timeout)
-
-    async def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = await loop.sock_recv(sock, n - len(data))
-            if not chunk:
-                raise TransportError(f"{address} closed the connection during the call")
-            data += chunk
-        return data
-
-    async def next_message() -> Message:
-        (length,) = protocol.HEADER.unpack(await exactly(4))
-        if length > protocol.MAX_FRAME:
-            raise ProtocolError(f"frame of {length} bytes is over the limit")
-        return protocol.decode_body(await exactly(length))
-
     expired = False
 
-    def expire() -> None:  # a timer, not wait_for: no extra task per proxied connection
+    def expire() -> None:  # a timer, not wait_for: no extra task per call
         nonlocal expired
         expired = True
         with contextlib.suppress(OSError):
@@ -563,42 +603,69 @@ async def open_raw(address: Address | str, request: Message, *, secret: bytes | 
 
     timer = loop.call_later(timeout, expire)
     try:
-        first = protocol.encode(hello or Hello())
-        if not secret:
-            first += protocol.encode(request)
-        await loop.sock_sendall(sock, first)
-        reply = await next_message()
-        if isinstance(reply, Challenge):
-            if not secret:
-                raise TransportError(f"{address} asks for a token proof and no secret was given",
-                                     ErrorCode.UNAUTHENTICATED)
-            await loop.sock_sendall(sock, protocol.encode(Proof(hmac=proof(secret, reply.nonce)))
-                                    + protocol.encode(request))
-            reply = await next_message()
-        if isinstance(reply, Error):
-            raise TransportError(f"{address} refused the connection: {reply.message}", reply.code)
-        if not isinstance(reply, Welcome):
-            raise TransportError(f"{address} is not a Boxpark endpoint (got {type(reply).__name__})",
-                                 ErrorCode.BAD_FRAME)
-        reply = await next_message()
-        if isinstance(reply, Error):
-            raise RemoteError(reply.code, reply.message)
-        if not isinstance(reply, protocol.Ok):
-            raise TransportError(f"{address} answered {type(reply).__name__} instead of Ok", ErrorCode.BAD_FRAME)
-    except (TransportError, OSError) as exc:
+        call = _raw_call(address, request, secret, hello)
+        step = next(call)
+        while True:
+            if isinstance(step, bytes):
+                await loop.sock_sendall(sock, step)
+                step = next(call)
+            else:
+                data = b""
+                while len(data) < step:
+                    chunk = await loop.sock_recv(sock, step - len(data))
+                    if not chunk:
+                        raise TransportError(f"{address} closed the connection during the call")
+                    data += chunk
+                step = call.send(data)
+    except StopIteration:
+        return sock
+    except BaseException as exc:
         sock.close()
-        if expired:
-            raise TransportError(f"{address} did not answer within {timeout:g} s", ErrorCode.TIMEOUT) from None
-        raise exc if isinstance(exc, TransportError) else TransportError(f"{address}: {exc}") from None
-    except ProtocolError as exc:
-        sock.close()
-        raise TransportError(f"{address} sent a bad frame: {exc}", ErrorCode.BAD_FRAME) from None
-    except BaseException:
-        sock.close()
-        raise
+        raise _raw_failure(address, exc, expired, timeout) from None
     finally:
         timer.cancel()
-    return sock
+
+
+def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes | None = None,
+                      hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
+    """`open_raw` for a thread: the same call with blocking sockets, returning a blocking socket.
+
+    What the proxies use: a pooled relay thread opens the guest's side itself and goes straight on to move
+    bytes, with no hop through the event loop.
+    """
+    if isinstance(address, str):
+        address = parse_address(address)
+    deadline = time.monotonic() + timeout
+    sock = _blocking_socket(address)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(_target(address))
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else os.strerror(exc.errno) if exc.errno else str(exc)
+            code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
+            raise TransportError(f"cannot connect to {address}: {reason}", code) from None
+        call = _raw_call(address, request, secret, hello)
+        step = next(call)
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            if isinstance(step, bytes):
+                sock.sendall(step)
+                step = next(call)
+            else:
+                data = b""
+                while len(data) < step:
+                    chunk = sock.recv(step - len(data))
+                    if not chunk:
+                        raise TransportError(f"{address} closed the connection during the call")
+                    data += chunk
+                step = call.send(data)
+    except StopIteration:
+        sock.settimeout(None)
+        return sock
+    except BaseException as exc:
+        sock.close()
+        raise _raw_failure(address, exc, isinstance(exc, TimeoutError), timeout) from None
 
 
 Handler = Callable[[Channel], Awaitable[None]]
