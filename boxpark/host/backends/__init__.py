@@ -78,8 +78,8 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
 
     The backend's files (sockets, secret, QEMU's log, pid files, console.log, init.log) go to
     `machine.backend_dir`; console.log and init.log are linked from the machine's directory too.
-    The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount gets a tag `shareN`;
-    `spec.share_targets` maps its guest mount point to the tag.
+    The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount (the home share last)
+    gets a tag `shareN`; `spec.share_targets` maps its guest mount point to the tag.
     """
     from ..config import expand
 
@@ -102,7 +102,7 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
         fields["disks"] = (Disk(str(data_disk), name="data"),)
     shares: dict[str, str] = {}
     targets: dict[str, str] = {}
-    for mount in config.mounts:
+    for mount in config.all_mounts():
         if mount.type == "virtiofs":
             tag = f"share{len(shares)}"
             shares[tag] = expand(mount.source)
@@ -265,6 +265,15 @@ class Backend(abc.ABC):
     def share_tags(self) -> dict[str, str]:
         """Guest mount point -> virtiofs tag, for the shares the spec maps (`spec.share_targets`)."""
         return dict(self.spec.share_targets) if self.spec is not None else {}
+
+    @property
+    def share_sources(self) -> dict[str, tuple[str, str, list[str]]]:
+        """Guest mount point -> (source, fstype, options) of the guest's Mount call for each share."""
+        return {target: self.share_source(tag) for target, tag in self.share_tags.items()}
+
+    def share_source(self, tag: str) -> tuple[str, str, list[str]]:
+        """How the guest mounts the share `tag`: a virtiofs device (the sandbox binds a directory instead)."""
+        return tag, "virtiofs", []
 
     def _record_pid(self, child: Child, argv0: str) -> None:
         """state/<what>.pid ("PID ARGV0"): lets `boxpark` kill what a crashed agent left (state.Machine.clean)."""

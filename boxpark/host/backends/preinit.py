@@ -10,8 +10,11 @@ root, drops CAP_SYS_TIME and CAP_SYS_BOOT for good, and execs the image's /sbin/
 
 Anything wrong: one `boxpark-preinit: FATAL:` line on stderr (the sandbox's console.log) and exit 1.
 
-    python3 -S -I preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS
-    e.g.    ... preinit.py /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 boxpark.api=…"
+    python3 -S -I preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG=DIRECTORY ...]
+    e.g.    ... preinit.py /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 boxpark.api=…" share0=/home/me
+
+Each TAG=DIRECTORY is a host directory shared with the guest: bound (with its submounts) at
+/run/boxpark/shares/TAG, where the agent's init phase binds it on its target.
 
 Plain argv, no json: every import here is paid on every boot (json and platform cost ~20 ms together).
 """
@@ -38,6 +41,7 @@ DEVICES = (
 )
 HOST_DIR = "/run/boxpark/host"
 SETTINGS = "/run/boxpark/settings"
+SHARES = "/run/boxpark/shares"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -116,17 +120,29 @@ def make_run(run, state, settings):
     os.chmod(path, 0o644)
 
 
+def bind_shares(run, shares):
+    """Each TAG=DIRECTORY bound at <run>/boxpark/shares/TAG (read-write; the guest's bind adds ro)."""
+    for share in shares:
+        tag, _, directory = share.partition("=")
+        if not tag or "/" in tag or not directory.startswith("/"):
+            raise Failed(f"a share is TAG=/DIRECTORY, not {share!r}")
+        target = f"{run}{SHARES[len('/run'):]}/{tag}"
+        os.makedirs(target, 0o755)
+        mount(directory, target, None, MS_BIND | MS_REC)
+
+
 def main(argv):
     start = time.monotonic()
-    if len(argv) != 6:
-        raise Failed("usage: preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS")
-    loop, root, state, init, settings = argv[1:]
+    if len(argv) < 6:
+        raise Failed("usage: preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG=DIRECTORY ...]")
+    loop, root, state, init, settings = argv[1:6]
     if os.getpid() != 1:
         raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()}): run me under unshare --pid --fork")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may reach the host
     mount(loop, root, "squashfs", MS_RDONLY)
     make_dev(root + "/dev")
     make_run(root + "/run", state, settings)
+    bind_shares(root + "/run", argv[6:])
     os.chdir(root)
     pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")

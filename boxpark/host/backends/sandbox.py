@@ -4,7 +4,9 @@ For development and tests (root only, Linux only). The host attaches the image's
 device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
 directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
 → the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
-which the guest sees at /run/boxpark/host.
+which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
+the preinit binds each host directory at /run/boxpark/shares/TAG and the init phase binds that on the
+share's target, so files keep their host owners (a container's root writes files owned by root).
 
 It is not a security boundary, but it never touches what is global to the machine: no host /dev, no
 CAP_SYS_TIME, no CAP_SYS_BOOT, no swap; every process lands in its cgroup, so stopping finds them all.
@@ -38,6 +40,7 @@ from . import Backend, BackendError, Child, UnsupportedSpec
 log = logging.getLogger("boxpark.host.sandbox")
 
 GUEST_HOST_DIR = "/run/boxpark/host"
+GUEST_SHARES_DIR = "/run/boxpark/shares"  # the preinit binds each shared host directory here, by tag
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
 CGROUP_PARENT = "boxpark"
@@ -66,9 +69,6 @@ class SandboxBackend(Backend):
         if spec.disks:
             raise UnsupportedSpec("disks", "the sandbox has no extra disks (nor swap, which lives on one); "
                                            "use the qemu backend for disks and swap")
-        if spec.shares:
-            raise UnsupportedSpec("shares", "the sandbox shares only its state directory (at "
-                                            f"{GUEST_HOST_DIR}); use the qemu backend for directory shares")
         for key, value in (("api", spec.api), ("events", spec.events)):
             if value is not None and parse_address(value).kind != "unix":
                 raise UnsupportedSpec(key, "the sandbox talks over unix sockets in its state directory only; "
@@ -123,7 +123,8 @@ class SandboxBackend(Backend):
         self.api_address = f"unix:{state}/api.sock"
 
         argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT,
-                self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line]
+                self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line,
+                *share_arguments(spec.shares)]
         console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         cgroup = self.cgroup
         try:
@@ -161,6 +162,10 @@ class SandboxBackend(Backend):
             await asyncio.sleep(0.01)
         self.child.close()
 
+    def share_source(self, tag: str) -> tuple[str, str, list[str]]:
+        """The preinit bound the share's host directory at /run/boxpark/shares/TAG: the guest binds that."""
+        return f"{GUEST_SHARES_DIR}/{tag}", "", ["bind"]
+
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
         if self.child is None or self.child.returncode is not None:
@@ -180,6 +185,11 @@ class SandboxBackend(Backend):
         if self.cgroup is None:
             return super().pids()
         return sorted(set(super().pids()) | set(self.cgroup.pids()))
+
+
+def share_arguments(shares: dict[str, str]) -> list[str]:
+    """The preinit's TAG=DIRECTORY arguments: each share is bound (recursively) at /run/boxpark/shares/TAG."""
+    return [f"{tag}={os.path.realpath(directory)}" for tag, directory in shares.items()]
 
 
 def _unshare() -> list[str]:
