@@ -8,6 +8,7 @@ recording proxy, a TLS server) live here too; each is a context manager that lea
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import socket
 import ssl
@@ -41,6 +42,9 @@ def home_share_write(m: UpMachine, home: Path, owner: tuple[int, int], tmp: Path
     project = home / "src" / "project"
     project.mkdir(parents=True, exist_ok=True)
     (project / "from-host").write_text("host\n")
+    user = home.stat()
+    for path in (home / "src", project, project / "from-host"):  # made by the home's owner, as a user would
+        os.chown(path, user.st_uid, user.st_gid)
     command = (f"docker -H {shlex.quote(m.docker_host)} run --rm -v \"$PWD\":/w {IMAGE} "
                f"sh -c 'cat /w/from-host; echo x > /w/f'")
     ran = subprocess.run(command, shell=True, cwd=project, capture_output=True, text=True, timeout=180)

@@ -79,7 +79,8 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
     The backend's files (sockets, secret, QEMU's log, pid files, console.log, init.log) go to
     `machine.backend_dir`; console.log and init.log are linked from the machine's directory too.
     The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount (the home share last)
-    gets a tag `shareN`; `spec.share_targets` maps its guest mount point to the tag.
+    gets a tag `shareN`; `spec.share_targets` maps its guest mount point to the tag. On the home share the
+    guest's root acts as the home's owner (`spec.share_owners`), where the backend can do it.
     """
     from ..config import expand
 
@@ -102,12 +103,18 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
         fields["disks"] = (Disk(str(data_disk), name="data"),)
     shares: dict[str, str] = {}
     targets: dict[str, str] = {}
+    owners: dict[str, tuple[int, int]] = {}
+    home = config.home_mount()
     for mount in config.all_mounts():
         if mount.type == "virtiofs":
             tag = f"share{len(shares)}"
             shares[tag] = expand(mount.source)
             targets[mount.target] = tag
-    fields.update(shares=shares, share_targets=targets)
+            if mount == home:
+                owner = _owner(home.source)
+                if owner is not None:
+                    owners[tag] = owner
+    fields.update(shares=shares, share_targets=targets, share_owners=owners)
     spec = spec_from_image(image, state, **fields)
     for name in ("console.log", "init.log"):
         link = Path(machine.dir) / name
@@ -116,6 +123,15 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
                 link.unlink(missing_ok=True)
                 link.symlink_to(state / name)
     return spec
+
+
+def _owner(directory: str) -> tuple[int, int] | None:
+    """The home's (uid, gid): the guest's root acts as them on the home share; None for root's own home."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return (info.st_uid, info.st_gid) if info.st_uid != 0 else None
 
 
 def _default_image_dir(arch: str) -> str:

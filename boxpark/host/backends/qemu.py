@@ -264,8 +264,13 @@ def forwarded_port(usernet: str, guest_port: int) -> int | None:
 
 
 @contextlib.contextmanager
-def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """virtiofsd for one share, on a listening socket we made; yields (socket path, process)."""
+def virtiofsd(tag: str, source: str, state: Path,
+              owner: tuple[int, int] | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """virtiofsd for one share, on a listening socket we made; yields (socket path, process).
+
+    With `owner` (uid, gid), virtiofsd runs in a user namespace where its root is that user: what the guest's
+    root creates belongs to the owner on the host (see `owner_namespace`).
+    """
     binary = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None) or shutil.which("virtiofsd")
     if binary is None:
         raise BackendError("directory shares need virtiofsd (apt-get install qemu-system-common, or virtiofsd)")
@@ -273,10 +278,15 @@ def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subproc
     sock = listen_socket(parse_address(f"unix:{path}"))
     sock.setblocking(True)
     logfile = os.open(state / f"virtiofsd-{tag}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    argv = [binary, f"--fd={sock.fileno()}", "-o", f"source={source}", "-o", "cache=auto"]
+    fds = [sock.fileno()]
     try:
-        process = subprocess.Popen([binary, f"--fd={sock.fileno()}", "-o", f"source={source}", "-o", "cache=auto"],
-                                   pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL, stdout=logfile,
-                                   stderr=logfile)
+        with contextlib.ExitStack() as namespace:
+            if owner is not None:
+                userns = namespace.enter_context(owner_namespace(*owner))
+                argv = [_nsenter(), f"--user=/proc/self/fd/{userns}", "--", *argv]
+                fds.append(userns)
+            process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)
     finally:
         os.close(logfile)
         sock.close()
@@ -292,6 +302,56 @@ def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subproc
                 process.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+@contextlib.contextmanager
+def owner_namespace(uid: int, gid: int) -> Iterator[int]:
+    """A fresh user namespace whose root is host uid:gid (and nobody else); yields an fd of it (O_RDONLY).
+
+    A helper (`unshare --user cat`) makes it; we write its uid/gid maps from here (root in the parent
+    namespace may map any id), keep the namespace by the fd, and end the helper. nsenter --user=FD then
+    runs virtiofsd as that root: its files are created as uid:gid, it may act on files uid:gid owns (and on
+    others only as their permissions allow anyone), and a guest id other than 0 cannot be written as.
+    """
+    helper = subprocess.Popen([_unshare_binary(), "--user", "--", "cat"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fd = -1
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{helper.pid}/ns/user") == ours:  # until it has unshared
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise BackendError("cannot make a user namespace for virtiofsd (unshare --user failed)")
+            time.sleep(0.001)
+        fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        for name, value in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{helper.pid}/{name}", "w") as f:
+                f.write(f"0 {value} 1\n")
+    except OSError as exc:
+        raise BackendError(f"cannot make a user namespace for virtiofsd: {exc}") from None
+    finally:
+        assert helper.stdin is not None
+        helper.stdin.close()  # cat ends; the namespace lives on while fd (and then virtiofsd) holds it
+        try:
+            helper.wait(5)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _unshare_binary() -> str:
+    return shutil.which("unshare") or "unshare"
+
+
+def _nsenter() -> str:
+    binary = shutil.which("nsenter")
+    if binary is None:
+        raise BackendError("mapping the home share to its owner needs nsenter (util-linux)")
+    return binary
 
 
 def free_tcp_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -375,7 +435,7 @@ class QemuBackend(Backend):
         stack.push_async_callback(self.events.close)
 
         for tag, source in spec.shares.items():
-            path, _ = stack.enter_context(virtiofsd(tag, source, state))
+            path, _ = stack.enter_context(virtiofsd(tag, source, state, spec.share_owners.get(tag)))
             plan.share_sockets[tag] = path
 
         qmp_path = str(state / "qmp.sock")
