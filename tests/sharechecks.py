@@ -56,6 +56,27 @@ def home_share_write(m: UpMachine, home: Path, owner: tuple[int, int], tmp: Path
     assert (info.st_uid, info.st_gid) == owner, f"f belongs to {info.st_uid}:{info.st_gid}, expected {owner}"
 
 
+def home_share_others_files(m: UpMachine, home: Path, tmp: Path) -> None:
+    """On a share where the guest's root acts as the owner, the owner's files look like root's, and a file
+    of someone else (here the host's root) is only as open as its permissions are to anyone."""
+    ensure_image(m, tmp)
+    theirs = home / "roots-file"
+    theirs.write_text("root's\n")
+    theirs.chmod(0o644)
+    os.chown(theirs, 0, 0)
+    mine = home / "users-file"
+    mine.write_text("mine\n")
+    user = home.stat()
+    os.chown(mine, user.st_uid, user.st_gid)
+    ran = m.docker("run", "--rm", "-v", f"{home}:/w", IMAGE, "sh", "-c",
+                   "stat -c %u /w/users-file /w/roots-file; cat /w/roots-file; "
+                   "echo more >> /w/users-file && echo appended; echo x > /w/roots-file || echo refused")
+    lines = ran.stdout.splitlines()
+    assert ran.returncode == 0 and lines[:2] == ["0", "65534"], (ran.stdout, ran.stderr)
+    assert lines[2:] == ["root's", "appended", "refused"], (ran.stdout, ran.stderr)
+    assert theirs.read_text() == "root's\n" and mine.read_text() == "mine\nmore\n"
+
+
 def home_share_read_only(m: UpMachine, home: Path, tmp: Path) -> None:
     """A read-only home share: the container reads it and cannot write it."""
     ensure_image(m, tmp)

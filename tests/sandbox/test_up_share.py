@@ -1,7 +1,7 @@
 """The home share, proxies and CA certificates end to end on the sandbox backend (one machine).
 
-The sandbox binds the shared directory: a container's root creates files owned by root on the host. It
-has no network to the host yet (slirp4netns comes with the DNS work), so the proxy is checked in dockerd's
+The shared home belongs to a made-up user (1234:1234); the sandbox binds it idmapped, so what a container's
+root writes there belongs to the user on the host, as on QEMU. The sandbox has no network to the host yet (slirp4netns comes with the DNS work), so the proxy is checked in dockerd's
 environment, and the TLS handshake is made against a server the guest runs itself.
 """
 
@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.sandbox,
                                  reason="needs root, unshare, openssl and the docker CLI")]
 
 PROXY = "http://10.0.2.2:3128"
+USER = (1234, 1234)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def machine(request, tmp_path_factory):
     m = UpMachine("sandbox")
     home = m.home / "user"
     home.mkdir()
+    os.chown(home, *USER)
     ca = sharechecks.make_ca(tmp_path_factory.mktemp("ca"))
     m.config.write_text(f'backend = "sandbox"\n[home]\npath = "{home}"\n'
                         f'[proxy]\nhttps = "{PROXY}"\nno_proxy = "localhost,.internal"\nfrom_env = false\n'
@@ -44,8 +46,12 @@ def machine(request, tmp_path_factory):
     m.destroy()
 
 
-def test_docker_run_in_the_home_writes_through_as_root(machine, tmp_path) -> None:
-    sharechecks.home_share_write(machine, machine.user_home, (0, 0), tmp_path)
+def test_docker_run_in_the_home_writes_files_the_user_owns(machine, tmp_path) -> None:
+    sharechecks.home_share_write(machine, machine.user_home, USER, tmp_path)
+
+
+def test_on_the_home_share_the_users_files_are_roots_and_others_files_are_not_writable(machine, tmp_path) -> None:
+    sharechecks.home_share_others_files(machine, machine.user_home, tmp_path)
 
 
 def test_dockerd_has_the_proxies(machine) -> None:

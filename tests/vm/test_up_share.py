@@ -53,6 +53,10 @@ def test_docker_run_in_the_home_writes_files_the_user_owns(machine, tmp_path) ->
     sharechecks.home_share_write(machine, machine.user_home, USER, tmp_path)
 
 
+def test_on_the_home_share_the_users_files_are_roots_and_others_files_are_not_writable(machine, tmp_path) -> None:
+    sharechecks.home_share_others_files(machine, machine.user_home, tmp_path)
+
+
 def test_dockerd_has_the_proxies(machine) -> None:
     sharechecks.dockerd_has_proxies(machine, {"HTTPS_PROXY": machine.https, "NO_PROXY": "localhost"})
 

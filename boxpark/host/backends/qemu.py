@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from ...transport import Address, listen_socket, parse_address, write_secret
 from ..eventstream import EventStream
 from ..spec import MachineSpec, host_arch, kernel_arch
-from . import Backend, BackendError, Child, UnsupportedSpec, tail
+from . import Backend, BackendError, Child, UnsupportedSpec, owner_namespace, tail
 
 log = logging.getLogger("boxpark.host.qemu")
 
@@ -302,49 +302,6 @@ def virtiofsd(tag: str, source: str, state: Path,
                 process.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-@contextlib.contextmanager
-def owner_namespace(uid: int, gid: int) -> Iterator[int]:
-    """A fresh user namespace whose root is host uid:gid (and nobody else); yields an fd of it (O_RDONLY).
-
-    A helper (`unshare --user cat`) makes it; we write its uid/gid maps from here (root in the parent
-    namespace may map any id), keep the namespace by the fd, and end the helper. nsenter --user=FD then
-    runs virtiofsd as that root: its files are created as uid:gid, it may act on files uid:gid owns (and on
-    others only as their permissions allow anyone), and a guest id other than 0 cannot be written as.
-    """
-    helper = subprocess.Popen([_unshare_binary(), "--user", "--", "cat"], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    fd = -1
-    try:
-        ours = os.readlink("/proc/self/ns/user")
-        deadline = time.monotonic() + 5
-        while os.readlink(f"/proc/{helper.pid}/ns/user") == ours:  # until it has unshared
-            if helper.poll() is not None or time.monotonic() > deadline:
-                raise BackendError("cannot make a user namespace for virtiofsd (unshare --user failed)")
-            time.sleep(0.001)
-        fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        for name, value in (("uid_map", uid), ("gid_map", gid)):
-            with open(f"/proc/{helper.pid}/{name}", "w") as f:
-                f.write(f"0 {value} 1\n")
-    except OSError as exc:
-        raise BackendError(f"cannot make a user namespace for virtiofsd: {exc}") from None
-    finally:
-        assert helper.stdin is not None
-        helper.stdin.close()  # cat ends; the namespace lives on while fd (and then virtiofsd) holds it
-        try:
-            helper.wait(5)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-            helper.wait()
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _unshare_binary() -> str:
-    return shutil.which("unshare") or "unshare"
 
 
 def _nsenter() -> str:

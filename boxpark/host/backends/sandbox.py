@@ -6,7 +6,8 @@ directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` â†
 â†’ the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
 which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
 the preinit binds each host directory at /run/boxpark/shares/TAG and the init phase binds that on the
-share's target, so files keep their host owners (a container's root writes files owned by root).
+share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
+owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
 
 It is not a security boundary, but it never touches what is global to the machine: no host /dev, no
 CAP_SYS_TIME, no CAP_SYS_BOOT, no swap; every process lands in its cgroup, so stopping finds them all.
@@ -35,7 +36,7 @@ from typing import Iterator
 from ...transport import listen_socket, parse_address
 from ..eventstream import EventStream
 from ..spec import MachineSpec, host_arch
-from . import Backend, BackendError, Child, UnsupportedSpec
+from . import Backend, BackendError, Child, UnsupportedSpec, owner_namespace
 
 log = logging.getLogger("boxpark.host.sandbox")
 
@@ -122,15 +123,18 @@ class SandboxBackend(Backend):
         stack.push_async_callback(self.events.close)
         self.api_address = f"unix:{state}/api.sock"
 
+        userns = {tag: stack.enter_context(owner_namespace(*owner, idmap=True))
+                  for tag, owner in spec.share_owners.items()}
         argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT,
                 self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line,
-                *share_arguments(spec.shares)]
+                *share_arguments(spec.shares, userns)]
         console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         cgroup = self.cgroup
         try:
             self.spawned_at = time.monotonic()
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True)
+                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True,
+                                     pass_fds=list(userns.values()))
         except (OSError, subprocess.SubprocessError) as exc:  # the latter: joining the cgroup failed
             raise BackendError(f"cannot start the sandbox ({argv[0]}): {getattr(exc, 'strerror', None) or exc}") from None
         finally:
@@ -187,9 +191,11 @@ class SandboxBackend(Backend):
         return sorted(set(super().pids()) | set(self.cgroup.pids()))
 
 
-def share_arguments(shares: dict[str, str]) -> list[str]:
-    """The preinit's TAG=DIRECTORY arguments: each share is bound (recursively) at /run/boxpark/shares/TAG."""
-    return [f"{tag}={os.path.realpath(directory)}" for tag, directory in shares.items()]
+def share_arguments(shares: dict[str, str], userns: dict[str, int]) -> list[str]:
+    """The preinit's TAG[:FD]=DIRECTORY arguments: each share is bound (recursively) at
+    /run/boxpark/shares/TAG, idmapped by the user namespace at FD (passed down) when it has an owner."""
+    return [f"{tag}{f':{userns[tag]}' if tag in userns else ''}={os.path.realpath(directory)}"
+            for tag, directory in shares.items()]
 
 
 def _unshare() -> list[str]:
