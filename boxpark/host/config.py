@@ -54,6 +54,7 @@ read_only = false       # a [[mounts]] entry with the same target replaces this 
 # https = ""            # HTTPS_PROXY    at 10.0.2.2 from the guest)
 # no_proxy = ""         # NO_PROXY, e.g. "localhost,.corp"
 from_env = true         # a key left empty takes HTTP(S)_PROXY/NO_PROXY from the environment of `up`
+                        # (a proxy there on localhost/127.x becomes 10.0.2.2: the host, from the guest)
 
 [certificates]          # extra CA certificates (PEM files) the guest trusts: dockerd (registries)
 ca = []                 # and the guest's CA bundle, e.g. ["~/corp-root-ca.pem"]
@@ -295,17 +296,25 @@ def pem_problem(path: str) -> str:
     return ""
 
 
+GUEST_SEES_HOST = "10.0.2.2"  # the host's loopback as the guest reaches it (QEMU user networking, slirp4netns)
+_LOOPBACK_PROXY = re.compile(r"^(?P<scheme>[a-z0-9]+://)?(?P<user>[^/@]*@)?(?P<host>localhost|127(?:\.\d+){3}|\[::1\])(?=[:/]|$)",
+                             re.IGNORECASE)
+
+
 def proxy_env(proxy: Proxy, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """HTTP_PROXY, HTTPS_PROXY, NO_PROXY (and their lower-case twins) for dockerd in the guest.
 
     A configured key wins; an empty one is taken from `environ` (the environment of `up`, upper case
-    first) when `from_env` is on. Keys with no value are left out.
+    first) when `from_env` is on. A proxy taken from the environment on the host's loopback (localhost,
+    127.x) is meant for the host: the guest reaches it at 10.0.2.2. Keys with no value are left out.
     """
     environ = os.environ if environ is None else environ
     result = {}
     for key, value in (("HTTP_PROXY", proxy.http), ("HTTPS_PROXY", proxy.https), ("NO_PROXY", proxy.no_proxy)):
         if not value and proxy.from_env:
             value = environ.get(key) or environ.get(key.lower()) or ""
+            if key != "NO_PROXY":
+                value = _LOOPBACK_PROXY.sub(lambda m: f"{m['scheme'] or ''}{m['user'] or ''}{GUEST_SEES_HOST}", value)
         if value:
             result[key] = result[key.lower()] = value
     return result

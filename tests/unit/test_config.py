@@ -149,3 +149,18 @@ def test_proxies_come_from_the_config_then_from_the_environment_of_up() -> None:
     assert cfg.proxy_env(only_config, environ) == {"HTTPS_PROXY": "http://10.0.2.2:3128",
                                                    "https_proxy": "http://10.0.2.2:3128"}
     assert cfg.proxy_env(cfg.Proxy(), {}) == {}
+
+
+@pytest.mark.parametrize("value, guest", [
+    ("http://127.0.0.1:3128", "http://10.0.2.2:3128"),
+    ("http://user:pw@localhost:3128/", "http://user:pw@10.0.2.2:3128/"),
+    ("127.0.0.2:8080", "10.0.2.2:8080"),
+    ("http://[::1]:3128", "http://10.0.2.2:3128"),
+    ("http://localhost.corp:3128", "http://localhost.corp:3128"),
+    ("http://proxy.corp:3128", "http://proxy.corp:3128"),
+])
+def test_a_loopback_proxy_from_the_environment_is_reached_at_the_host_address(value, guest) -> None:
+    env = cfg.proxy_env(cfg.Proxy(), {"HTTP_PROXY": value, "NO_PROXY": "localhost,127.0.0.1"})
+    assert env["HTTP_PROXY"] == env["http_proxy"] == guest
+    assert env["NO_PROXY"] == "localhost,127.0.0.1"
+    assert cfg.proxy_env(cfg.Proxy(http="http://127.0.0.1:1"), {})["HTTP_PROXY"] == "http://127.0.0.1:1"  # as written
