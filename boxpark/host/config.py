@@ -49,9 +49,9 @@ share = true            # `docker run -v "$PWD":/src ...` works from anywhere un
 # path = ""             # default: $HOME of the user running `up`
 read_only = false       # a [[mounts]] entry with the same target replaces this share
 
-[proxy]                 # the proxies dockerd uses (pulls, pushes, logins), as the guest reaches them:
-# http = ""             # HTTP_PROXY, e.g. "http://proxy.corp:3128" (a proxy on this host's loopback is
-# https = ""            # HTTPS_PROXY    at 10.0.2.2 from the guest)
+[proxy]                 # dockerd's proxies (pulls, pushes, logins), written as the guest reaches them
+# http = ""             # HTTP_PROXY, e.g. "http://proxy.corp:3128"; this host's loopback is 10.0.2.2
+# https = ""            # HTTPS_PROXY
 # no_proxy = ""         # NO_PROXY, e.g. "localhost,.corp"
 from_env = true         # a key left empty takes HTTP(S)_PROXY/NO_PROXY from the environment of `up`
                         # (a proxy there on localhost/127.x becomes 10.0.2.2: the host, from the guest)
