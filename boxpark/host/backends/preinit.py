@@ -161,9 +161,13 @@ def bind_shares(run, shares):
         target = f"{run}{SHARES[len('/run'):]}/{tag}"
         os.makedirs(target, 0o755)
         if userns:
-            idmapped_bind(directory, target, int(userns))
-        else:
-            mount(directory, target, None, MS_BIND | MS_REC)
+            try:
+                idmapped_bind(directory, target, int(userns))
+                continue
+            except Failed as exc:  # e.g. a filesystem without idmapped mounts (NFS): share it all the same
+                sys.stderr.write(f"boxpark-preinit: warning: {exc}; {directory} is shared with the host's ids "
+                                 f"(the guest's root writes as root)\n")
+        mount(directory, target, None, MS_BIND | MS_REC)
 
 
 def main(argv):
