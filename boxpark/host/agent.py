@@ -29,7 +29,7 @@ from .. import __version__, protocol
 from ..transport import Address, dial_socket, listen_socket, open_raw, parse_address
 from . import initphase
 from .client import GuestClient
-from .config import Config
+from .config import Config, proxy_env
 from .guestproxy import GuestProxy
 from .ports import PortForwards
 from .service import DockerService, daemon_config
@@ -264,7 +264,9 @@ class Agent:
             else:
                 # the sandbox: no disk; dockerd's data on a tmpfs (overlay2 cannot stack on the root overlay)
                 await client.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True)
-            await initphase.mounts(client, config.mounts, getattr(self.backend, "share_tags", {}), self.progress)
+            await initphase.mounts(client, config.all_mounts(), getattr(self.backend, "share_sources", {}),
+                                    self.progress)
+            await initphase.trust_certificates(client, config.certificates.ca, self.progress)
         except Exception as exc:  # InitError, or a call the guest refused: `up` says which
             raise AgentFailure(f"initialization failed: {exc}") from None
 
@@ -276,7 +278,8 @@ class Agent:
             raise AgentFailure(str(exc)) from None
         self.service = DockerService(self.dial, machine.docker_log, daemon,
                                      restart_delay=config.docker.restart_delay,
-                                     restart_delay_max=config.docker.restart_delay_max)
+                                     restart_delay_max=config.docker.restart_delay_max,
+                                     env=proxy_env(config.proxy))
         service_task = asyncio.ensure_future(self.service.run())
         stack.push_async_callback(_cancel, service_task)
         stack.push_async_callback(self.service.stop)

@@ -11,7 +11,7 @@ import re
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import msgspec
 
@@ -48,6 +48,21 @@ push_interval = 60      # seconds between pushes of the host's time to the guest
 forward = true
 all_interfaces = false  # true: a binding on all interfaces (docker's default) listens on all of the
                         # host's; false: on 127.0.0.1 and ::1 only (others on the network cannot reach it)
+
+[home]                  # your home directory, shared into the guest at the same path (virtiofs), so that
+share = true            # `docker run -v "$PWD":/src ...` works from anywhere under it; false: not shared
+# path = ""             # default: $HOME of the user running `up`
+read_only = false       # a [[mounts]] entry with the same target replaces this share
+
+[proxy]                 # dockerd's proxies (pulls, pushes, logins), written as the guest reaches them
+# http = ""             # HTTP_PROXY, e.g. "http://proxy.corp:3128"; this host's loopback is 10.0.2.2
+# https = ""            # HTTPS_PROXY
+# no_proxy = ""         # NO_PROXY, e.g. "localhost,.corp"
+from_env = true         # a key left empty takes HTTP(S)_PROXY/NO_PROXY from the environment of `up`
+                        # (a proxy there on localhost/127.x becomes 10.0.2.2: the host, from the guest)
+
+[certificates]          # extra CA certificates (PEM files) the guest trusts: dockerd (registries)
+ca = []                 # and the guest's CA bundle, e.g. ["~/corp-root-ca.pem"]
 
 # [[mounts]]            # host directories (virtiofs) or guest disks, mounted parent first
 # source = "/srv/data"
@@ -120,6 +135,23 @@ class Ports(msgspec.Struct, forbid_unknown_fields=True):
     all_interfaces: bool = False
 
 
+class Home(msgspec.Struct, forbid_unknown_fields=True):
+    share: bool = True
+    path: str = ""
+    read_only: bool = False
+
+
+class Proxy(msgspec.Struct, forbid_unknown_fields=True):
+    http: str = ""
+    https: str = ""
+    no_proxy: str = ""
+    from_env: bool = True
+
+
+class Certificates(msgspec.Struct, forbid_unknown_fields=True):
+    ca: list[str] = []
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     backend: Literal["qemu", "vz", "sandbox"] = "qemu"
     arch: Literal["amd64", "arm64", ""] = ""
@@ -135,6 +167,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     docker: Docker = msgspec.field(default_factory=Docker)
     time: Time = msgspec.field(default_factory=Time)
     ports: Ports = msgspec.field(default_factory=Ports)
+    home: Home = msgspec.field(default_factory=Home)
+    proxy: Proxy = msgspec.field(default_factory=Proxy)
+    certificates: Certificates = msgspec.field(default_factory=Certificates)
     mounts: list[Mount] = []
 
     # -- derived, checked values
@@ -153,6 +188,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     @property
     def guest_arch(self) -> str:
         return self.arch or host_arch()
+
+    def home_mount(self) -> Mount | None:
+        """The home share as a mount, or None: turned off, no such directory, or a [[mounts]] entry has its target."""
+        if not self.home.share:
+            return None
+        path = os.path.normpath(expand(self.home.path) if self.home.path else os.path.expanduser("~"))
+        if not os.path.isabs(path) or path == "/" or not os.path.isdir(path):
+            return None
+        if any(os.path.normpath(m.target) == path for m in self.mounts):
+            return None
+        return Mount(source=path, target=path, read_only=self.home.read_only)
+
+    def all_mounts(self) -> list[Mount]:
+        """The configured mounts and the home share: what the guest mounts."""
+        home = self.home_mount()
+        return [*self.mounts, home] if home is not None else list(self.mounts)
 
 
 MEMORY_FILESYSTEMS = ("tmpfs",)  # mounts that need no device: the source is only a name
@@ -204,11 +255,80 @@ def validate(config: Config, path: str = "") -> Config:
                 fail(f"{key}.source", f"{mount.source} is not a directory on this host")
         elif mount.type not in MEMORY_FILESYSTEMS and not mount.source.startswith("/dev/"):
             fail(f"{key}.source", f"a {mount.type} mount needs a guest device like /dev/vdc, not {mount.source!r}")
+    if config.home.path and config.home.share:
+        home = expand(config.home.path)
+        if not os.path.isabs(home) or os.path.normpath(home) == "/":
+            fail("home.path", f"must be an absolute directory other than /, not {config.home.path!r}")
+        if not os.path.isdir(home):
+            fail("home.path", f"{config.home.path} is not a directory on this host")
+    for key in ("http", "https"):
+        value = getattr(config.proxy, key)
+        if value and not _PROXY_URL.match(value):
+            fail(f"proxy.{key}", f"expected a URL like \"http://proxy.example:3128\", not {value!r}")
+    for i, name in enumerate(config.certificates.ca):
+        reason = pem_problem(expand(name))
+        if reason:
+            fail(f"certificates.ca[{i}]", f"{name}: {reason}")
     for key, value in (("image", config.image), ("kernel", config.kernel), ("initrd", config.initrd),
                        ("docker.daemon_json", config.docker.daemon_json)):
         if value and not os.path.exists(expand(value)):
             fail(key, f"{value} does not exist")
     return config
+
+
+_PROXY_URL = re.compile(r"^(https?|socks5h?)://([^/@\s]+@)?[^/:@\s]+(:\d{1,5})?/?$", re.IGNORECASE)
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def pem_certificates(data: bytes) -> list[bytes]:
+    """Each PEM certificate block in `data` (BEGIN to END line), in order."""
+    return [match[0] + b"\n" for match in _PEM.finditer(data)]
+
+
+def pem_problem(path: str) -> str:
+    """What is wrong with a CA certificate file ("" when it holds one or more well-formed PEM certificates)."""
+    import binascii
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4 * 1024 * 1024)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    blocks = list(_PEM.finditer(data))
+    if not blocks:
+        return "not a PEM certificate (no \"-----BEGIN CERTIFICATE-----\" block)"
+    for block in blocks:
+        try:
+            der = binascii.a2b_base64(b"".join(block[1].split()))
+        except binascii.Error:
+            return "a certificate block is not valid base64"
+        if der[:1] != b"\x30":  # a DER SEQUENCE
+            return "a certificate block does not hold a DER certificate"
+    return ""
+
+
+GUEST_SEES_HOST = "10.0.2.2"  # the host's loopback as the guest reaches it (QEMU user networking, slirp4netns)
+_LOOPBACK_PROXY = re.compile(r"^(?P<scheme>[a-z0-9]+://)?(?P<user>[^/@]*@)?(?P<host>localhost|127(?:\.\d+){3}|\[::1\])(?=[:/]|$)",
+                             re.IGNORECASE)
+
+
+def proxy_env(proxy: Proxy, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """HTTP_PROXY, HTTPS_PROXY, NO_PROXY (and their lower-case twins) for dockerd in the guest.
+
+    A configured key wins; an empty one is taken from `environ` (the environment of `up`, upper case
+    first) when `from_env` is on. A proxy taken from the environment on the host's loopback (localhost,
+    127.x) is meant for the host: the guest reaches it at 10.0.2.2. Keys with no value are left out.
+    """
+    environ = os.environ if environ is None else environ
+    result = {}
+    for key, value in (("HTTP_PROXY", proxy.http), ("HTTPS_PROXY", proxy.https), ("NO_PROXY", proxy.no_proxy)):
+        if not value and proxy.from_env:
+            value = environ.get(key) or environ.get(key.lower()) or ""
+            if key != "NO_PROXY":
+                value = _LOOPBACK_PROXY.sub(lambda m: f"{m['scheme'] or ''}{m['user'] or ''}{GUEST_SEES_HOST}", value)
+        if value:
+            result[key] = result[key.lower()] = value
+    return result
 
 
 def loads(text: str, path: str = "") -> Config:

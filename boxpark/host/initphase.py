@@ -1,4 +1,4 @@
-"""The initialization phase, after Ready and before the service: data disk, swap, mounts — in that order.
+"""The initialization phase, after Ready and before the service: data disk, swap, mounts, CA certificates.
 
 Disk resize is crash-safe by construction: the host writes the pending record *before* it grows the image
 file, every step after is idempotent (growing a file to a size, growing a filesystem to its device), and
@@ -17,7 +17,7 @@ from typing import Callable
 from .. import protocol
 from ..transport import RemoteError
 from .client import GuestClient
-from .config import Config, Mount, sorted_mounts
+from .config import Config, Mount, expand, pem_certificates, sorted_mounts
 from .state import Machine
 
 log = logging.getLogger("boxpark.agent.init")
@@ -25,6 +25,8 @@ log = logging.getLogger("boxpark.agent.init")
 DATA_DEVICE = "/dev/vdb"
 DATA_MOUNT = "/var/lib/boxpark"
 SWAP_FILE = f"{DATA_MOUNT}/swapfile"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's bundle: Go (dockerd), OpenSSL, curl, Python read it
+CA_DIR = "/usr/local/share/ca-certificates/boxpark"  # where update-ca-certificates would find them again
 
 
 class InitError(Exception):
@@ -106,16 +108,19 @@ async def swap(client: GuestClient, size: int, progress: Callable[[str], None]) 
     return f"{size >> 20} MiB swap on"
 
 
-async def mounts(client: GuestClient, mounts_: list[Mount], tags: dict[str, str],
+async def mounts(client: GuestClient, mounts_: list[Mount], shares: dict[str, tuple[str, str, list[str]]],
                  progress: Callable[[str], None]) -> list[str]:
-    """Mount parent-first; a failure stops `up` with the mount named, unless the mount is optional."""
+    """Mount parent-first; a failure stops `up` with the mount named, unless the mount is optional.
+
+    `shares` says how the guest mounts each virtiofs share (by target): the backend's `share_sources`.
+    """
     done = []
     for mount in sorted_mounts(mounts_):
         options = list(mount.options) + (["ro"] if mount.read_only else [])
         try:
             if mount.type == "virtiofs":
-                tag = tags[mount.target]
-                await client.mount(tag, mount.target, "virtiofs", options, mkdir=True)
+                source, fstype, how = shares[mount.target]
+                await client.mount(source, mount.target, fstype, how + options, mkdir=True)
             else:
                 await client.mount(mount.source, mount.target, mount.type, options, mkdir=True)
         except (RemoteError, KeyError) as exc:
@@ -135,3 +140,25 @@ async def _run(client: GuestClient, argv: list[str], what: str) -> None:
         detail = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
         raise InitError(f"could not {what}: {argv[0]} exited with {result.code}"
                         + (f": {detail[-1]}" if detail else ""))
+
+
+async def trust_certificates(client: GuestClient, files: list[str], progress: Callable[[str], None]) -> int:
+    """Add the PEM certificates of `files` (host paths) to the guest's CA bundle; the number added.
+
+    The guest's root is a fresh overlay on every boot, so this runs on every `up` and never piles up.
+    Appending to the bundle is what update-ca-certificates would do, without its seconds of rehashing;
+    the files are also left in CA_DIR, so a later update-ca-certificates in the guest keeps them.
+    """
+    if not files:
+        return 0
+    blocks: list[bytes] = []
+    for i, name in enumerate(files):
+        try:
+            found = pem_certificates(Path(expand(name)).read_bytes())
+        except OSError as exc:
+            raise InitError(f"cannot read the CA certificate {name}: {exc.strerror}") from None
+        blocks += found
+        await client.write_file(f"{CA_DIR}/{i}-{Path(name).stem}.crt", b"".join(found), parents=True)
+    await client.write_file(CA_BUNDLE, b"\n" + b"".join(blocks), append=True, parents=True)
+    progress(f"{len(blocks)} extra CA certificate{'s' if len(blocks) != 1 else ''} trusted")
+    return len(blocks)

@@ -1,7 +1,8 @@
 """The service phase: dockerd in the guest, supervised from the host.
 
 The user's daemon.json is loaded, changed in memory (the guest socket in `hosts`, the data root on the data
-disk) and written to the guest; the host listens on the service's sd_notify socket, launches dockerd with
+disk) and written to the guest; dockerd's environment is the init's plus the configured proxies
+(HTTP_PROXY, HTTPS_PROXY, NO_PROXY: see config.proxy_env); the host listens on the service's sd_notify socket, launches dockerd with
 its logs streamed back (`launch` with connect) into a rotating log file, and marks the service ready on
 READY=1. If dockerd exits it is logged and restarted with a doubling delay. A dropped log stream is
 re-attached from the last sequence number received, so the log file has no gap and no duplicate.
@@ -63,6 +64,23 @@ def daemon_config(user_file: str, data_root: str, extra: dict[str, Any] | None =
         config["data-root"] = data_root
     config.update(extra or {})
     return config
+
+
+async def environment(client: GuestClient, extra: dict[str, str]) -> dict[str, str] | None:
+    """The guest init's own environment with `extra` on top; None (the init's, unchanged) when nothing is added.
+
+    A Launch's `env` replaces the whole environment, so the init's is read first (/proc/1/environ).
+    """
+    if not extra:
+        return None
+    data = b""
+    while True:
+        chunk = await client.read_file("/proc/1/environ", offset=len(data))
+        data += chunk.data
+        if chunk.eof or not chunk.data:
+            break
+    base = dict(item.split("=", 1) for item in data.decode(errors="replace").split("\0") if "=" in item)
+    return {**base, **extra}
 
 
 async def follow_logs(client: GuestClient, name: str, stream: Any, write: Callable[[protocol.LogBatch], None], *,
@@ -157,8 +175,9 @@ class DockerService:
     def __init__(self, dial: Callable[[], Awaitable[GuestClient]], log_path: Path, daemon_json: dict[str, Any],
                  *, restart_delay: float = 1.0, restart_delay_max: float = 30.0,
                  on_change: Callable[[ServiceStatus], None] | None = None,
-                 paths: GuestPaths | None = None, name: str = NAME) -> None:
+                 paths: GuestPaths | None = None, name: str = NAME, env: dict[str, str] | None = None) -> None:
         self._dial = dial
+        self.env = env or {}  # added to the init's environment (the proxies): see `environment`
         self.paths = paths or GuestPaths()
         self.name = name
         self.log = RotatingLog(log_path)
@@ -223,8 +242,9 @@ class DockerService:
             watcher = asyncio.ensure_future(self._watch_notify(notify))
             try:
                 self._set("starting", "starting")
+                env = await environment(client, self.env)
                 stream = await client.launch_connect(self.name, ["dockerd", "--config-file", paths.daemon_json],
-                                                     notify_socket=paths.notify_socket, replace=True)
+                                                     env=env, notify_socket=paths.notify_socket, replace=True)
                 launched = stream.first
                 assert isinstance(launched, protocol.Launched)
                 self.status.pid = launched.pid

@@ -74,6 +74,8 @@ class MachineSpec:
     disks: tuple[Disk, ...] = ()
     shares: dict[str, str] = field(default_factory=dict)  # virtiofs tag -> host directory
     share_targets: dict[str, str] = field(default_factory=dict)  # guest mount point -> tag (for whoever mounts)
+    share_owners: dict[str, tuple[int, int]] = field(default_factory=dict)  # tag -> host (uid, gid) the guest's
+    #   root acts as on that share (qemu: virtiofsd in a user namespace); other tags: as the host's root
     api: str | None = None  # where the host dials the Guest API; None: the backend picks
     events: str | None = None  # where the host listens for the guest's event stream; None: the backend picks
     net: str | None = None  # boxpark.net; None: the backend's default (static user-net: qemu, sandbox+slirp4netns)
@@ -160,6 +162,11 @@ class MachineSpec:
         for target, tag in self.share_targets.items():
             if tag not in self.shares:
                 raise SpecError(f"share_targets[{target!r}]", f"names the tag {tag!r}, which is not in shares")
+        for tag, owner in self.share_owners.items():
+            if tag not in self.shares:
+                raise SpecError(f"share_owners[{tag!r}]", "names a tag which is not in shares")
+            if len(owner) != 2 or not all(isinstance(i, int) and 0 <= i < 2**32 - 1 for i in owner) or not owner[0]:
+                raise SpecError(f"share_owners[{tag!r}]", f"must be a (uid, gid) other than root, not {owner!r}")
         for tag, path in self.shares.items():
             if not _TAG.match(tag):
                 raise SpecError(f"shares[{tag!r}]", "a tag is 1-36 of letters, digits, '_', '.', '-'")

@@ -63,3 +63,104 @@ def test_mounts_sort_parent_first_whatever_the_order() -> None:
         for i, target in enumerate(order):
             for parent in order[i + 1:]:
                 assert not target.startswith(parent.rstrip("/") + "/"), order
+
+
+# ------------------------------------------------------------------------------ the home share
+
+def test_the_home_is_shared_at_the_same_path_by_default(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = cfg.loads("")
+    assert config.home_mount() == cfg.Mount(source=str(tmp_path), target=str(tmp_path))
+    assert config.all_mounts()[-1].target == str(tmp_path)
+
+
+def test_the_home_share_can_be_moved_made_read_only_or_turned_off(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+    assert cfg.loads("").home_mount() is None  # no such home: nothing to share, no error
+    other = tmp_path / "me"
+    other.mkdir()
+    moved = cfg.loads(f'[home]\npath = "{other}"\nread_only = true').home_mount()
+    assert moved == cfg.Mount(source=str(other), target=str(other), read_only=True)
+    assert cfg.loads(f'[home]\npath = "{other}"\nshare = false').all_mounts() == []
+
+
+def test_a_mount_with_the_homes_target_replaces_the_home_share(tmp_path) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    config = cfg.loads(f'[home]\npath = "{home}"\n[[mounts]]\nsource = "{elsewhere}"\ntarget = "{home}/"')
+    assert config.home_mount() is None
+    assert [m.source for m in config.all_mounts()] == [str(elsewhere)]
+
+
+def test_the_home_share_is_last_and_a_mount_below_it_sorts_after_it(tmp_path) -> None:
+    (tmp_path / "sub").mkdir()
+    config = cfg.loads(f'[home]\npath = "{tmp_path}"\n[[mounts]]\nsource = "tmpfs"\ntarget = "{tmp_path}/sub"\n'
+                       f'type = "tmpfs"')
+    assert [m.target for m in config.all_mounts()] == [f"{tmp_path}/sub", str(tmp_path)]
+    assert [m.target for m in cfg.sorted_mounts(config.all_mounts())] == [str(tmp_path), f"{tmp_path}/sub"]
+
+
+# ------------------------------------------------------------------------------ proxies and CAs
+
+CERT = """-----BEGIN CERTIFICATE-----
+MIIBfTCCASOgAwIBAgIUbm9uZSBvZiB0aGlzIGlzIHJlYWwwCgYIKoZIzj0EAwIw
+-----END CERTIFICATE-----
+"""
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ('[home]\npath = "/nonexistent-home"', "home.path", "not a directory"),
+    ('[home]\npath = "/"', "home.path", "other than /"),
+    ('[proxy]\nhttps = "proxy:3128"', "proxy.https", "URL like"),
+    ('[proxy]\nhttp = "ftp://proxy:21"', "proxy.http", "URL like"),
+    ('[proxy]\nftp = "x"', "proxy.ftp", "unknown setting"),
+    ('[certificates]\nca = ["/nonexistent.pem"]', "certificates.ca[0]", "No such file"),
+    ("[certificates]\nca = 1", "certificates.ca", "expected `array`"),
+])
+def test_bad_home_proxy_and_ca_values_name_the_key(text: str, key: str, fragment: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text, "boxpark.toml")
+    assert info.value.key == key and fragment in str(info.value), str(info.value)
+
+
+def test_ca_files_must_hold_pem_certificates(tmp_path) -> None:
+    good, key, garbled, empty = (tmp_path / n for n in ("good.pem", "key.pem", "garbled.pem", "empty.pem"))
+    good.write_text("a comment line\n" + CERT + CERT)
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+    garbled.write_text("-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n")
+    empty.write_text("")
+    assert cfg.loads(f'[certificates]\nca = ["{good}"]').certificates.ca == [str(good)]
+    assert cfg.pem_certificates(good.read_bytes()) == [CERT.encode()] * 2
+    for i, bad in enumerate((key, garbled, empty)):
+        with pytest.raises(cfg.ConfigError) as info:
+            cfg.loads(f'[certificates]\nca = ["{good}", "{bad}"]')
+        assert info.value.key == "certificates.ca[1]" and str(bad) in str(info.value)
+
+
+def test_proxies_come_from_the_config_then_from_the_environment_of_up() -> None:
+    environ = {"HTTPS_PROXY": "http://env-proxy:3128", "http_proxy": "http://lower:80", "NO_PROXY": "localhost"}
+    configured = cfg.loads('[proxy]\nhttps = "http://10.0.2.2:3128"').proxy
+    assert cfg.proxy_env(configured, environ) == {
+        "HTTPS_PROXY": "http://10.0.2.2:3128", "https_proxy": "http://10.0.2.2:3128",
+        "HTTP_PROXY": "http://lower:80", "http_proxy": "http://lower:80",
+        "NO_PROXY": "localhost", "no_proxy": "localhost"}
+    only_config = cfg.loads('[proxy]\nhttps = "http://10.0.2.2:3128"\nfrom_env = false').proxy
+    assert cfg.proxy_env(only_config, environ) == {"HTTPS_PROXY": "http://10.0.2.2:3128",
+                                                   "https_proxy": "http://10.0.2.2:3128"}
+    assert cfg.proxy_env(cfg.Proxy(), {}) == {}
+
+
+@pytest.mark.parametrize("value, guest", [
+    ("http://127.0.0.1:3128", "http://10.0.2.2:3128"),
+    ("http://user:pw@localhost:3128/", "http://user:pw@10.0.2.2:3128/"),
+    ("127.0.0.2:8080", "10.0.2.2:8080"),
+    ("http://[::1]:3128", "http://10.0.2.2:3128"),
+    ("http://localhost.corp:3128", "http://localhost.corp:3128"),
+    ("http://proxy.corp:3128", "http://proxy.corp:3128"),
+])
+def test_a_loopback_proxy_from_the_environment_is_reached_at_the_host_address(value, guest) -> None:
+    env = cfg.proxy_env(cfg.Proxy(), {"HTTP_PROXY": value, "NO_PROXY": "localhost,127.0.0.1"})
+    assert env["HTTP_PROXY"] == env["http_proxy"] == guest
+    assert env["NO_PROXY"] == "localhost,127.0.0.1"
+    assert cfg.proxy_env(cfg.Proxy(http="http://127.0.0.1:1"), {})["HTTP_PROXY"] == "http://127.0.0.1:1"  # as written

@@ -63,6 +63,7 @@ def test_a_complete_spec_is_valid(files: dict[str, str]) -> None:
     ({"shares": {"bad tag": "/"}}, "shares['bad tag']"),
     ({"shares": {"src": "/nonexistent/dir"}}, "shares['src']"),
     ({"share_targets": {"/src": "nosuchtag"}}, "share_targets['/src']"),
+    ({"share_owners": {"nosuchtag": (1000, 1000)}}, "share_owners['nosuchtag']"),
     ({"api": "carrier-pigeon:1"}, "api"),
     ({"events": "tcp:nohost"}, "events"),
     ({"settings": {"boxpark.log": "debug"}}, "settings['boxpark.log']"),
@@ -143,3 +144,10 @@ def test_a_missing_image_says_how_to_build_one(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(ImageError, match="no vmlinuz.*run: boxpark image build"):
         image_manifest(tmp_path)
+
+
+def test_a_share_owner_is_a_user_other_than_root(files: dict[str, str]) -> None:
+    for owner in ((0, 0), (1000,), (-1, 5), (1000, "1000")):
+        spec = make(files, shares={"src": files["share"]}, share_owners={"src": owner})
+        assert field_of(spec) == "share_owners['src']", owner
+    assert make(files, shares={"src": files["share"]}, share_owners={"src": (1000, 0)}).validate()

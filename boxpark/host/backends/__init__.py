@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar, Iterator
 
 from ...protocol import Ready
 from ..client import GuestClient
@@ -83,8 +84,9 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
 
     The backend's files (sockets, secret, QEMU's log, pid files, console.log, init.log) go to
     `machine.backend_dir`; console.log and init.log are linked from the machine's directory too.
-    The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount gets a tag `shareN`;
-    `spec.share_targets` maps its guest mount point to the tag.
+    The data disk comes first among the extra disks (/dev/vdb). Each virtiofs mount (the home share last)
+    gets a tag `shareN`; `spec.share_targets` maps its guest mount point to the tag. On the home share the
+    guest's root acts as the home's owner (`spec.share_owners`), where the backend can do it.
     """
     from ..config import expand
 
@@ -107,12 +109,18 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
         fields["disks"] = (Disk(str(data_disk), name="data"),)
     shares: dict[str, str] = {}
     targets: dict[str, str] = {}
-    for mount in config.mounts:
+    owners: dict[str, tuple[int, int]] = {}
+    home = config.home_mount()
+    for mount in config.all_mounts():
         if mount.type == "virtiofs":
             tag = f"share{len(shares)}"
             shares[tag] = expand(mount.source)
             targets[mount.target] = tag
-    fields.update(shares=shares, share_targets=targets)
+            if mount == home:
+                owner = _owner(home.source)
+                if owner is not None:
+                    owners[tag] = owner
+    fields.update(shares=shares, share_targets=targets, share_owners=owners)
     spec = spec_from_image(image, state, **fields)
     for name in ("console.log", "init.log"):
         link = Path(machine.dir) / name
@@ -121,6 +129,15 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
                 link.unlink(missing_ok=True)
                 link.symlink_to(state / name)
     return spec
+
+
+def _owner(directory: str) -> tuple[int, int] | None:
+    """The home's (uid, gid): the guest's root acts as them on the home share; None for root's own home."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return (info.st_uid, info.st_gid) if info.st_uid != 0 else None
 
 
 def _default_image_dir(arch: str) -> str:
@@ -229,6 +246,49 @@ def summary(path: str | os.PathLike[str], lines: int = 15, telling: int = 8) -> 
     return "\n".join(before + (["[...]"] if before else []) + end)
 
 
+@contextlib.contextmanager
+def owner_namespace(uid: int, gid: int, *, idmap: bool = False) -> Iterator[int]:
+    """A fresh user namespace whose root is host uid:gid (and nobody else); yields an fd of it (O_RDONLY).
+
+    With `idmap` it is the other way round, as an idmapped mount wants it (the kernel maps the filesystem's
+    ids into the namespace): its uid:gid is the host's root, so the mount shows uid:gid's files as root's.
+
+    A helper (`unshare --user cat`) makes it; we write its uid/gid maps from here (root in the parent
+    namespace may map any id), keep the namespace by the fd, and end the helper. What enters it (qemu:
+    virtiofsd under nsenter) or a mount idmapped with it (the sandbox) acts as uid:gid: files are created as
+    uid:gid, files of uid:gid can be changed, others only as their permissions allow anyone, and no other
+    guest id can be written as.
+    """
+    helper = subprocess.Popen([shutil.which("unshare") or "unshare", "--user", "--", "cat"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fd = -1
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{helper.pid}/ns/user") == ours:  # until it has unshared
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise BackendError("cannot make a user namespace for an owner-mapped share (unshare --user failed)")
+            time.sleep(0.001)
+        fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        for name, value in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{helper.pid}/{name}", "w") as f:
+                f.write(f"{value} 0 1\n" if idmap else f"0 {value} 1\n")
+    except OSError as exc:
+        raise BackendError(f"cannot make a user namespace for an owner-mapped share: {exc}") from None
+    finally:
+        assert helper.stdin is not None
+        helper.stdin.close()  # cat ends; the namespace lives on while fd (and then virtiofsd) holds it
+        try:
+            helper.wait(5)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------ the interface
 
 
@@ -270,6 +330,15 @@ class Backend(abc.ABC):
     def share_tags(self) -> dict[str, str]:
         """Guest mount point -> virtiofs tag, for the shares the spec maps (`spec.share_targets`)."""
         return dict(self.spec.share_targets) if self.spec is not None else {}
+
+    @property
+    def share_sources(self) -> dict[str, tuple[str, str, list[str]]]:
+        """Guest mount point -> (source, fstype, options) of the guest's Mount call for each share."""
+        return {target: self.share_source(tag) for target, tag in self.share_tags.items()}
+
+    def share_source(self, tag: str) -> tuple[str, str, list[str]]:
+        """How the guest mounts the share `tag`: a virtiofs device (the sandbox binds a directory instead)."""
+        return tag, "virtiofs", []
 
     def _record_pid(self, child: Child, argv0: str) -> None:
         """state/<what>.pid ("PID ARGV0"): lets `boxpark` kill what a crashed agent left (state.Machine.clean)."""

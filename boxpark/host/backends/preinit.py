@@ -10,8 +10,13 @@ root, drops CAP_SYS_TIME and CAP_SYS_BOOT for good, and execs the image's /sbin/
 
 Anything wrong: one `boxpark-preinit: FATAL:` line on stderr (the sandbox's console.log) and exit 1.
 
-    python3 -S -I preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS
-    e.g.    ... preinit.py /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 boxpark.api=…"
+    python3 -S -I preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG[:FD]=DIRECTORY ...]
+    e.g.    ... preinit.py /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 boxpark.api=…" share0=/home/me
+
+Each TAG=DIRECTORY is a host directory shared with the guest: bound (with its submounts) at
+/run/boxpark/shares/TAG, where the agent's init phase binds it on its target. TAG:FD=DIRECTORY binds it
+idmapped (Linux 5.12+) by the user namespace the host left open at FD, whose root is the share's owner:
+the guest's root acts as that owner there, as on the qemu backend's home share.
 
 Plain argv, no json: every import here is paid on every boot (json and platform cost ~20 ms together).
 """
@@ -30,6 +35,9 @@ CAP_SYS_BOOT, CAP_SYS_TIME = 22, 25
 DROPPED_CAPS = (CAP_SYS_TIME, CAP_SYS_BOOT)
 CAPABILITY_VERSION_3 = 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442  # the same on every architecture
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE, AT_EMPTY_PATH = 1, 0o2000000, 0x8000, 0x1000
+MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD, MOUNT_ATTR_IDMAP = 4, -100, 0x100000
 
 # name, mode, major, minor: the whole /dev a guest userland gets (the init adds pts, shm and the links)
 DEVICES = (
@@ -38,6 +46,7 @@ DEVICES = (
 )
 HOST_DIR = "/run/boxpark/host"
 SETTINGS = "/run/boxpark/settings"
+SHARES = "/run/boxpark/shares"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -116,17 +125,63 @@ def make_run(run, state, settings):
     os.chmod(path, 0o644)
 
 
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+def idmapped_bind(directory, target, userns):
+    """Bind `directory` (with its submounts) on `target` idmapped by the user namespace fd `userns` (the
+    host made it: its root is the share's owner): the sandbox's root acts as that owner there."""
+    tree = _libc.syscall(ctypes.c_long(SYS_OPEN_TREE), AT_FDCWD, directory.encode(),
+                         ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
+    try:
+        if tree < 0:
+            _check(-1, f"open_tree {directory}")
+        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns)
+        _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), tree, b"", ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+                             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+               f"idmap {directory}")
+        _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), tree, b"", AT_FDCWD, target.encode(),
+                             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount {directory} on {target}")
+    finally:
+        os.close(userns)
+        if tree >= 0:
+            os.close(tree)
+
+
+def bind_shares(run, shares):
+    """Each TAG=DIRECTORY (or TAG:FD=DIRECTORY, idmapped by the user namespace open at FD) bound at
+    <run>/boxpark/shares/TAG (read-write; the guest's bind on the target adds ro)."""
+    for share in shares:
+        name, _, directory = share.partition("=")
+        tag, _, userns = name.partition(":")
+        if not tag or "/" in tag or not directory.startswith("/") or (userns and not userns.isdigit()):
+            raise Failed(f"a share is TAG[:FD]=/DIRECTORY, not {share!r}")
+        target = f"{run}{SHARES[len('/run'):]}/{tag}"
+        os.makedirs(target, 0o755)
+        if userns:
+            try:
+                idmapped_bind(directory, target, int(userns))
+                continue
+            except Failed as exc:  # e.g. a filesystem without idmapped mounts (NFS): share it all the same
+                sys.stderr.write(f"boxpark-preinit: warning: {exc}; {directory} is shared with the host's ids "
+                                 f"(the guest's root writes as root)\n")
+        mount(directory, target, None, MS_BIND | MS_REC)
+
+
 def main(argv):
     start = time.monotonic()
-    if len(argv) != 6:
-        raise Failed("usage: preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS")
-    loop, root, state, init, settings = argv[1:]
+    if len(argv) < 6:
+        raise Failed("usage: preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG[:FD]=DIRECTORY ...]")
+    loop, root, state, init, settings = argv[1:6]
     if os.getpid() != 1:
         raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()}): run me under unshare --pid --fork")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may reach the host
     mount(loop, root, "squashfs", MS_RDONLY)
     make_dev(root + "/dev")
     make_run(root + "/run", state, settings)
+    bind_shares(root + "/run", argv[6:])
     os.chdir(root)
     pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from ...transport import Address, listen_socket, parse_address, write_secret
 from ..eventstream import EventStream
 from ..spec import MachineSpec, host_arch, kernel_arch
-from . import Backend, BackendError, Child, UnsupportedSpec, tail
+from . import Backend, BackendError, Child, UnsupportedSpec, owner_namespace, tail
 
 log = logging.getLogger("boxpark.host.qemu")
 
@@ -264,8 +264,13 @@ def forwarded_port(usernet: str, guest_port: int) -> int | None:
 
 
 @contextlib.contextmanager
-def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """virtiofsd for one share, on a listening socket we made; yields (socket path, process)."""
+def virtiofsd(tag: str, source: str, state: Path,
+              owner: tuple[int, int] | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """virtiofsd for one share, on a listening socket we made; yields (socket path, process).
+
+    With `owner` (uid, gid), virtiofsd runs in a user namespace where its root is that user: what the guest's
+    root creates belongs to the owner on the host (see `owner_namespace`).
+    """
     binary = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None) or shutil.which("virtiofsd")
     if binary is None:
         raise BackendError("directory shares need virtiofsd (apt-get install qemu-system-common, or virtiofsd)")
@@ -273,10 +278,15 @@ def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subproc
     sock = listen_socket(parse_address(f"unix:{path}"))
     sock.setblocking(True)
     logfile = os.open(state / f"virtiofsd-{tag}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    argv = [binary, f"--fd={sock.fileno()}", "-o", f"source={source}", "-o", "cache=auto"]
+    fds = [sock.fileno()]
     try:
-        process = subprocess.Popen([binary, f"--fd={sock.fileno()}", "-o", f"source={source}", "-o", "cache=auto"],
-                                   pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL, stdout=logfile,
-                                   stderr=logfile)
+        with contextlib.ExitStack() as namespace:
+            if owner is not None:
+                userns = namespace.enter_context(owner_namespace(*owner))
+                argv = [_nsenter(), f"--user=/proc/self/fd/{userns}", "--", *argv]
+                fds.append(userns)
+            process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)
     finally:
         os.close(logfile)
         sock.close()
@@ -292,6 +302,13 @@ def virtiofsd(tag: str, source: str, state: Path) -> Iterator[tuple[str, subproc
                 process.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _nsenter() -> str:
+    binary = shutil.which("nsenter")
+    if binary is None:
+        raise BackendError("mapping the home share to its owner needs nsenter (util-linux)")
+    return binary
 
 
 def free_tcp_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -375,7 +392,7 @@ class QemuBackend(Backend):
         stack.push_async_callback(self.events.close)
 
         for tag, source in spec.shares.items():
-            path, _ = stack.enter_context(virtiofsd(tag, source, state))
+            path, _ = stack.enter_context(virtiofsd(tag, source, state, spec.share_owners.get(tag)))
             plan.share_sockets[tag] = path
 
         qmp_path = str(state / "qmp.sock")

@@ -4,7 +4,10 @@ For development and tests (root only, Linux only). The host attaches the image's
 device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
 directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
 → the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
-which the guest sees at /run/boxpark/host.
+which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
+the preinit binds each host directory at /run/boxpark/shares/TAG and the init phase binds that on the
+share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
+owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
 
 The network: slirp4netns attaches a tap (eth0) to the sandbox's network namespace and gives it QEMU's
 user-mode layout (gateway 10.0.2.2 = the host's loopback, DNS 10.0.2.3, the guest at 10.0.2.100), so the
@@ -39,11 +42,12 @@ from typing import Iterator
 from ...transport import listen_socket, parse_address
 from ..eventstream import EventStream
 from ..spec import MachineSpec, host_arch
-from . import Backend, BackendError, Child, UnsupportedSpec
+from . import Backend, BackendError, Child, UnsupportedSpec, owner_namespace
 
 log = logging.getLogger("boxpark.host.sandbox")
 
 GUEST_HOST_DIR = "/run/boxpark/host"
+GUEST_SHARES_DIR = "/run/boxpark/shares"  # the preinit binds each shared host directory here, by tag
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
 CGROUP_PARENT = "boxpark"
@@ -76,9 +80,6 @@ class SandboxBackend(Backend):
         if spec.disks:
             raise UnsupportedSpec("disks", "the sandbox has no extra disks (nor swap, which lives on one); "
                                            "use the qemu backend for disks and swap")
-        if spec.shares:
-            raise UnsupportedSpec("shares", "the sandbox shares only its state directory (at "
-                                            f"{GUEST_HOST_DIR}); use the qemu backend for directory shares")
         for key, value in (("api", spec.api), ("events", spec.events)):
             if value is not None and parse_address(value).kind != "unix":
                 raise UnsupportedSpec(key, "the sandbox talks over unix sockets in its state directory only; "
@@ -132,14 +133,18 @@ class SandboxBackend(Backend):
         stack.push_async_callback(self.events.close)
         self.api_address = f"unix:{state}/api.sock"
 
+        userns = {tag: stack.enter_context(owner_namespace(*owner, idmap=True))
+                  for tag, owner in spec.share_owners.items()}
         argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT,
-                self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line]
+                self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line,
+                *share_arguments(spec.shares, userns)]
         console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         cgroup = self.cgroup
         try:
             self.spawned_at = time.monotonic()
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True)
+                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True,
+                                     pass_fds=list(userns.values()))
         except (OSError, subprocess.SubprocessError) as exc:  # the latter: joining the cgroup failed
             raise BackendError(f"cannot start the sandbox ({argv[0]}): {getattr(exc, 'strerror', None) or exc}") from None
         finally:
@@ -210,6 +215,10 @@ class SandboxBackend(Backend):
             await asyncio.sleep(0.01)
         self.child.close()
 
+    def share_source(self, tag: str) -> tuple[str, str, list[str]]:
+        """The preinit bound the share's host directory at /run/boxpark/shares/TAG: the guest binds that."""
+        return f"{GUEST_SHARES_DIR}/{tag}", "", ["bind"]
+
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
         if self.child is None or self.child.returncode is not None:
@@ -237,6 +246,13 @@ class SandboxBackend(Backend):
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL when our host process dies."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def share_arguments(shares: dict[str, str], userns: dict[str, int]) -> list[str]:
+    """The preinit's TAG[:FD]=DIRECTORY arguments: each share is bound (recursively) at
+    /run/boxpark/shares/TAG, idmapped by the user namespace at FD (passed down) when it has an owner."""
+    return [f"{tag}{f':{userns[tag]}' if tag in userns else ''}={os.path.realpath(directory)}"
+            for tag, directory in shares.items()]
 
 
 def _unshare() -> list[str]:
