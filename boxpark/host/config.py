@@ -55,11 +55,11 @@ share = true            # `docker run -v "$PWD":/src ...` works from anywhere un
 read_only = false       # a [[mounts]] entry with the same target replaces this share
 
 [proxy]                 # dockerd's proxies (pulls, pushes, logins), written as the guest reaches them
-# http = ""             # HTTP_PROXY, e.g. "http://proxy.corp:3128"; this host's loopback is 10.0.2.2
+# http = ""             # HTTP_PROXY, e.g. "http://proxy.corp:3128"; this host is host.boxpark.internal
 # https = ""            # HTTPS_PROXY
 # no_proxy = ""         # NO_PROXY, e.g. "localhost,.corp"
 from_env = true         # a key left empty takes HTTP(S)_PROXY/NO_PROXY from the environment of `up`
-                        # (a proxy there on localhost/127.x becomes 10.0.2.2: the host, from the guest)
+                        # (a proxy there on localhost/127.x becomes host.boxpark.internal: the host)
 
 [certificates]          # extra CA certificates (PEM files) the guest trusts: dockerd (registries)
 ca = []                 # and the guest's CA bundle, e.g. ["~/corp-root-ca.pem"]
@@ -307,7 +307,7 @@ def pem_problem(path: str) -> str:
     return ""
 
 
-GUEST_SEES_HOST = "10.0.2.2"  # the host's loopback as the guest reaches it (QEMU user networking, slirp4netns)
+GUEST_SEES_HOST = "host.boxpark.internal"  # the host, by the name the guest resolves on every backend
 _LOOPBACK_PROXY = re.compile(r"^(?P<scheme>[a-z0-9]+://)?(?P<user>[^/@]*@)?(?P<host>localhost|127(?:\.\d+){3}|\[::1\])(?=[:/]|$)",
                              re.IGNORECASE)
 
@@ -317,7 +317,8 @@ def proxy_env(proxy: Proxy, environ: Mapping[str, str] | None = None) -> dict[st
 
     A configured key wins; an empty one is taken from `environ` (the environment of `up`, upper case
     first) when `from_env` is on. A proxy taken from the environment on the host's loopback (localhost,
-    127.x) is meant for the host: the guest reaches it at 10.0.2.2. Keys with no value are left out.
+    127.x) is meant for the host: the guest reaches it as host.boxpark.internal (10.0.2.2, the host's
+    loopback, on QEMU and the sandbox). Keys with no value are left out.
     """
     environ = os.environ if environ is None else environ
     result = {}

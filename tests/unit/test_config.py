@@ -152,10 +152,10 @@ def test_proxies_come_from_the_config_then_from_the_environment_of_up() -> None:
 
 
 @pytest.mark.parametrize("value, guest", [
-    ("http://127.0.0.1:3128", "http://10.0.2.2:3128"),
-    ("http://user:pw@localhost:3128/", "http://user:pw@10.0.2.2:3128/"),
-    ("127.0.0.2:8080", "10.0.2.2:8080"),
-    ("http://[::1]:3128", "http://10.0.2.2:3128"),
+    ("http://127.0.0.1:3128", "http://host.boxpark.internal:3128"),
+    ("http://user:pw@localhost:3128/", "http://user:pw@host.boxpark.internal:3128/"),
+    ("127.0.0.2:8080", "host.boxpark.internal:8080"),
+    ("http://[::1]:3128", "http://host.boxpark.internal:3128"),
     ("http://localhost.corp:3128", "http://localhost.corp:3128"),
     ("http://proxy.corp:3128", "http://proxy.corp:3128"),
 ])
