@@ -11,9 +11,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from tests.upmachine import UpMachine, busybox_tarball
+from tests.upmachine import IMAGE, UpMachine, load_busybox
 
-IMAGE = "boxpark-test/busybox:net"
 HOST_NAME = "host.boxpark.internal"
 
 
@@ -46,12 +45,6 @@ def host_http_server(body: bytes) -> Iterator[int]:
         thread.join(5)
 
 
-def import_busybox(m: UpMachine, tmp: Path) -> None:
-    if m.docker("image", "inspect", IMAGE).returncode != 0:
-        imported = m.docker("import", str(busybox_tarball(tmp)), IMAGE)
-        assert imported.returncode == 0, imported.stderr
-
-
 @contextlib.contextmanager
 def user_network(m: UpMachine, name: str) -> Iterator[str]:
     """A user-defined bridge network (containers there resolve through Docker's embedded DNS)."""
@@ -66,7 +59,7 @@ def user_network(m: UpMachine, name: str) -> Iterator[str]:
 def container_reaches_host_by_name(m: UpMachine, tmp: Path, network: str | None = None) -> None:
     """A container resolves host.boxpark.internal (through the guest's forwarder: the container has no
     /etc/hosts line for it) and fetches a file from a server the test runs on the host's loopback."""
-    import_busybox(m, tmp)
+    load_busybox(m, tmp)
     body = f"from the host {secrets.token_hex(4)}\n".encode()
     with host_http_server(body) as port:
         # nc, not wget: busybox-static's wget crashes (SIGSEGV) in a root without glibc's NSS modules

@@ -1,6 +1,6 @@
 """End-to-end checks of published ports (`docker run -p`), shared by the sandbox and vm tiers.
 
-Each takes a machine that is up (tests/upmachine.py) with the busybox image loaded as `IMAGE`; `net` is the
+Each takes a machine that is up (tests/upmachine.py) with the busybox image loaded (`load_busybox`); `net` is the
 `docker run` network arguments of the tier (the sandbox's dockerd has no default bridge: a user network).
 """
 
@@ -12,9 +12,8 @@ import time
 import urllib.request
 from typing import Callable
 
-from tests.upmachine import UpMachine
+from tests.upmachine import IMAGE, UpMachine
 
-IMAGE = "boxpark-busybox"
 # A UDP echo server from the guest's own python3 (busybox has none): the guest's /usr mounted read-only.
 UDP_ECHO = ("import socket\n"
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"

@@ -18,16 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tests.upchecks import IMAGE
-from tests.upmachine import UpMachine, busybox_tarball
+from tests.upmachine import IMAGE, UpMachine, load_busybox
 
 GUEST_SEES_HOST = "10.0.2.2"  # the host's loopback as the guest reaches it (QEMU user networking, slirp4netns)
-
-
-def ensure_image(m: UpMachine, tmp: Path) -> None:
-    if m.docker("image", "inspect", IMAGE).returncode != 0:
-        imported = m.docker("import", str(busybox_tarball(tmp)), IMAGE)
-        assert imported.returncode == 0, imported.stderr
 
 
 # ------------------------------------------------------------------------------------ the home share
@@ -38,7 +31,7 @@ def home_share_write(m: UpMachine, home: Path, owner: tuple[int, int], tmp: Path
 
     `owner` is the (uid, gid) the backend documents for files a container's root creates on the share.
     """
-    ensure_image(m, tmp)
+    load_busybox(m, tmp)
     project = home / "src" / "project"
     project.mkdir(parents=True, exist_ok=True)
     (project / "from-host").write_text("host\n")
@@ -59,7 +52,7 @@ def home_share_write(m: UpMachine, home: Path, owner: tuple[int, int], tmp: Path
 def home_share_others_files(m: UpMachine, home: Path, tmp: Path) -> None:
     """On a share where the guest's root acts as the owner, the owner's files look like root's, and a file
     of someone else (here the host's root) is only as open as its permissions are to anyone."""
-    ensure_image(m, tmp)
+    load_busybox(m, tmp)
     theirs = home / "roots-file"
     theirs.write_text("root's\n")
     theirs.chmod(0o644)

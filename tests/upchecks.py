@@ -7,9 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.upmachine import UpMachine, busybox_tarball
+from tests.upmachine import IMAGE, UpMachine, busybox_tarball
 
-IMAGE = "boxpark-test/busybox:1"
 
 
 def docker_cli_everyday(m: UpMachine, tmp: Path) -> None:

@@ -44,6 +44,16 @@ def busybox_tarball(directory: Path) -> Path:
     return tarball
 
 
+IMAGE = "boxpark-test/busybox:1"  # what the end-to-end tests run: busybox_tarball, imported
+
+
+def load_busybox(m: UpMachine, tmp: Path) -> None:
+    """Import the busybox image into the machine's dockerd, unless it is there (no registry here)."""
+    if m.docker("image", "inspect", IMAGE).returncode != 0:
+        imported = m.docker("import", str(busybox_tarball(tmp)), IMAGE)
+        assert imported.returncode == 0, imported.stderr
+
+
 class UpMachine:
     def __init__(self, backend: str, config: str = "", name: str = "t") -> None:
         self.backend = backend
