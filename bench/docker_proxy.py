@@ -117,7 +117,7 @@ def main() -> None:
         from boxpark.host.client import GuestClient
         from boxpark.host.guestproxy import GuestProxy
         from boxpark.protocol import Connect
-        from boxpark.transport import open_raw
+        from boxpark.transport import open_raw_blocking
 
         async def throughput() -> tuple[float, float]:
             async with await GuestClient.open(f"unix:{machine}/api.sock") as client:
@@ -127,8 +127,8 @@ def main() -> None:
                         break
                     await asyncio.sleep(0.05)
 
-                async def open_sink() -> socket.socket:
-                    return await open_raw(f"unix:{machine}/api.sock", Connect(path="/run/bench-sink.sock"))
+                def open_sink() -> socket.socket:
+                    return open_raw_blocking(f"unix:{machine}/api.sock", Connect(path="/run/bench-sink.sock"))
 
                 proxy = GuestProxy(str(home / "sink-proxy.sock"), open_sink)
                 await proxy.start()

@@ -45,6 +45,11 @@ class Relay:
         _POOL.submit(lambda: self._direction(self.client, self.target, self.first))
         _POOL.submit(lambda: self._direction(self.target, self.client, b""))
 
+    def run_here(self) -> None:
+        """From a pooled thread: the way back on another, the way there in this one (one wake-up fewer)."""
+        _POOL.submit(lambda: self._direction(self.target, self.client, b""))
+        self._direction(self.client, self.target, self.first)
+
     def _direction(self, src: socket.socket, dst: socket.socket, first: bytes) -> None:
         failed = False
         try:
@@ -283,3 +288,8 @@ class _Pool:
 
 
 _POOL = _Pool()
+
+
+def submit(job: Callable[[], None]) -> None:
+    """Run `job` on a pooled relay thread (a blocking open, then `Relay.run_here`)."""
+    _POOL.submit(job)

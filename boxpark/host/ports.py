@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 import urllib.parse
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
@@ -35,7 +36,7 @@ DIALS = 8  # new streams being opened into the guest at once; more wait their tu
 EVENTS_FILTER = json.dumps({"type": ["container"], "event": ["start", "die"]})
 
 OpenDocker = Callable[[], Awaitable[socket.socket]]
-OpenGuest = Callable[[protocol.Connect], Awaitable[socket.socket]]
+OpenGuest = Callable[[protocol.Connect], socket.socket]  # blocking: run in a relay thread
 
 
 class DockerAPIError(Exception):
@@ -216,7 +217,9 @@ class _Flow:
         forward, loop = self.forward, asyncio.get_running_loop()
         listen = forward.listen
         try:
-            sock = await forward.open_guest(protocol.Connect(port=listen.port, host=listen.guest_ip, udp=True))
+            request = protocol.Connect(port=listen.port, host=listen.guest_ip, udp=True)
+            sock = await asyncio.to_thread(forward.open_guest, request)
+            sock.setblocking(False)
             reader, self.writer = await asyncio.open_connection(sock=sock)
             self.writer.write(b"".join(self.pending))
             self.pending.clear()
@@ -272,13 +275,14 @@ class PortForwards:
         self._containers: dict[str, set[Listen]] = {}
         self.synced = asyncio.Event()  # set after each listing of the running containers
         self.watching = False
-        self._dials = asyncio.Semaphore(DIALS)
+        self._dials = threading.BoundedSemaphore(DIALS)
 
-    async def _dial(self, request: protocol.Connect) -> socket.socket:
-        """A stream into the guest, a few at a time: QEMU's user network accepts host connections with a
-        backlog of one, and a burst beyond it waits for TCP's SYN retries (1 s, 3 s, 7 s ...) instead."""
-        async with self._dials:
-            return await self._open_guest(request)
+    def _dial(self, request: protocol.Connect) -> socket.socket:
+        """A stream into the guest (in a relay thread), a few at a time: QEMU's user network accepts host
+        connections with a backlog of one, and a burst beyond it would wait for TCP's SYN retries (1 s,
+        3 s, 7 s ...) instead."""
+        with self._dials:
+            return self._open_guest(request)
 
     # -- the watch
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,8 @@ import pytest
 from boxpark.host.client import GuestClient
 from boxpark.host.guestproxy import GuestProxy
 from boxpark.host.service import DockerService, GuestPaths, daemon_config
+from boxpark.protocol import Connect
+from boxpark.transport import open_raw_blocking
 from tests.guestserver import running_server
 
 pytestmark = pytest.mark.integration
@@ -80,12 +83,8 @@ def test_dockerd_supervised_through_the_api_and_proxied(short_tmp: Path) -> None
                                     paths=GuestPaths(str(d / "daemon.json"), str(d / "notify.sock"),
                                                      str(d / "docker.sock")), name="dockerd-test")
 
-            async def open_docker():
-                client = await dial()
-                try:
-                    return await client.connect(path=str(d / "docker.sock"))
-                finally:
-                    await client.close()
+            def open_docker() -> socket.socket:
+                return open_raw_blocking(srv.address, Connect(path=str(d / "docker.sock")))
 
             runner = asyncio.ensure_future(service.run())
             proxy = GuestProxy(str(d / "proxy.sock"), open_docker, unavailable=service.unavailable)

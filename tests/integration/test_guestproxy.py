@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from boxpark.host.client import GuestClient
 from boxpark.host.guestproxy import GuestProxy
+from boxpark.protocol import Connect
+from boxpark.transport import open_raw_blocking
 from tests.guestserver import running_server
 
 pytestmark = pytest.mark.integration
@@ -71,12 +72,8 @@ def setup():
 
 
 def make_proxy(directory: str, srv, unavailable=lambda: None) -> GuestProxy:
-    async def open_target() -> socket.socket:
-        client = await GuestClient.open(srv.address)
-        try:
-            return await client.connect(path=f"{directory}/echo.sock")
-        finally:
-            await client.close()
+    def open_target() -> socket.socket:
+        return open_raw_blocking(srv.address, Connect(path=f"{directory}/echo.sock"))
 
     return GuestProxy(f"{directory}/proxy.sock", open_target, unavailable=unavailable)
 

@@ -22,7 +22,7 @@ from boxpark import protocol
 from boxpark.host.client import GuestClient
 from boxpark.host.ports import Binding, PortForwards
 from boxpark.relay import frame_datagram
-from boxpark.transport import open_raw
+from boxpark.transport import open_raw, open_raw_blocking
 from tests.guestserver import running_server
 
 pytestmark = pytest.mark.integration
@@ -146,8 +146,8 @@ def forwards_for(address: str) -> PortForwards:
     async def no_docker() -> socket.socket:
         raise OSError("no dockerd in this test")
 
-    async def open_guest(request: protocol.Connect) -> socket.socket:
-        return await open_raw(address, msgspec.structs.replace(request, host=GUEST_IP))
+    def open_guest(request: protocol.Connect) -> socket.socket:
+        return open_raw_blocking(address, msgspec.structs.replace(request, host=GUEST_IP))
 
     return PortForwards(no_docker, open_guest)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import socket
 import struct
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 from boxpark import protocol
 from boxpark.host.client import GuestClient, RemoteError
-from boxpark.transport import TransportError, dial, parse_address, proof, write_secret
+from boxpark.transport import TransportError, parse_address, proof, write_secret
 from tests.guestserver import running_server
 
 pytestmark = pytest.mark.integration
