@@ -29,8 +29,8 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
 _IDLE_SECONDS = 60.0
 
 
-class Relay:
-    """Two sockets joined both ways by two pooled threads; `done` is called once both directions end."""
+class _Joined:
+    """Two sockets joined by two pooled threads; `done` is called once, after both have finished."""
 
     def __init__(self, client: socket.socket, target: socket.socket, first: bytes,
                  done: Callable[[], None]) -> None:
@@ -40,6 +40,27 @@ class Relay:
         self.done = done
         self._left = 2
         self._lock = threading.Lock()
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.close_now()
+            self.done()
+
+    def abort(self) -> None:
+        """Wake both threads (they see end of stream) so they finish and close everything."""
+        _shutdown(self.client, socket.SHUT_RDWR)
+        _shutdown(self.target, socket.SHUT_RDWR)
+
+    def close_now(self) -> None:
+        self.client.close()
+        self.target.close()
+
+
+class Relay(_Joined):
+    """Two stream sockets joined both ways, each direction by splice in its own pooled thread."""
 
     def start(self) -> None:
         _POOL.submit(lambda: self._direction(self.client, self.target, self.first))
@@ -66,23 +87,6 @@ class Relay:
                 _shutdown(src, socket.SHUT_RD)
             self._finished()
 
-    def _finished(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.close_now()
-            self.done()
-
-    def abort(self) -> None:
-        """Wake both threads (they see end of stream) so they finish and close everything."""
-        _shutdown(self.client, socket.SHUT_RDWR)
-        _shutdown(self.target, socket.SHUT_RDWR)
-
-    def close_now(self) -> None:
-        self.client.close()
-        self.target.close()
-
 
 DATAGRAM = struct.Struct("!H")  # the length in front of each datagram on a stream
 MAX_DATAGRAM = 65535
@@ -92,21 +96,12 @@ def frame_datagram(data: bytes) -> bytes:
     return DATAGRAM.pack(len(data)) + data
 
 
-class DatagramRelay:
-    """A stream of framed datagrams joined to a connected UDP socket by two pooled threads.
+class DatagramRelay(_Joined):
+    """A stream of framed datagrams (`client`) joined to a connected UDP socket (`target`).
 
     The stream's end (the peer's flow closed) ends both; a refused datagram (ICMP port unreachable: nothing
     listens yet) is dropped as UDP would, and the flow goes on.
     """
-
-    def __init__(self, stream: socket.socket, udp: socket.socket, first: bytes,
-                 done: Callable[[], None]) -> None:
-        self.stream = stream
-        self.udp = udp
-        self.first = first
-        self.done = done
-        self._left = 2
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         _POOL.submit(self._to_udp)
@@ -121,51 +116,35 @@ class DatagramRelay:
                     if len(buffer) < DATAGRAM.size + length:
                         break
                     try:
-                        self.udp.send(buffer[DATAGRAM.size:DATAGRAM.size + length])
+                        self.target.send(buffer[DATAGRAM.size:DATAGRAM.size + length])
                     except (ConnectionRefusedError, BlockingIOError):
                         pass
                     del buffer[:DATAGRAM.size + length]
-                chunk = self.stream.recv(256 * 1024)
+                chunk = self.client.recv(256 * 1024)
                 if not chunk:
                     return
                 buffer += chunk
         except OSError:
             pass
         finally:
-            _shutdown(self.udp, socket.SHUT_RDWR)  # wakes the other thread's recv
+            _shutdown(self.target, socket.SHUT_RDWR)  # wakes the other thread's recv
             self._finished()
 
     def _to_stream(self) -> None:
         try:
             while True:
                 try:
-                    data = self.udp.recv(MAX_DATAGRAM)
+                    data = self.target.recv(MAX_DATAGRAM)
                 except ConnectionRefusedError:
                     continue
                 if not data:  # shut down: the stream side has ended
                     return
-                self.stream.sendall(frame_datagram(data))
+                self.client.sendall(frame_datagram(data))
         except OSError:
             pass
         finally:
-            _shutdown(self.stream, socket.SHUT_RDWR)
+            _shutdown(self.client, socket.SHUT_RDWR)
             self._finished()
-
-    def _finished(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.close_now()
-            self.done()
-
-    def abort(self) -> None:
-        _shutdown(self.stream, socket.SHUT_RDWR)
-        _shutdown(self.udp, socket.SHUT_RDWR)
-
-    def close_now(self) -> None:
-        self.stream.close()
-        self.udp.close()
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:

@@ -410,6 +410,22 @@ class Backend(abc.ABC):
             raise BackendError("the machine was not started")
         return await GuestClient.open(self.api_address, secret=self.secret, timeout=timeout)
 
+    async def poweroff_guest(self) -> bool:
+        """Ask a guest that is Ready to power off over its API (its init stops services, syncs, powers
+        off); False when there is no init to ask yet."""
+        if self.events is None or self.events.ready is None:
+            return False
+        client = await self.dial_api(timeout=3.0)
+        try:
+            await client.poweroff()
+        except (ConnectionError, OSError):
+            pass  # the guest may power off before the reply is read
+        except Exception as exc:
+            log.debug("poweroff over the API: %s", exc)
+        finally:
+            await client.close()
+        return True
+
     async def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the machine: ask the guest, wait up to `timeout` s, then kill; clean everything up.
 

@@ -451,17 +451,7 @@ class QemuBackend(Backend):
 
     async def _graceful_stop(self) -> None:
         """Poweroff over the Guest API (the init stops its services, syncs, powers off); QEMU then exits."""
-        if self.events is not None and self.events.ready is not None:
-            client = await self.dial_api(timeout=3.0)
-            try:
-                await client.poweroff()
-            except (ConnectionError, OSError):
-                pass  # the guest may power off before the reply is read
-            except Exception as exc:
-                log.debug("poweroff over the API: %s", exc)
-            finally:
-                await client.close()
-        else:
+        if not await self.poweroff_guest():
             assert self.qmp is not None
             await self.qmp.execute("quit")  # no init to ask yet: nothing to lose
         assert self.child is not None

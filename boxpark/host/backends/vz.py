@@ -512,15 +512,7 @@ class VzBackend(Backend):
     async def _graceful_stop(self) -> None:
         """Poweroff over the Guest API (the init stops its services, syncs, powers off); else stop the VM."""
         assert self.machine is not None
-        if self.events is not None and self.events.ready is not None:
-            client = await self.dial_api(timeout=3.0)
-            try:
-                await client.poweroff()
-            except (ConnectionError, OSError):
-                pass  # the guest may power off before the reply is read
-            finally:
-                await client.close()
-        else:
+        if not await self.poweroff_guest():
             await self.machine.stop()
         await self.machine.end.wait()
 
