@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tests.servers import serving
 from tests.upmachine import IMAGE, UpMachine, load_busybox
 
 GUEST_SEES_HOST = "10.0.2.2"  # the host's loopback as the guest reaches it (QEMU user networking, slirp4netns)
@@ -100,44 +101,25 @@ class RecordingProxy:
 
 @contextlib.contextmanager
 def recording_proxy() -> Iterator[RecordingProxy]:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    proxy = RecordingProxy(port=listener.getsockname()[1])
-    stop = threading.Event()
+    proxy = RecordingProxy()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                with contextlib.suppress(OSError):
-                    while b"\r\n\r\n" not in data and len(data) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                if data:
-                    proxy.requests.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
-                    proxy.seen.set()
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data and len(data) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            if data:
+                proxy.requests.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+                proxy.seen.set()
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with serving(handle) as proxy.port:
         yield proxy
-    finally:
-        stop.set()
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(5)
 
 
 def pull_goes_through_the_proxy(m: UpMachine, proxy: RecordingProxy) -> None:
@@ -195,32 +177,15 @@ def tls_server(ca: TestCA) -> Iterator[int]:
     """A TLS server on the host's 127.0.0.1 with the CA's server certificate; yields its port."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(ca.server_cert, ca.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError, ssl.SSLError):
-                conn.settimeout(10)
-                with context.wrap_socket(conn, server_side=True) as tls:
-                    tls.sendall(b"hello over tls\n")
-            conn.close()
+    def handle(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(ssl.SSLError):
+            conn.settimeout(10)
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"hello over tls\n")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with serving(handle) as port:
         yield port
-    finally:
-        stop.set()
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(5)
 
 
 # The guest's python3 with the default context (the system's trust store), against a server it is told of;

@@ -24,6 +24,7 @@ from boxpark.host.ports import Binding, PortForwards
 from boxpark.relay import frame_datagram
 from boxpark.transport import open_raw, open_raw_blocking
 from tests.guestserver import running_server
+from tests.servers import serving
 
 pytestmark = pytest.mark.integration
 
@@ -56,32 +57,14 @@ def udp_echo(address: tuple[str, int] = (GUEST_IP, 0)) -> Iterator[int]:
         sock.close()
 
 
-@contextlib.contextmanager
-def tcp_echo() -> Iterator[int]:
+def tcp_echo() -> contextlib.AbstractContextManager[int]:
     """A TCP echo server on GUEST_IP, a thread per connection; yields its port."""
-    listener = socket.socket()
-    listener.bind((GUEST_IP, 0))
-    listener.listen(512)
-
-    def handle(conn: socket.socket) -> None:
+    def echo(conn: socket.socket) -> None:
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
+    return serving(echo, host=GUEST_IP, threaded=True)
 
 
 def read_frames(sock: socket.socket, count: int) -> list[bytes]:
