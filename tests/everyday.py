@@ -2,7 +2,8 @@
 
 One machine a tier, configured as a user's would be for issue 6's features at once: a shared home owned by
 a made-up user (1234:1234), HTTPS_PROXY pointing at a recording proxy on the host's loopback, an extra CA,
-ports published by default. The checks live in portchecks, netchecks and sharechecks.
+ports published by default. The checks live in portchecks, netchecks and sharechecks; `EverydayTests` runs
+them in order (a tier's `TestEveryday` subclass gives the `machine` fixture and its containers' network).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests import sharechecks
+from tests import netchecks, portchecks, sharechecks, upchecks
 from tests.upmachine import UpMachine, load_busybox
 
 USER = (1234, 1234)
@@ -48,3 +49,57 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
         if request.session.testsfailed:
             print(m.logs())
         m.destroy()
+
+
+class EverydayTests:
+    """The tests of a tier's machine, in order: dockerd is killed near the end, `down` is the last."""
+
+    NET: list[str] = []  # `docker run` network arguments
+    NETWORK: str | None = None  # the same network, by name (None: docker's default bridge)
+    ALSO_USER_NETWORK = False  # the name of the host checked on a user network too (Docker's embedded DNS)
+
+    def test_published_tcp_port(self, machine: UpMachine) -> None:
+        portchecks.published_tcp_port(machine, self.NET)
+
+    def test_published_udp_port(self, machine: UpMachine) -> None:
+        portchecks.published_udp_port(machine, self.NET)
+
+    def test_host_port_in_use_is_reported(self, machine: UpMachine) -> None:
+        portchecks.host_port_in_use_is_reported(machine, self.NET)
+
+    def test_guest_resolves_host_name(self, machine: UpMachine) -> None:
+        netchecks.guest_resolves_host_name(machine)
+
+    def test_container_reaches_host_by_name(self, machine: UpMachine, tmp_path: Path) -> None:
+        netchecks.container_reaches_host_by_name(machine, tmp_path, self.NETWORK)
+        if self.ALSO_USER_NETWORK:
+            with netchecks.user_network(machine, "boxpark-net") as network:
+                netchecks.container_reaches_host_by_name(machine, tmp_path, network)
+
+    def test_docker_run_in_the_home_writes_files_the_user_owns(self, machine: UpMachine, tmp_path: Path) -> None:
+        sharechecks.home_share_write(machine, machine.user_home, USER, tmp_path)  # type: ignore[attr-defined]
+
+    def test_on_the_home_share_the_users_files_are_roots_and_others_not_writable(self, machine: UpMachine,
+                                                                                 tmp_path: Path) -> None:
+        sharechecks.home_share_others_files(machine, machine.user_home, tmp_path)  # type: ignore[attr-defined]
+
+    def test_dockerd_has_the_proxies(self, machine: UpMachine) -> None:
+        sharechecks.dockerd_has_proxies(machine, {"HTTPS_PROXY": machine.https,  # type: ignore[attr-defined]
+                                                  "NO_PROXY": "localhost"})
+        assert "HTTP_PROXY" not in sharechecks.dockerd_environment(machine)
+
+    def test_a_pull_goes_through_the_proxy(self, machine: UpMachine) -> None:
+        sharechecks.pull_goes_through_the_proxy(machine, machine.proxy)  # type: ignore[attr-defined]
+
+    def test_the_guest_trusts_the_configured_ca(self, machine: UpMachine) -> None:
+        sharechecks.ca_in_the_guest_bundle(machine, machine.ca)  # type: ignore[attr-defined]
+        sharechecks.tls_from_the_guest_trusts_the_ca(machine, machine.ca,  # type: ignore[attr-defined]
+                                                     host_port=machine.tls_port)  # type: ignore[attr-defined]
+
+    def test_ports_come_back_after_dockerd_restarts(self, machine: UpMachine) -> None:
+        portchecks.ports_come_back_after_dockerd_restarts(
+            machine, self.NET, lambda: upchecks.dockerd_killed_and_restarted(machine))
+
+    def test_down_leaves_nothing(self, machine: UpMachine) -> None:
+        upchecks.down_leaves_nothing(machine)
+        assert (machine.user_home / "src" / "project" / "f").read_text() == "x\n"  # type: ignore[attr-defined]

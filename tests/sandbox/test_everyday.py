@@ -13,72 +13,22 @@ import shutil
 
 import pytest
 
-from tests import everyday, netchecks, portchecks, sharechecks, upchecks
+from tests import everyday
 
 pytestmark = [pytest.mark.sandbox,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("docker") is None
                                  or shutil.which("openssl") is None or shutil.which("slirp4netns") is None,
                                  reason="needs root, unshare, slirp4netns, openssl and the docker CLI")]
 
-NETWORK = "everyday"
-NET = ["--network", NETWORK]
-
 
 @pytest.fixture(scope="module")
 def machine(request, tmp_path_factory):
     with everyday.everyday_machine("sandbox", "", tmp_path_factory.mktemp("everyday"), request) as m:
-        made = m.docker("network", "create", NETWORK)
+        made = m.docker("network", "create", TestEveryday.NETWORK)
         assert made.returncode == 0, made.stderr
         yield m
 
 
-def test_published_tcp_port(machine) -> None:
-    portchecks.published_tcp_port(machine, NET)
-
-
-def test_published_udp_port(machine) -> None:
-    portchecks.published_udp_port(machine, NET)
-
-
-def test_host_port_in_use_is_reported(machine) -> None:
-    portchecks.host_port_in_use_is_reported(machine, NET)
-
-
-def test_guest_resolves_host_name(machine) -> None:
-    netchecks.guest_resolves_host_name(machine)
-
-
-def test_container_reaches_host_by_name(machine, tmp_path) -> None:
-    netchecks.container_reaches_host_by_name(machine, tmp_path, NETWORK)
-
-
-def test_docker_run_in_the_home_writes_files_the_user_owns(machine, tmp_path) -> None:
-    sharechecks.home_share_write(machine, machine.user_home, everyday.USER, tmp_path)
-
-
-def test_on_the_home_share_the_users_files_are_roots_and_others_files_are_not_writable(machine, tmp_path) -> None:
-    sharechecks.home_share_others_files(machine, machine.user_home, tmp_path)
-
-
-def test_dockerd_has_the_proxies(machine) -> None:
-    sharechecks.dockerd_has_proxies(machine, {"HTTPS_PROXY": machine.https, "NO_PROXY": "localhost"})
-    assert "HTTP_PROXY" not in sharechecks.dockerd_environment(machine)
-
-
-def test_a_pull_goes_through_the_proxy(machine) -> None:
-    sharechecks.pull_goes_through_the_proxy(machine, machine.proxy)
-
-
-def test_the_guest_trusts_the_configured_ca(machine) -> None:
-    sharechecks.ca_in_the_guest_bundle(machine, machine.ca)
-    sharechecks.tls_from_the_guest_trusts_the_ca(machine, machine.ca, host_port=machine.tls_port)
-
-
-def test_ports_come_back_after_dockerd_restarts(machine) -> None:
-    portchecks.ports_come_back_after_dockerd_restarts(
-        machine, NET, lambda: upchecks.dockerd_killed_and_restarted(machine))
-
-
-def test_down_leaves_nothing(machine) -> None:
-    upchecks.down_leaves_nothing(machine)
-    assert (machine.user_home / "src" / "project" / "f").read_text() == "x\n"
+class TestEveryday(everyday.EverydayTests):
+    NETWORK = "everyday"
+    NET = ["--network", NETWORK]
