@@ -56,16 +56,17 @@ class EverydayTests:
 
     NET: list[str] = []  # `docker run` network arguments
     NETWORK: str | None = None  # the same network, by name (None: docker's default bridge)
+    PORTS = 18080  # the first of the host ports the port checks publish (tiers may run side by side)
     ALSO_USER_NETWORK = False  # the name of the host checked on a user network too (Docker's embedded DNS)
 
     def test_published_tcp_port(self, machine: UpMachine) -> None:
-        portchecks.published_tcp_port(machine, self.NET)
+        portchecks.published_tcp_port(machine, self.NET, self.PORTS)
 
     def test_published_udp_port(self, machine: UpMachine) -> None:
-        portchecks.published_udp_port(machine, self.NET)
+        portchecks.published_udp_port(machine, self.NET, self.PORTS)
 
     def test_host_port_in_use_is_reported(self, machine: UpMachine) -> None:
-        portchecks.host_port_in_use_is_reported(machine, self.NET)
+        portchecks.host_port_in_use_is_reported(machine, self.NET, self.PORTS)
 
     def test_guest_resolves_host_name(self, machine: UpMachine) -> None:
         netchecks.guest_resolves_host_name(machine)
@@ -98,7 +99,7 @@ class EverydayTests:
 
     def test_ports_come_back_after_dockerd_restarts(self, machine: UpMachine) -> None:
         portchecks.ports_come_back_after_dockerd_restarts(
-            machine, self.NET, lambda: upchecks.dockerd_killed_and_restarted(machine))
+            machine, self.NET, self.PORTS, lambda: upchecks.dockerd_killed_and_restarted(machine))
 
     def test_down_leaves_nothing(self, machine: UpMachine) -> None:
         upchecks.down_leaves_nothing(machine)

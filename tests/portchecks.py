@@ -1,7 +1,9 @@
 """End-to-end checks of published ports (`docker run -p`), shared by the sandbox and vm tiers.
 
-Each takes a machine that is up (tests/upmachine.py) with the busybox image loaded (`load_busybox`); `net` is the
-`docker run` network arguments of the tier (the sandbox's dockerd has no default bridge: a user network).
+Each takes a machine that is up (tests/upmachine.py) with the busybox image loaded (`load_busybox`); `net` is
+the `docker run` network arguments of the tier (the sandbox's dockerd has no default bridge: a user network);
+`base` is the first of the host ports the check publishes (base … base+6): each tier has its own, since host
+ports are the whole machine's and tiers may run side by side.
 """
 
 from __future__ import annotations
@@ -58,15 +60,15 @@ def httpd(m: UpMachine, net: list[str], name: str, publish: str, *extra: str) ->
                "busybox mkdir -p /www && echo published > /www/f && exec httpd -f -p 80 -h /www")
 
 
-def published_tcp_port(m: UpMachine, net: list[str]) -> None:
-    """`-p 18080:80` answers on the host; 200 connections at once; closed within 2 s after `docker stop`."""
-    httpd(m, net, "web", "18080:80")
-    wait_for("the published port serving", lambda: fetch("http://127.0.0.1:18080/f") == "published\n", 60)
+def published_tcp_port(m: UpMachine, net: list[str], base: int) -> None:
+    """`-p BASE:80` answers on the host; 200 connections at once; closed within 2 s after `docker stop`."""
+    httpd(m, net, "web", f"{base}:80")
+    wait_for("the published port serving", lambda: fetch(f"http://127.0.0.1:{base}/f") == "published\n", 60)
     forwarded = m.status()["ports"]["forwarded"]
-    assert {"proto": "tcp", "host": "127.0.0.1:18080", "guest": "127.0.0.1:18080", "container": "web"} \
+    assert {"proto": "tcp", "host": f"127.0.0.1:{base}", "guest": f"127.0.0.1:{base}", "container": "web"} \
         .items() <= forwarded[0].items(), forwarded
 
-    sockets = [socket.create_connection(("127.0.0.1", 18080), timeout=60) for _ in range(200)]  # all open at once
+    sockets = [socket.create_connection(("127.0.0.1", base), timeout=60) for _ in range(200)]  # all open at once
     try:
         for s in sockets:
             s.sendall(b"GET /f HTTP/1.0\r\n\r\n")
@@ -87,19 +89,20 @@ def published_tcp_port(m: UpMachine, net: list[str]) -> None:
 
     stop = m.docker("stop", "-t", "1", "web")
     assert stop.returncode == 0, stop.stderr
-    took = wait_for("the host port closed after docker stop", lambda: closed(18080), 2.0)
+    took = wait_for("the host port closed after docker stop", lambda: closed(base), 2.0)
     print(f"host port closed {took:.3f} s after docker stop returned")
     m.docker("rm", "web")
 
 
-def published_udp_port(m: UpMachine, net: list[str]) -> None:
-    """`-p 15353:5353/udp`: datagrams from two host peers each come back to their sender."""
-    run(m, "--name", "udpecho", *net, "-p", "15353:5353/udp", *GUEST_PYTHON, IMAGE, "python3", "-c", UDP_ECHO)
+def published_udp_port(m: UpMachine, net: list[str], base: int) -> None:
+    """`-p BASE+6:5353/udp`: datagrams from two host peers each come back to their sender."""
+    port = base + 6
+    run(m, "--name", "udpecho", *net, "-p", f"{port}:5353/udp", *GUEST_PYTHON, IMAGE, "python3", "-c", UDP_ECHO)
     peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     try:
         def answered() -> bool:
             peers[0].settimeout(0.5)
-            peers[0].sendto(b"ping", ("127.0.0.1", 15353))
+            peers[0].sendto(b"ping", ("127.0.0.1", port))
             try:
                 return peers[0].recv(100) == b"echo:ping"
             except TimeoutError:
@@ -107,42 +110,45 @@ def published_udp_port(m: UpMachine, net: list[str]) -> None:
 
         wait_for("the UDP echo through the published port", answered, 60)
         peers[1].settimeout(10)
-        peers[1].sendto(b"second", ("127.0.0.1", 15353))
+        peers[1].sendto(b"second", ("127.0.0.1", port))
         assert peers[1].recv(100) == b"echo:second"
     finally:
         for peer in peers:
             peer.close()
     m.docker("rm", "-f", "udpecho")
     wait_for("the UDP port closed after the container went", lambda: not any(
-        f["host"] == "127.0.0.1:15353" for f in m.status()["ports"]["forwarded"]), 5)
+        f["host"] == f"127.0.0.1:{port}" for f in m.status()["ports"]["forwarded"]), 5)
 
 
-def host_port_in_use_is_reported(m: UpMachine, net: list[str]) -> None:
+def host_port_in_use_is_reported(m: UpMachine, net: list[str], base: int) -> None:
     """A host port someone else holds: the container runs, `status` says which port and why, no crash."""
+    port = base + 2
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind(("127.0.0.1", 18082))
+        holder.bind(("127.0.0.1", port))
         holder.listen()
 
         def reported() -> bool:
-            return any("127.0.0.1:18082 for busy: Address already in use" in p
+            return any(f"127.0.0.1:{port} for busy: Address already in use" in p
                        for p in m.status()["ports"]["problems"])
 
-        httpd(m, net, "busy", "18082:80")
+        httpd(m, net, "busy", f"{port}:80")
         wait_for("the port-in-use problem in status", reported, 30)
         status = m.cli("status")
-        assert "port NOT forwarded: tcp 127.0.0.1:18082 for busy: Address already in use" in status.stdout
+        assert f"port NOT forwarded: tcp 127.0.0.1:{port} for busy: Address already in use" in status.stdout
         assert m.status()["state"] == "ready"
-        assert "18082" in (m.dir / "agent.log").read_text()
+        assert f"127.0.0.1:{port}" in (m.dir / "agent.log").read_text()
     m.docker("rm", "-f", "busy")
     wait_for("the problem gone with its container", lambda: not m.status()["ports"]["problems"], 10)
 
 
-def ports_come_back_after_dockerd_restarts(m: UpMachine, net: list[str], kill_dockerd: Callable[[], None]) -> None:
+def ports_come_back_after_dockerd_restarts(m: UpMachine, net: list[str], base: int,
+                                           kill_dockerd: Callable[[], None]) -> None:
     """A `--restart always` container's port serves again after dockerd was killed and restarted: the
     watcher reopens the event stream and lists the running containers (as at the agent's start)."""
-    httpd(m, net, "always", "18084:80", "--restart", "always")
-    wait_for("the port serving", lambda: fetch("http://127.0.0.1:18084/f") == "published\n", 60)
+    port = base + 4
+    httpd(m, net, "always", f"{port}:80", "--restart", "always")
+    wait_for("the port serving", lambda: fetch(f"http://127.0.0.1:{port}/f") == "published\n", 60)
     kill_dockerd()
-    wait_for("the port serving again", lambda: fetch("http://127.0.0.1:18084/f") == "published\n", 180)
+    wait_for("the port serving again", lambda: fetch(f"http://127.0.0.1:{port}/f") == "published\n", 180)
     m.docker("rm", "-f", "always")

@@ -28,3 +28,4 @@ def machine(request, tmp_path_factory):
 
 class TestEveryday(everyday.EverydayTests):
     ALSO_USER_NETWORK = True
+    PORTS = 19080
