@@ -249,8 +249,9 @@ def status(args: argparse.Namespace) -> int:
     ports = info.get("ports")
     if ports:
         for port in ports["forwarded"]:
+            n = port["connections"]
             print(f"  port: {port['host']}/{port['proto']} → {port['container']} (guest {port['guest']}, "
-                  f"{port['connections']} connections)")
+                  f"{n} connection{'' if n == 1 else 's'})")
         for problem in ports["problems"]:
             print(f"  port NOT forwarded: {problem}")
     boot = info.get("boot")
