@@ -1,15 +1,21 @@
-"""What the benchmarks share: the one way to report a figure, and waiting for a server's socket.
+"""What the benchmarks share: the one way to report a figure, waiting for a server's socket, and a sandbox
+machine brought up with the real CLI.
 
 Imported by the others; not a benchmark itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Iterator
 
 
 def wait_for(path: str, server: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
@@ -32,6 +38,42 @@ def figure(name: str, value: float, unit: str, reference: float | None, goal: st
     print(json.dumps(line), flush=True)
     print(f"   {name}: {value:.3f} {unit} (reference {reference}, ratio {line['ratio']}, goal {goal})",
           file=sys.stderr)
+
+
+def boxpark(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI with its own BOXPARK_HOME."""
+    return subprocess.run([sys.executable, "-m", "boxpark", *args], capture_output=True, text=True,
+                          env={**os.environ, "BOXPARK_HOME": str(home)}, timeout=600)
+
+
+@contextlib.contextmanager
+def sandbox_machine() -> Iterator[Path]:
+    """A sandbox machine up for the block (`boxpark up`), down and removed after it; yields its directory."""
+    home = Path(tempfile.mkdtemp(prefix="bpb", dir="/tmp"))
+    (home / "boxpark.toml").write_text('backend = "sandbox"\n')
+    try:
+        up = boxpark(home, "up", "--name", "b", "--config", str(home / "boxpark.toml"), "--no-context")
+        if up.returncode != 0:
+            raise RuntimeError(up.stderr)
+        yield home / "b"
+    finally:
+        boxpark(home, "down", "--name", "b")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def guest_init_pid(machine_dir: Path) -> int:
+    """The host pid of a sandbox's init: the child of the unshare its backend recorded."""
+    record = json.loads((machine_dir / "backend" / "machine.json").read_text())
+    parent = record["pids"][0]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                return int(entry)
+    raise RuntimeError("the sandbox's init was not found")
 
 
 def main() -> None:  # not a benchmark

@@ -11,18 +11,15 @@ The sandbox's guest is a process tree on this host, so its sockets can be reache
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench._report import figure
+from bench._report import figure, guest_init_pid, sandbox_machine
 
 SIZE = 1024 ** 3
 SINK = """
@@ -36,25 +33,6 @@ while True:
         total += n
     c.sendall(str(total).encode()); c.close()
 """
-
-
-def boxpark(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "boxpark", *args], capture_output=True, text=True,
-                          env={**os.environ, "BOXPARK_HOME": str(home)}, timeout=600)
-
-
-def guest_init_pid(machine_dir: Path) -> int:
-    record = json.loads((machine_dir / "backend" / "machine.json").read_text())
-    parent = record["pids"][0]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                return int(entry)
-    raise RuntimeError("the sandbox's init was not found")
 
 
 def timed_runs(argv: list[str], n: int) -> float:
@@ -96,13 +74,7 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("docker"):
         print("docker_proxy: needs root and the docker CLI", file=sys.stderr)
         return
-    home = Path(tempfile.mkdtemp(prefix="bpb", dir="/tmp"))
-    (home / "boxpark.toml").write_text('backend = "sandbox"\n')
-    up = boxpark(home, "up", "--name", "b", "--config", str(home / "boxpark.toml"), "--no-context")
-    if up.returncode != 0:
-        raise RuntimeError(up.stderr)
-    machine = home / "b"
-    try:
+    with sandbox_machine() as machine:
         init = guest_init_pid(machine)
         direct = f"/proc/{init}/root/run/docker.sock"
         proxied = str(machine / "docker.sock")
@@ -130,11 +102,11 @@ def main() -> None:
                 def open_sink() -> socket.socket:
                     return open_raw_blocking(f"unix:{machine}/api.sock", Connect(path="/run/bench-sink.sock"))
 
-                proxy = GuestProxy(str(home / "sink-proxy.sock"), open_sink)
+                proxy = GuestProxy(str(machine.parent / "sink-proxy.sock"), open_sink)
                 await proxy.start()
                 try:
                     reference = await asyncio.to_thread(send_gib, f"/proc/{init}/root/run/bench-sink.sock")
-                    value = await asyncio.to_thread(send_gib, str(home / "sink-proxy.sock"))
+                    value = await asyncio.to_thread(send_gib, str(machine.parent / "sink-proxy.sock"))
                 finally:
                     proxy.close()
                     await client.signal("bench-sink", 9)
@@ -142,9 +114,6 @@ def main() -> None:
 
         value, reference = asyncio.run(throughput())
         figure("proxy_throughput_1gib", value, "MB/s", reference, ">= 0.5")
-    finally:
-        boxpark(home, "down", "--name", "b")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

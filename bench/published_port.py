@@ -15,11 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench._report import figure
+from bench._report import figure, guest_init_pid, sandbox_machine
 
 PORT = 18090
 SERVER = """
@@ -58,11 +56,6 @@ print(json.dumps({"mb_s": size / seconds / 1e6, "connect_ms": statistics.median(
 GUEST_PYTHON = ["-v", "/usr:/usr:ro", "-v", "/usr/lib:/lib:ro", "-v", "/usr/lib64:/lib64:ro"]
 
 
-def boxpark(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "boxpark", *args], capture_output=True, text=True,
-                          env={**os.environ, "BOXPARK_HOME": str(home)}, timeout=600)
-
-
 def measure(prefix: list[str], size: int, rounds: int) -> dict[str, float]:
     out = subprocess.run([*prefix, sys.executable, "-c", CLIENT, str(PORT), str(size), str(rounds)],
                          check=True, capture_output=True, text=True, timeout=600).stdout
@@ -73,16 +66,9 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("docker") or not shutil.which("nsenter"):
         print("published_port: needs root, the docker CLI and nsenter", file=sys.stderr)
         return
-    from bench.docker_proxy import guest_init_pid
-
-    home = Path(tempfile.mkdtemp(prefix="bpp", dir="/tmp"))
-    (home / "boxpark.toml").write_text('backend = "sandbox"\n')
-    up = boxpark(home, "up", "--name", "b", "--config", str(home / "boxpark.toml"), "--no-context")
-    if up.returncode != 0:
-        raise RuntimeError(up.stderr)
-    machine = home / "b"
-    docker = ["docker", "-H", f"unix://{machine}/docker.sock"]
-    try:
+    with sandbox_machine() as machine:
+        docker = ["docker", "-H", f"unix://{machine}/docker.sock"]
+        home = machine.parent
         root = home / "rootfs"
         (root / "bin").mkdir(parents=True)
         shutil.copy("/bin/busybox", root / "bin" / "busybox")
@@ -106,9 +92,6 @@ def main() -> None:
         figure("published_port_new_connection", value["connect_ms"], "ms", reference["connect_ms"],
                "added <= 0.5 ms")
         print(f"   added per new connection: {added:.3f} ms", file=sys.stderr)
-    finally:
-        boxpark(home, "down", "--name", "b")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":
