@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,11 +62,10 @@ class EchoServer:
 
 
 @pytest.fixture
-def setup():
-    directory = tempfile.mkdtemp(prefix="bp", dir="/tmp")
-    echo = EchoServer(f"{directory}/echo.sock")
-    with running_server(Path(directory)) as srv:
-        yield directory, srv, echo
+def setup(short_tmp):
+    echo = EchoServer(f"{short_tmp}/echo.sock")
+    with running_server(Path(short_tmp)) as srv:
+        yield short_tmp, srv, echo
     echo.close()
 
 
