@@ -71,6 +71,27 @@ def home_share_others_files(m: UpMachine, home: Path, tmp: Path) -> None:
     assert theirs.read_text() == "root's\n" and mine.read_text() == "mine\nmore\n"
 
 
+def home_share_read_only(m: UpMachine, home: Path, tmp: Path) -> None:
+    """`[home] read_only = true`: a container reads the home and cannot write it; the host's files stay."""
+    load_busybox(m, tmp)
+    (home / "notes").write_text("kept\n")
+    ran = m.docker("run", "--rm", "-v", f"{home}:/w", IMAGE, "sh", "-c",
+                   "cat /w/notes; echo x > /w/notes || echo refused; echo y > /w/new || echo refused")
+    assert ran.stdout.splitlines() == ["kept", "refused", "refused"], (ran.stdout, ran.stderr)
+    assert "Read-only file system" in ran.stderr, ran.stderr
+    assert (home / "notes").read_text() == "kept\n" and not (home / "new").exists()
+
+
+def home_not_shared(m: UpMachine, home: Path) -> None:
+    """`[home] share = false`: nothing of the home reaches the guest (its path there is no mount)."""
+    (home / "secret-of-the-host").write_text("no\n")
+    mounts = m.cli("exec", "--", "cat", "/proc/self/mountinfo")
+    assert mounts.returncode == 0, mounts.stderr
+    assert f" {home} " not in mounts.stdout, mounts.stdout
+    looked = m.cli("exec", "--", "ls", str(home / "secret-of-the-host"))
+    assert looked.returncode != 0, looked.stdout
+
+
 # ------------------------------------------------------------------------------------ proxies
 
 
