@@ -93,6 +93,12 @@ class Machine:
 
         return self.run(go(), timeout)
 
+    def sh(self, script: str, timeout: float = 120) -> str:
+        """`sh -c script` in the guest over the API; its stdout (the test fails on a non-zero exit)."""
+        result = self.api(lambda c: c.exec(["sh", "-c", script], timeout=timeout), timeout + 30)
+        assert result.code == 0, f"{script}: {result.stdout.decode()} {result.stderr.decode()}"
+        return result.stdout.decode()
+
     def start(self) -> None:
         """Start the machine (without waiting for Ready); record its host processes."""
         self.run(self.backend.start(self.spec), 60)

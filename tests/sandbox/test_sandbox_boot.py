@@ -32,11 +32,6 @@ pytestmark = [pytest.mark.sandbox,
               pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")]
 
 
-def sh(machine: Machine, script: str) -> str:
-    result = machine.api(lambda c: c.exec(["sh", "-c", script], timeout=30))
-    assert result.code == 0, result.stderr.decode()
-    return result.stdout.decode()
-
 
 def mountinfo(text: str) -> dict[str, tuple[str, str]]:
     """mount point -> (fstype, options) from /proc/self/mountinfo text."""
@@ -69,7 +64,7 @@ def test_ready_arrives_with_the_timeline(guest: Machine) -> None:
 def test_the_init_is_pid_1(guest: Machine) -> None:
     info = guest.api(lambda c: c.info())
     assert info.pid == 1 and info.pid1
-    assert sh(guest, "tr '\\0' ' ' </proc/1/cmdline").split()[-1] == "/sbin/init"
+    assert guest.sh("tr '\\0' ' ' </proc/1/cmdline").split()[-1] == "/sbin/init"
     # and on the host, that PID 1 is the child of unshare, inside the sandbox's cgroup
     backend = guest.backend
     init = backend.init_pid()  # type: ignore[attr-defined]
@@ -77,7 +72,7 @@ def test_the_init_is_pid_1(guest: Machine) -> None:
 
 
 def test_root_is_a_tmpfs_overlay_on_the_squashfs(guest: Machine) -> None:
-    mounts = mountinfo(sh(guest, "cat /proc/self/mountinfo"))
+    mounts = mountinfo(guest.sh("cat /proc/self/mountinfo"))
     fstype, options = mounts["/"]
     assert fstype == "overlay" and "upperdir=/mnt/upper" in options
     init_log = Path(guest.spec.init_log).read_text()
@@ -85,7 +80,7 @@ def test_root_is_a_tmpfs_overlay_on_the_squashfs(guest: Machine) -> None:
     # the lower layer is the image: a file read in the guest is the squashfs's file
     ours = subprocess.run(["unsquashfs", "-cat", guest.spec.root, "etc/debian_version"], capture_output=True,
                           check=True).stdout
-    assert sh(guest, "cat /etc/debian_version").encode() == ours
+    assert guest.sh("cat /etc/debian_version").encode() == ours
     # and the host attached the image read-only to the loop device the sandbox mounted
     number = guest.backend.loop_device.removeprefix("/dev/loop")  # type: ignore[attr-defined]
     assert Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip() == guest.spec.root
@@ -96,7 +91,7 @@ def test_a_file_written_under_root_lands_in_the_tmpfs(guest: Machine) -> None:
     # / and /tmp are both default-sized tmpfs instances (the init's): same total; writing 8 MiB under /
     # takes 8 MiB from /'s upper layer and nothing from /tmp.
     def usage() -> tuple[int, int, int, int]:
-        out = sh(guest, "stat -f -c '%b %f %S' / /tmp").split()
+        out = guest.sh("stat -f -c '%b %f %S' / /tmp").split()
         root_total, root_free, size, tmp_total, tmp_free, _ = map(int, out)
         return root_total * size, root_free * size, tmp_total * size, tmp_free * size
 
@@ -111,7 +106,7 @@ def test_a_file_written_under_root_lands_in_the_tmpfs(guest: Machine) -> None:
 
 
 def test_api_filesystems_are_mounted(guest: Machine) -> None:
-    mounts = mountinfo(sh(guest, "cat /proc/self/mountinfo"))
+    mounts = mountinfo(guest.sh("cat /proc/self/mountinfo"))
     assert mounts["/proc"][0] == "proc"
     assert mounts["/sys"][0] == "sysfs"
     assert mounts["/dev"][0] == "tmpfs"  # ours, never the host's devtmpfs
@@ -123,7 +118,7 @@ def test_api_filesystems_are_mounted(guest: Machine) -> None:
 
 
 def test_dev_holds_no_host_disk(guest: Machine) -> None:
-    listing = sh(guest, "find /dev -xdev \\( -type b -o -type c \\) -printf '%y %p\\n'")
+    listing = guest.sh("find /dev -xdev \\( -type b -o -type c \\) -printf '%y %p\\n'")
     nodes = sorted(line.split()[1] for line in listing.splitlines())
     assert not [line for line in listing.splitlines() if line.startswith("b ")], listing
     assert [n for n in nodes if not n.startswith("/dev/pts/")] == [
@@ -132,20 +127,20 @@ def test_dev_holds_no_host_disk(guest: Machine) -> None:
 
 def test_no_clock_or_power_capability(guest: Machine) -> None:
     for pid in ("1", "self"):
-        bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", sh(guest, f"cat /proc/{pid}/status"))[1], 16)
+        bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", guest.sh(f"cat /proc/{pid}/status"))[1], 16)
         assert not bounding & (1 << 25), "CAP_SYS_TIME"
         assert not bounding & (1 << 22), "CAP_SYS_BOOT"
-    assert not os.path.exists("/dev/rtc0") or "rtc0" not in sh(guest, "ls /dev")
+    assert not os.path.exists("/dev/rtc0") or "rtc0" not in guest.sh("ls /dev")
 
 
 def test_the_sandbox_has_its_own_namespaces_and_cgroup(guest: Machine) -> None:
     init = guest.backend.init_pid()  # type: ignore[attr-defined]
     for ns in ("pid", "mnt", "net", "uts", "ipc", "cgroup"):
         assert os.readlink(f"/proc/{init}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
-    (unified,) = [line for line in sh(guest, "cat /proc/self/cgroup").splitlines() if line.startswith("0::")]
+    (unified,) = [line for line in guest.sh("cat /proc/self/cgroup").splitlines() if line.startswith("0::")]
     assert unified.startswith("0::/") and "boxpark" not in unified and ".." not in unified  # rooted at its own
     assert guest.backend.cgroup.path.startswith(cgroup2_mount())  # type: ignore[attr-defined]
-    assert sh(guest, "hostname").strip() == guest.spec.name
+    assert guest.sh("hostname").strip() == guest.spec.name
 
 
 def test_the_event_stream_resumes_after_the_host_drops_it(guest: Machine) -> None:

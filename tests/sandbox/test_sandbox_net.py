@@ -11,16 +11,11 @@ import signal
 import pytest
 
 from boxpark.host.backends.sandbox import SandboxBackend
-from tests.machines import Machine, Machines, _machine_reporter, image_dir, machines  # noqa: F401
+from tests.machines import Machines, _machine_reporter, image_dir, machines  # noqa: F401
 
 pytestmark = [pytest.mark.sandbox,
               pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")]
 
-
-def sh(machine: Machine, script: str) -> str:
-    result = machine.api(lambda c: c.exec(["sh", "-c", script], timeout=30))
-    assert result.code == 0, result.stderr.decode()
-    return result.stdout.decode()
 
 
 @pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="needs slirp4netns")
@@ -32,9 +27,9 @@ def test_slirp4netns_gives_eth0_and_goes_with_the_machine(machines: Machines) ->
     assert slirp in backend.pids()
     pidfd = os.pidfd_open(slirp)
     try:
-        assert sh(machine, "cat /sys/class/net/eth0/operstate").strip() in ("up", "unknown")
-        assert "10.0.2.100" in sh(machine, "cat /proc/net/fib_trie")
-        assert sh(machine, "cat /proc/sys/net/ipv4/conf/eth0/proxy_arp").strip() == "1"
+        assert machine.sh("cat /sys/class/net/eth0/operstate").strip() in ("up", "unknown")
+        assert "10.0.2.100" in machine.sh("cat /proc/net/fib_trie")
+        assert machine.sh("cat /proc/sys/net/ipv4/conf/eth0/proxy_arp").strip() == "1"
         assert machine.ready is not None
         network = next(s for s in machine.ready.timeline if s.name == "network")
         assert network.error is None and network.duration_ns < 2e9  # found the tap, not the wait's deadline
@@ -55,5 +50,5 @@ def test_without_slirp4netns_the_sandbox_has_loopback_only(machines: Machines,  
         machine.wait_ready()
     assert any("slirp4netns is not installed" in r.getMessage() for r in caplog.records)
     assert backend.slirp is None
-    assert sh(machine, "ls /sys/class/net").split() == ["lo"]
+    assert machine.sh("ls /sys/class/net").split() == ["lo"]
     assert machine.ready is not None and all(s.error is None for s in machine.ready.timeline)

@@ -45,11 +45,6 @@ EM_AARCH64, EM_X86_64 = 183, 62
 DOCKER = "docker -H unix:///run/docker.sock"
 
 
-def sh(machine: Machine, script: str, timeout: float = 120) -> str:
-    result = machine.api(lambda c: c.exec(["sh", "-c", script], timeout=timeout), timeout + 30)
-    assert result.code == 0, f"{script}: {result.stdout.decode()} {result.stderr.decode()}"
-    return result.stdout.decode()
-
 
 def elf_machine(data: bytes) -> int:
     assert data[:4] == b"\x7fELF", data[:4]
@@ -111,8 +106,8 @@ def load_image(vm: Machine, arch: str) -> str:
     """busybox for `arch` as the docker image bp/busybox:`arch` in the guest's dockerd."""
     tag = f"bp/busybox:{arch}"
     vm.api(lambda c: c.write_file(f"/run/t/{arch}.tar", docker_archive(busybox(arch), arch, tag), parents=True))
-    sh(vm, f"{DOCKER} load -q -i /run/t/{arch}.tar")
-    assert sh(vm, f"{DOCKER} image inspect -f '{{{{.Architecture}}}}' {tag}") == f"{arch}\n"
+    vm.sh(f"{DOCKER} load -q -i /run/t/{arch}.tar")
+    assert vm.sh(f"{DOCKER} image inspect -f '{{{{.Architecture}}}}' {tag}") == f"{arch}\n"
     return tag
 
 
@@ -154,7 +149,7 @@ def dockerd(vm: Machine) -> Iterator[protocol.NotifyMessage]:
 def x86_64_interpreter(vm: Machine) -> str:
     """qemu-x86_64-static at Rosetta's path, registered with binfmt_misc by boxpark.guest.binfmt in the guest."""
     vm.api(lambda c: c.write_file(INTERPRETER, qemu_x86_64_for_arm64(), mode=0o755, parents=True))
-    out = sh(vm, "exec python3 -SI -c 'import sys; sys.path.insert(0, \"/usr/lib/boxpark/python\"); "
+    out = vm.sh("exec python3 -SI -c 'import sys; sys.path.insert(0, \"/usr/lib/boxpark/python\"); "
                  "from boxpark.guest import binfmt; print(binfmt.register(sys.argv[1]))' " + INTERPRETER)
     assert out == "True\n"
     return INTERPRETER
@@ -186,25 +181,25 @@ def test_the_image_is_what_vz_boots(vm: Machine) -> None:
     assert head[0x38:0x3C] == b"ARM\x64"  # the raw Image, not compressed
     assert (image / "root.squashfs").stat().st_size % 512 == 0
     # the guest's msgspec is the aarch64 build (the init imports it, so Ready already proved it loads)
-    so = sh(vm, "ls /usr/lib/boxpark/python/msgspec/_core*.so").split()[0]
+    so = vm.sh("ls /usr/lib/boxpark/python/msgspec/_core*.so").split()[0]
     assert "aarch64" in so
     assert elf_machine(vm.api(lambda c: c.read_file(so, length=64)).data) == EM_AARCH64
 
 
 def test_dockerd_is_ready(vm: Machine, dockerd: protocol.NotifyMessage) -> None:
     assert dockerd.fields.get("READY") == "1"
-    assert sh(vm, f"{DOCKER} version --format '{{{{.Server.Arch}}}}'") == "arm64\n"
+    assert vm.sh(f"{DOCKER} version --format '{{{{.Server.Arch}}}}'") == "arm64\n"
 
 
 def test_an_x86_64_program_runs_through_the_registered_interpreter(vm: Machine, x86_64_interpreter: str) -> None:
-    entry = sh(vm, "cat /proc/sys/fs/binfmt_misc/rosetta")
+    entry = vm.sh("cat /proc/sys/fs/binfmt_misc/rosetta")
     assert "enabled" in entry and f"interpreter {x86_64_interpreter}" in entry and "flags: OCF" in entry, entry
     x86_busybox = busybox("amd64")
     assert elf_machine(x86_busybox) == EM_X86_64
     vm.api(lambda c: c.write_file("/run/t/busybox-x86_64", x86_busybox, mode=0o755, parents=True))
-    assert sh(vm, "/run/t/busybox-x86_64 uname -m") == "x86_64\n"
+    assert vm.sh("/run/t/busybox-x86_64 uname -m") == "x86_64\n"
     # registering again keeps the entry as it is
-    out = sh(vm, "exec python3 -SI -c 'import sys; sys.path.insert(0, \"/usr/lib/boxpark/python\"); "
+    out = vm.sh("exec python3 -SI -c 'import sys; sys.path.insert(0, \"/usr/lib/boxpark/python\"); "
                  "from boxpark.guest import binfmt; print(binfmt.register(sys.argv[1]))' " + x86_64_interpreter)
     assert out == "False\n"
 
@@ -212,5 +207,5 @@ def test_an_x86_64_program_runs_through_the_registered_interpreter(vm: Machine, 
 def test_docker_runs_an_amd64_image(vm: Machine, dockerd: protocol.NotifyMessage, x86_64_interpreter: str) -> None:
     """`docker run --platform linux/amd64`: the container's root has no interpreter; the F flag makes it work."""
     tag = load_image(vm, "amd64")
-    out = sh(vm, f"{DOCKER} run --rm --network none --platform linux/amd64 {tag} /bin/busybox uname -m")
+    out = vm.sh(f"{DOCKER} run --rm --network none --platform linux/amd64 {tag} /bin/busybox uname -m")
     assert out == "x86_64\n"

@@ -39,14 +39,9 @@ RTC_BASE_NS = calendar.timegm((2031, 5, 17, 12, 0, 0)) * 1_000_000_000
 CLOCK_TOLERANCE_NS = 50_000_000
 
 
-def sh(machine: Machine, script: str, timeout: float = 60) -> str:
-    result = machine.api(lambda c: c.exec(["sh", "-c", script], timeout=timeout), timeout + 30)
-    assert result.code == 0, f"{script}: {result.stderr.decode()}"
-    return result.stdout.decode()
-
 
 def device_with_serial(machine: Machine, serial: str) -> str:
-    out = sh(machine, "for d in /sys/block/vd*; do echo ${d##*/} $(cat $d/serial 2>/dev/null); done")
+    out = machine.sh("for d in /sys/block/vd*; do echo ${d##*/} $(cat $d/serial 2>/dev/null); done")
     for line in out.splitlines():
         name, _, value = line.partition(" ")
         if value.strip() == serial:
@@ -120,7 +115,7 @@ def test_the_secret_stays_off_every_command_line(vm: Machine) -> None:
     assert secret and vm.backend.secret_file
     assert os.stat(vm.backend.secret_file).st_mode & 0o077 == 0
     assert secret not in Path(f"/proc/{vm.backend.child.pid}/cmdline").read_bytes()  # type: ignore[union-attr]
-    assert secret.decode() not in sh(vm, "cat /proc/cmdline")
+    assert secret.decode() not in vm.sh("cat /proc/cmdline")
     with pytest.raises(TransportError):  # and tcp without it is refused
         vm.run(GuestClient.open(vm.backend.api_address, secret=b"0" * 64))
 
@@ -169,27 +164,27 @@ def test_a_time_pushed_by_the_host_wins(vm: Machine) -> None:
 def test_swap_on_a_swap_disk(vm: Machine) -> None:
     device = device_with_serial(vm, "swap")
     vm.api(lambda c: c.swapon(device))
-    swaps = sh(vm, "cat /proc/swaps")
+    swaps = vm.sh("cat /proc/swaps")
     assert device in swaps, swaps
     vm.api(lambda c: c.swapoff(device))
-    assert device not in sh(vm, "cat /proc/swaps")
+    assert device not in vm.sh("cat /proc/swaps")
 
 
 def test_a_grown_data_disk_is_resized(vm: Machine) -> None:
     device = device_with_serial(vm, "data")
     vm.api(lambda c: c.mount(device, "/mnt/data", "ext4", mkdir=True))
-    before = int(sh(vm, "stat -f -c '%b %S' /mnt/data").split()[0])
+    before = int(vm.sh("stat -f -c '%b %S' /mnt/data").split()[0])
     backend = vm.backend
     assert isinstance(backend, QemuBackend)
     vm.run(backend.resize_disk("data", 128 << 20))
     name = device.removeprefix("/dev/")
     deadline = time.monotonic() + 20
-    while int(sh(vm, f"cat /sys/block/{name}/size")) * 512 != 128 << 20:
+    while int(vm.sh(f"cat /sys/block/{name}/size")) * 512 != 128 << 20:
         assert time.monotonic() < deadline, "the guest never saw the new size"
         time.sleep(0.2)
     result = vm.api(lambda c: c.resize_disk(device))
     assert result.filesystem == "ext4" and result.filesystem_grown and result.new_size == 128 << 20
-    total, size = map(int, sh(vm, "stat -f -c '%b %S' /mnt/data").split())
+    total, size = map(int, vm.sh("stat -f -c '%b %S' /mnt/data").split())
     assert total * size > 100 << 20 and total > before
     vm.api(lambda c: c.umount("/mnt/data"))
 
@@ -198,7 +193,7 @@ def test_a_directory_share_mounts_with_virtiofs(vm: Machine) -> None:
     shared: Path = vm.shared  # type: ignore[attr-defined]
     vm.api(lambda c: c.mount("hostdir", "/mnt/hostdir", "virtiofs", mkdir=True))
     try:
-        assert sh(vm, "cat /mnt/hostdir/from-host.txt") == "written on the host\n"
+        assert vm.sh("cat /mnt/hostdir/from-host.txt") == "written on the host\n"
         vm.api(lambda c: c.write_file("/mnt/hostdir/from-guest.txt", b"written in the guest\n"))
         assert (shared / "from-guest.txt").read_text() == "written in the guest\n"
     finally:
