@@ -1,5 +1,5 @@
-"""What the benchmarks share: the one way to report a figure, waiting for a server's socket, and a sandbox
-machine brought up with the real CLI.
+"""What the benchmarks share: the one way to report a figure, a server process up until its socket is there
+(the Guest API server, an echo), and a sandbox machine brought up with the real CLI.
 
 Imported by the others; not a benchmark itself.
 """
@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +19,47 @@ from pathlib import Path
 from typing import Iterator
 
 
-def wait_for(path: str, server: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
-    """Until `path` exists (a server's socket); fail at once if the server process has exited."""
+def wait_for(path: str, server: subprocess.Popen[bytes] | None = None, timeout: float = 15.0, *,
+             connect: bool = False) -> None:
+    """Until the unix socket `path` is there (with `connect`: until it accepts, for a server that takes a
+    probe); fail at once if the server process has exited."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if (server is not None and server.poll() is not None) or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start listening on {path}")
+    while True:
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"{server.args} exited with {server.returncode}")
+        if os.path.exists(path):
+            if not connect:
+                return
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                    return
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on {path} after {timeout:.0f} s")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], path: str, *, connect: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """`argv` running until the block ends, once its unix socket `path` is there (see `wait_for`)."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(path, process, connect=connect)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def guest_server(path: str) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """`boxpark guest serve` on the unix socket `path` (the Guest API server, as a separate process)."""
+    return server_process([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"], path)
 
 
 def figure(name: str, value: float, unit: str, reference: float | None, goal: str,

@@ -12,12 +12,11 @@ import asyncio
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench._report import figure, wait_for
+from bench._report import figure, guest_server, server_process
 
 N = 5000
 
@@ -87,13 +86,10 @@ def asyncio_p50(path: str, payload: bytes) -> float:
 
 def echo_p50(directory: str, script: str, measure) -> float:
     path = f"{directory}/echo.sock"
-    server = subprocess.Popen([sys.executable, "-c", script, path])
     try:
-        wait_for(path)
-        return measure(path, b"\x00\x00\x00\x06\x81\xa1t\xa4info")
+        with server_process([sys.executable, "-c", script, path], path):
+            return measure(path, b"\x00\x00\x00\x06\x81\xa1t\xa4info")
     finally:
-        server.kill()
-        server.wait()
         os.unlink(path)
 
 
@@ -102,10 +98,7 @@ def info_p50(directory: str) -> tuple[float, float]:
     from boxpark.host.client import GuestClient
 
     path = f"{directory}/api.sock"
-    server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_for(path)
+    with guest_server(path):
         blocking = blocking_p50(path, protocol.encode(protocol.Info()), protocol.encode(protocol.Hello()))
 
         async def measure() -> float:
@@ -120,9 +113,6 @@ def info_p50(directory: str) -> tuple[float, float]:
                 return statistics.median(times) / 1000
 
         return blocking, asyncio.run(measure())
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:

@@ -19,16 +19,14 @@ import contextlib
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure  # noqa: E402
+from bench._report import figure, server_process  # noqa: E402
 from boxpark import protocol  # noqa: E402
 
 CHUNK = 1024 * 1024
@@ -60,37 +58,6 @@ def _echo(path: str) -> None:
             data = conn.recv(1)
             if data:
                 conn.sendall(data)
-
-
-def _wait_for_socket(path: str, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            probe.close()
-    raise RuntimeError(f"nothing listens on {path} after {timeout:.0f} s")
-
-
-@contextlib.contextmanager
-def _process(argv: list[str], path: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    try:
-        _wait_for_socket(path, process)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _recv_frame(sock: socket.socket, decoder: protocol.FrameDecoder) -> protocol.Message:
@@ -207,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         api, sink, echo = f"{tmp}/api.sock", f"{tmp}/sink.sock", f"{tmp}/echo.sock"
         server = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from boxpark.cli import main; "
                   "sys.exit(main(['guest', 'serve', '--listen', 'unix:' + sys.argv[2]]))", env_root, api]
-        with _process(server, api), _process(me + ["--sink", sink], sink), _process(me + ["--echo", echo], echo):
+        with server_process(server, api, connect=True), server_process(me + ["--sink", sink], sink, connect=True), \
+                server_process(me + ["--echo", echo], echo, connect=True):
             size = args.size_mib * 1024 * 1024
             print(f"connect: {args.size_mib} MiB to a unix-socket sink, best of {args.rounds} ...", file=sys.stderr)
             via, direct = throughput(api, sink, size, args.rounds)

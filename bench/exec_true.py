@@ -23,7 +23,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure, wait_for  # noqa: E402
+from bench._report import figure, guest_server  # noqa: E402
 
 
 
@@ -93,19 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv or [])
     with tempfile.TemporaryDirectory() as directory:
         path = f"{directory}/api.sock"
-        server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
-                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(path, server)
+        with guest_server(path):
             blocking_via, blocking_local = measure_blocking(path, args.calls)
             via, local = asyncio.run(measure(f"unix:{path}", args.calls))
-        finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
     for label, api, ref in (("blocking", blocking_via, blocking_local), ("asyncio", via, local)):
         p90 = statistics.quantiles(api, n=10)[-1] * 1e6
         print(f"   {label} client, {args.calls} calls each: p90 through the API {p90:.0f} us, "

@@ -26,7 +26,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure, wait_for  # noqa: E402
+from bench._report import figure, guest_server  # noqa: E402
 
 
 
@@ -103,27 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     local: list[float] = []
     with tempfile.TemporaryDirectory() as directory:
         path = f"{directory}/api.sock"
-        server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
-                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(path, server)
-            placement = "unpinned" if args.no_pin else pin(server.pid)
-            print(f"   {args.lines} lines per round; {placement}", file=sys.stderr)
-            for round_ in range(args.rounds):
-                local.append(local_lines_per_second(args.lines))
-                rate, received, dropped = asyncio.run(flood(f"unix:{path}", f"flood{round_}", args.lines))
-                rates.append(rate)
-                lost.append(dropped)
-                print(f"   round {round_ + 1}: {rate:,.0f} lines/s delivered, {dropped} lost; "
-                      f"local read {local[-1]:,.0f} lines/s", file=sys.stderr)
-        finally:
-            os.sched_setaffinity(0, affinity)
-            server.terminate()
+        with guest_server(path) as server:
             try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+                placement = "unpinned" if args.no_pin else pin(server.pid)
+                print(f"   {args.lines} lines per round; {placement}", file=sys.stderr)
+                for round_ in range(args.rounds):
+                    local.append(local_lines_per_second(args.lines))
+                    rate, received, dropped = asyncio.run(flood(f"unix:{path}", f"flood{round_}", args.lines))
+                    rates.append(rate)
+                    lost.append(dropped)
+                    print(f"   round {round_ + 1}: {rate:,.0f} lines/s delivered, {dropped} lost; "
+                          f"local read {local[-1]:,.0f} lines/s", file=sys.stderr)
+            finally:
+                os.sched_setaffinity(0, affinity)
     figure("log_flood_lines_per_s", statistics.median(rates), "lines/s", statistics.median(local),
            ">= 500000 lines/s")
     figure("log_flood_lines_lost", max(lost), "lines", None, "0 (worst round)")
