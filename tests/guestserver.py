@@ -14,10 +14,13 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Iterator
+
+import pytest
 
 from boxpark.guest.server import GuestServer
-from boxpark.transport import parse_address
+from boxpark.protocol import ErrorCode
+from boxpark.transport import RemoteError, parse_address
 
 
 @dataclass
@@ -75,3 +78,13 @@ def running_server(directory: Path, *, secret: bytes | None = None, tcp_port: in
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+async def refused(awaitable: Awaitable[Any], code: ErrorCode, *fragments: str) -> str:
+    """Await a call that the guest must refuse with `code` and a message holding every fragment; the message."""
+    with pytest.raises(RemoteError) as info:
+        await awaitable
+    assert info.value.code == code, info.value.message
+    for fragment in fragments:
+        assert fragment in info.value.message, info.value.message
+    return info.value.message

@@ -12,9 +12,9 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from boxpark import protocol
-from boxpark.host.client import GuestClient, RemoteError
+from boxpark.host.client import GuestClient
 from boxpark.protocol import MAX_FILE_CHUNK, ErrorCode
-from tests.guestserver import running_server
+from tests.guestserver import refused, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +26,6 @@ def with_client(tmp_path: Path, body: Callable[[GuestClient], Awaitable[Any]]) -
                 return await body(client)
 
         return asyncio.run(run())
-
-
-async def refused(call: Awaitable[Any], code: ErrorCode, *fragments: str) -> str:
-    with pytest.raises(RemoteError) as info:
-        await call
-    assert info.value.code == code, info.value.message
-    for fragment in fragments:
-        assert fragment in info.value.message
-    return info.value.message
 
 
 def test_write_read_and_stat_round_trip(tmp_path: Path) -> None:

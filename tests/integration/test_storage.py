@@ -21,7 +21,7 @@ from boxpark.guest.errors import GuestError
 from boxpark.guest.server import GuestServer
 from boxpark.host.client import GuestClient, RemoteError
 from boxpark.protocol import ErrorCode
-from tests.guestserver import running_server
+from tests.guestserver import refused, running_server
 from tests.nsfixture import (MiB, Namespace, grow_image, loop_device, make_image, mkfs, python_argv, requires_root,
                              run_in_namespace, sh)
 
@@ -34,15 +34,6 @@ def call(ns: Namespace, body: Callable[[GuestClient], Awaitable[Any]]) -> Any:
             return await body(client)
 
     return asyncio.run(run())
-
-
-async def refused(awaitable: Awaitable[Any], code: ErrorCode, *fragments: str) -> str:
-    with pytest.raises(RemoteError) as info:
-        await awaitable
-    assert info.value.code == code, info.value.message
-    for fragment in fragments:
-        assert fragment in info.value.message, info.value.message
-    return info.value.message
 
 
 def mount_line(ns: Namespace, target: str) -> str:
