@@ -34,6 +34,7 @@ import pytest
 from boxpark.host.backends import Backend, get_backend
 from boxpark.host.client import GuestClient
 from boxpark.host.spec import MachineSpec, spec_from_image
+from boxpark import protocol
 from boxpark.protocol import Ready
 
 T = TypeVar("T")
@@ -98,6 +99,29 @@ class Machine:
         result = self.api(lambda c: c.exec(["sh", "-c", script], timeout=timeout), timeout + 30)
         assert result.code == 0, f"{script}: {result.stdout.decode()} {result.stderr.decode()}"
         return result.stdout.decode()
+
+    def start_dockerd(self, timeout: float = 120) -> protocol.NotifyMessage:
+        """dockerd launched over the API (data on a tmpfs, no bridge, no iptables), once it says READY=1."""
+        self.api(lambda c: c.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True))
+
+        async def start() -> protocol.NotifyMessage:
+            client = await self.backend.dial_api()
+            async with client:
+                stream = await client.notify_listen("/run/docker.notify")
+                await client.launch("dockerd", ["dockerd", "--host=unix:///run/docker.sock", "--iptables=false",
+                                                "--ip6tables=false", "--bridge=none",
+                                                "--data-root=/var/lib/docker"], notify_socket="/run/docker.notify")
+                async with stream:
+                    async for message in stream:
+                        if message.ready:
+                            return message
+            raise AssertionError("the notify stream ended before READY=1")
+
+        return self.run(asyncio.wait_for(start(), timeout), timeout + 10)
+
+    def stop_dockerd(self) -> None:
+        self.api(lambda c: c.signal("dockerd", 15))
+        self.api(lambda c: c.wait("dockerd", timeout=60), 90)
 
     def start(self) -> None:
         """Start the machine (without waiting for Ready); record its host processes."""

@@ -13,7 +13,6 @@ arm64 && apt-get update`. A cold image build takes minutes (cached by its inputs
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -122,27 +121,11 @@ def vm(module_machines: Machines) -> Machine:
 
 @pytest.fixture(scope="module")
 def dockerd(vm: Machine) -> Iterator[protocol.NotifyMessage]:
-    vm.api(lambda c: c.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True))
-
-    async def start() -> protocol.NotifyMessage:
-        client = await vm.backend.dial_api()
-        async with client:
-            stream = await client.notify_listen("/run/docker.notify")
-            await client.launch("dockerd", ["dockerd", "--host=unix:///run/docker.sock", "--iptables=false",
-                                            "--ip6tables=false", "--bridge=none", "--data-root=/var/lib/docker"],
-                                notify_socket="/run/docker.notify")
-            async with stream:
-                async for message in stream:
-                    if message.ready:
-                        return message
-        raise AssertionError("the notify stream ended before READY=1")
-
     began = time.monotonic()
-    ready = vm.run(asyncio.wait_for(start(), 180), 190)
+    ready = vm.start_dockerd(timeout=180)
     print(f"dockerd READY {time.monotonic() - began:.1f} s after launch")  # a metric, not asserted
     yield ready
-    vm.api(lambda c: c.signal("dockerd", 15))
-    vm.api(lambda c: c.wait("dockerd", timeout=60), 90)
+    vm.stop_dockerd()
 
 
 @pytest.fixture(scope="module")

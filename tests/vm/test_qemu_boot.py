@@ -238,22 +238,7 @@ def _busybox_tar(path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI on the host")
 def test_docker_runs_a_container_through_connect(vm: Machine, tmp_path: Path) -> None:
-    vm.api(lambda c: c.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True))
-
-    async def start_dockerd() -> protocol.NotifyMessage:
-        client = await vm.backend.dial_api()
-        async with client:
-            stream = await client.notify_listen("/run/docker.notify")
-            await client.launch("dockerd", ["dockerd", "--host=unix:///run/docker.sock", "--iptables=false",
-                                            "--ip6tables=false", "--bridge=none", "--data-root=/var/lib/docker"],
-                                notify_socket="/run/docker.notify")
-            async with stream:
-                async for message in stream:
-                    if message.ready:
-                        return message
-        raise AssertionError("the notify stream ended before READY=1")
-
-    ready = vm.run(asyncio.wait_for(start_dockerd(), 120), 130)
+    ready = vm.start_dockerd()
     assert ready.fields.get("READY") == "1"
 
     sock = str(tmp_path / "docker.sock")
@@ -271,8 +256,7 @@ def test_docker_runs_a_container_through_connect(vm: Machine, tmp_path: Path) ->
         assert run.stdout == "hello from the guest\n"
     finally:
         server.close()
-        vm.api(lambda c: c.signal("dockerd", 15))
-        vm.api(lambda c: c.wait("dockerd", timeout=60), 90)
+        vm.stop_dockerd()
 
 
 # --------------------------------------------------------------------------------------- bad input
