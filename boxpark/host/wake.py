@@ -44,12 +44,16 @@ class WorkspaceWakeWatch(WakeWatch):
         self.center = center
         self.wakes = 0
         self._inbox: Inbox[bool] = Inbox(loop, handler=self._woke)
-        self._block = lambda notification: self._inbox.deliver(True)  # kept: ObjC holds blocks we pass
-        self._token = center.addObserverForName_object_queue_usingBlock_(name, None, queue, self._block)
+        self._token = center.addObserverForName_object_queue_usingBlock_(name, None, queue, self._observed)
         self._pump = pump
         self._timer: asyncio.TimerHandle | None = None
         if pump is not None:
             self._timer = loop.call_later(PUMP_INTERVAL, self._turn)
+
+    def _observed(self, notification: Any) -> None:
+        """The observer's block, on the operation queue's thread. The block returns void: PyObjC raises on
+        that thread for any value but None, so `deliver`'s answer must not be returned (a lambda would)."""
+        self._inbox.deliver(True)
 
     def _woke(self, _: bool) -> None:
         self.wakes += 1
