@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import sys
 import threading
+from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
@@ -48,3 +51,62 @@ def test_vm_end_counts_the_first_end_from_any_thread() -> None:
         assert end.returncode == code
 
     asyncio.run(main())
+
+
+class FakeDispatch:
+    """A fake of PyObjC's `dispatch` module for the vz backend only (no libdispatch off a Mac): a serial
+    queue is one worker thread running the blocks in order."""
+
+    def __init__(self) -> None:
+        self.blocks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="fake-dispatch-queue")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (block := self.blocks.get()) is not None:
+            block()
+            del block  # the block's references go on this thread, as GCD releases a block after it ran
+
+    def dispatch_queue_create(self, label: bytes, attr: object) -> str:
+        return label.decode()
+
+    def dispatch_async(self, queue: str, block: Callable[[], None]) -> None:
+        self.blocks.put(block)
+
+    def stop(self) -> None:
+        self.blocks.put(None)
+        self.thread.join()
+
+
+class Released:
+    """Stands in for a PyObjC proxy: records the thread its last reference went on (ObjC's release)."""
+
+    def __init__(self, threads: list[str]) -> None:
+        self.threads = threads
+
+    def __del__(self) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
+def test_close_releases_the_vm_on_its_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boxpark.host.backends.vz import VzMachine
+
+    fake = FakeDispatch()
+    monkeypatch.setitem(sys.modules, "dispatch", fake)
+    released: list[str] = []
+
+    async def main() -> None:
+        plan = SimpleNamespace(name="t")
+        machine = VzMachine(plan, asyncio.get_running_loop(), accept=lambda kept: None)  # type: ignore[arg-type]
+        machine.vm, machine.socket_device = Released(released), Released(released)
+        machine._keep += [Released(released), Released(released)]  # delegates, listener, configuration
+        machine.end.finish(0, "the guest powered off")  # stop() has nothing to do
+        await machine.end.wait()
+        await machine.close()
+        assert machine.vm is None and machine.socket_device is None and not machine._keep
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake.stop()
+    assert released == ["fake-dispatch-queue"] * 4

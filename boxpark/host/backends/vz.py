@@ -377,8 +377,16 @@ class VzMachine:
             await self.stop()
         except (VzError, asyncio.TimeoutError) as exc:
             log.warning("vz: %s", exc)
-        await self._on_queue(self._keep.clear)
+        await self._on_queue(self._drop)
+
+    def _drop(self) -> None:
+        """On the queue: our last references to the VM and its objects. A PyObjC proxy releases its ObjC
+        object where its last Python reference goes, and a VZVirtualMachine must be used (and so
+        deallocated) only on its queue."""
+        vm, device, kept = self.vm, self.socket_device, list(self._keep)
         self.vm = self.socket_device = None
+        self._keep.clear()
+        del vm, device, kept  # released here, on the queue's thread
 
 
 # ------------------------------------------------------------------------------------ the backend
