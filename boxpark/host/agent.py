@@ -231,10 +231,12 @@ class Agent:
                     self.progress("stop requested during start-up", phase="stopping", state="stopping")
             except AgentFailure as exc:
                 self.progress(str(exc), state="failed")
+                self._record_failure(str(exc))
                 code = 1
             except Exception as exc:  # the agent must say what happened, never just vanish
                 log.exception("agent failure")
                 self.progress(f"internal error: {type(exc).__name__}: {exc}", state="failed")
+                self._record_failure(f"internal error: {type(exc).__name__}: {exc}")
                 code = 1
             await self._shutdown()
         if self.failure:
@@ -384,12 +386,15 @@ class Agent:
             message = (f"the guest booted again on its own (boot {ended.result().boot_id}, was {boot_id}): "
                        f"its mounts and dockerd are gone")
         log.error("%s", message)
-        first = message.splitlines()[0]
-        self.failure = f"{first} at {time.strftime('%H:%M:%S')}; `boxpark up` starts it again"
+        self._record_failure(message, "; `boxpark up` starts it again")
+        self.progress(message.splitlines()[0], state="failed")
+        self._stop.set()
+
+    def _record_failure(self, message: str, hint: str = "") -> None:
+        """Why the agent ends, for `status` once it is gone: the first line (the rest is in agent.log)."""
+        self.failure = f"{message.splitlines()[0]} at {time.strftime('%H:%M:%S')}{hint}"
         self.machine.write_json(failure_file(self.machine), {"time": time.time(), "reason": self.failure,
                                                             "detail": message})
-        self.progress(first, state="failed")
-        self._stop.set()
 
     async def _shutdown(self) -> None:
         self.progress("stopping", phase="stopping", state="stopping")

@@ -172,3 +172,27 @@ def test_the_machine_dying_under_its_agent_is_reported_and_up_recovers(machine: 
     assert status["state"] == "ready" and status["failure"] is None
     assert machine.down().returncode == 0 and not machine.leftovers()
     assert machine.status()["state"] == "stopped"  # a clean `down` is no failure
+
+
+def test_a_dockerd_that_refuses_its_config_fails_up_with_its_reason(tmp_path: Path) -> None:
+    """A daemon.json option dockerd does not know: `up` gives up after three exits (on the backoff) and
+    says what dockerd said; `status` says it too once the agent is gone."""
+    daemon = tmp_path / "daemon.json"
+    daemon.write_text('{"frobnicate": true}')
+    m = UpMachine("sandbox", f'[docker]\ndaemon_json = "{daemon}"\nrestart_delay = 0.2\n', name="refused")
+    try:
+        result = m.up(timeout=300)
+        assert result.returncode == 1, result.stderr
+        assert "dockerd did not become ready: dockerd exited with status 1" in result.stderr, result.stderr
+        assert "frobnicate" in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.count("restarting in") >= 3, result.stderr  # each exit shown as it happens
+        deadline = time.monotonic() + 60
+        while m.agent_pid() is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        shown = m.cli("status")
+        assert shown.stdout.startswith("refused: failed: dockerd did not become ready") and \
+            "frobnicate" in shown.stdout, shown.stdout
+        assert not m.leftovers(), m.leftovers()
+    finally:
+        m.destroy()
