@@ -9,7 +9,12 @@ then the sockets and the pid file.
 
 Control requests, one JSON object a line: {"op": "status"} → one reply; {"op": "follow"} → every progress
 event so far and to come, until the machine is ready, failed or stopped; {"op": "down"} → progress until
-stopped.
+stopped. Anything else on the control socket (junk, an overlong or unfinished line, an unknown op) gets an
+error line or a close, never the agent: connections, line length and a follower's backlog are bounded.
+
+Once the machine is up the agent watches it: if the VM (QEMU, the sandbox's PID 1) ends or the guest boots
+again behind its back, the agent says why (`failure.json`, which `boxpark status` shows), shuts down what
+is left and exits, so that the next `up` starts clean.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import __version__, protocol
@@ -32,13 +38,21 @@ from .client import GuestClient
 from .config import Config, proxy_env
 from .guestproxy import GuestProxy
 from .ports import PortForwards
-from .service import DockerService, daemon_config
+from .service import DockerService, ServiceStatus, daemon_config
 from .state import Machine
 from .timesync import TimePusher
 
 log = logging.getLogger("boxpark.agent")
 
 FINAL = ("ready", "failed", "stopped")
+MAX_CONTROL_CONNECTIONS = 64  # `status` is quick and `follow` is a handful of `up`s and `logs`: plenty
+MAX_REQUEST = 4096  # bytes of one control request line
+MAX_BACKLOG = 1000  # progress events queued for a follower that does not read; then it is dropped
+
+
+def failure_file(machine: Machine) -> Path:
+    """Why the machine ended under its agent (written by the agent as it goes; removed by the next one)."""
+    return machine.dir / "failure.json"
 
 
 class AgentFailure(Exception):
@@ -52,7 +66,9 @@ class Agent:
         self.state = "starting"
         self.phase = "agent"
         self.events: list[dict[str, Any]] = []
-        self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._followers: dict[asyncio.Queue[dict[str, Any]], asyncio.StreamWriter] = {}
+        self._controls = 0
+        self.failure = ""  # why the machine ended under the agent, once it did
         self._stop = asyncio.Event()
         self.backend: Any = None
         self.ready_event: protocol.Ready | None = None
@@ -80,18 +96,32 @@ class Agent:
         self.events.append(event)
         del self.events[:-500]
         log.info("[%s] %s", self.phase, message)
-        for queue in self._followers:
-            queue.put_nowait(event)
+        for queue, writer in list(self._followers.items()):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # it stopped reading: drop it rather than hold its backlog
+                del self._followers[queue]
+                writer.transport.abort()
 
     # ------------------------------------------------------------------------------- control
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._controls += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            if self._controls > MAX_CONTROL_CONNECTIONS:
+                writer.write(b'{"error": "too many connections to the agent"}\n')
+                return
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+            except ValueError:  # longer than the reader's limit
+                writer.write(b'{"error": "request too long"}\n')
+                return
             try:
                 request = json.loads(line)
                 op = request["op"]
-            except (ValueError, KeyError, TypeError):
+                if not isinstance(op, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
                 writer.write(b'{"error": "expected a JSON object with an op"}\n')
                 return
             if op == "status":
@@ -107,13 +137,14 @@ class Agent:
         except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:
+            self._controls -= 1
             writer.close()
 
     async def _stream_progress(self, writer: asyncio.StreamWriter, until: tuple[str, ...], replay: bool) -> None:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        for event in self.events if replay else ():
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_BACKLOG)
+        for event in self.events[-MAX_BACKLOG // 2:] if replay else ():
             queue.put_nowait(event)
-        self._followers.add(queue)
+        self._followers[queue] = writer
         try:
             while True:
                 event = await queue.get()
@@ -122,14 +153,15 @@ class Agent:
                 if event["state"] in until and queue.empty():
                     return
         finally:
-            self._followers.discard(queue)
+            self._followers.pop(queue, None)
 
     def status(self) -> dict[str, Any]:
         docker = None
         if self.service is not None:
             s = self.service.status
             docker = {"state": s.state, "status": s.status, "pid": s.pid, "restarts": s.restarts,
-                      "last_exit": s.last_exit, "history": s.history[-5:]}
+                      "last_exit": s.last_exit, "last_error": s.last_error, "next_start_in": s.next_start_in,
+                      "history": s.history[-5:]}
         ready = self.ready_event
         return {
             "name": self.machine.name, "state": self.state, "phase": self.phase, "pid": os.getpid(),
@@ -149,6 +181,7 @@ class Agent:
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
             "ports": None if self.ports is None else self.ports.status(),
             "recent": [e["message"] for e in self.events[-5:]],
+            "failure": self.failure or None,
         }
 
     # ------------------------------------------------------------------------------- guest access
@@ -178,8 +211,9 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        failure_file(self.machine).unlink(missing_ok=True)
         control = listen_socket(parse_address(f"unix:{self.machine.agent_socket}"))
-        server = await asyncio.start_unix_server(self._control, sock=control)
+        server = await asyncio.start_unix_server(self._control, sock=control, limit=MAX_REQUEST)
         self.machine.agent_pid_file.write_text(f"{os.getpid()} boxpark-agent\n")
         code = 0
         async with contextlib.AsyncExitStack() as stack:
@@ -197,13 +231,19 @@ class Agent:
                     self.progress("stop requested during start-up", phase="stopping", state="stopping")
             except AgentFailure as exc:
                 self.progress(str(exc), state="failed")
+                self._record_failure(str(exc))
                 code = 1
             except Exception as exc:  # the agent must say what happened, never just vanish
                 log.exception("agent failure")
                 self.progress(f"internal error: {type(exc).__name__}: {exc}", state="failed")
+                self._record_failure(f"internal error: {type(exc).__name__}: {exc}")
                 code = 1
             await self._shutdown()
-        self.progress("stopped", phase="stopped", state="stopped")
+        if self.failure:
+            self.progress(self.failure, phase="stopped", state="failed")
+            code = 1
+        else:
+            self.progress("stopped", phase="stopped", state="stopped")
         await asyncio.sleep(0.05)  # let followers read the last event
         return code
 
@@ -281,14 +321,13 @@ class Agent:
         self.service = DockerService(self.dial, machine.docker_log, daemon,
                                      restart_delay=config.docker.restart_delay,
                                      restart_delay_max=config.docker.restart_delay_max,
-                                     env=proxy_env(config.proxy))
+                                     ready_timeout=config.docker.ready_timeout,
+                                     log_size=config.docker_log_bytes, log_files=config.docker.log_files,
+                                     on_change=self._docker_changed, env=proxy_env(config.proxy))
         service_task = asyncio.ensure_future(self.service.run())
         stack.push_async_callback(_cancel, service_task)
         stack.push_async_callback(self.service.stop)
-        try:
-            await asyncio.wait_for(self.service.ready.wait(), 120)
-        except asyncio.TimeoutError:
-            raise AgentFailure(f"dockerd did not become ready within 120 s; see {machine.docker_log}") from None
+        await self._docker_ready(config.docker.ready_timeout)
         proxy = GuestProxy(str(machine.docker_socket), self.open_docker_blocking,
                            unavailable=self.service.unavailable)
         await proxy.start()
@@ -301,6 +340,61 @@ class Agent:
             stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
         self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",
                       state="ready")
+        stack.push_async_callback(_cancel, asyncio.ensure_future(self._watch_machine(ready.boot_id)))
+
+    def _docker_changed(self, status: ServiceStatus) -> None:
+        if status.state == "restarting" and status.history and self.state != "ready":
+            self.progress(status.history[-1].split(" ", 1)[1])  # `up` shows why dockerd keeps exiting
+
+    async def _docker_ready(self, timeout: float) -> None:
+        """Until dockerd's first READY=1; a dockerd that exits three times before it fails `up` with its reason
+        (a bad daemon.json does not get better), and so does a machine that ends meanwhile."""
+        assert self.service is not None and self.backend is not None
+        service = self.service
+        deadline = time.monotonic() + timeout + 15  # the service stops a silent dockerd after `timeout`
+        ended = asyncio.ensure_future(self.backend.wait())
+        try:
+            while not service.ready.is_set():
+                if ended.done():
+                    raise AgentFailure(self.backend.ended_message(ended.result(), "while dockerd was starting"))
+                if service.status.restarts >= 3 or time.monotonic() > deadline:
+                    raise AgentFailure(f"dockerd did not become ready: {service.why()}; "
+                                       f"see {self.machine.docker_log}")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(service.ready.wait()), 0.2)
+        finally:
+            ended.cancel()
+
+    async def _watch_machine(self, boot_id: str) -> None:
+        """Once up: the machine ending, or the guest booting again (its mounts and dockerd gone), ends the
+        agent with the reason, for `status` and the next `up`."""
+        assert self.backend is not None
+        waits = [asyncio.ensure_future(self.backend.wait())]
+        if self.backend.events is not None:
+            waits.append(asyncio.ensure_future(self.backend.events.wait_rebooted(boot_id)))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self._stop.is_set():
+            return  # `down`: the machine ending is expected
+        ended, *_ = done
+        if ended is waits[0]:
+            message = self.backend.ended_message(ended.result(), "while the agent ran")
+        else:
+            message = (f"the guest booted again on its own (boot {ended.result().boot_id}, was {boot_id}): "
+                       f"its mounts and dockerd are gone")
+        log.error("%s", message)
+        self._record_failure(message, "; `boxpark up` starts it again")
+        self.progress(message.splitlines()[0], state="failed")
+        self._stop.set()
+
+    def _record_failure(self, message: str, hint: str = "") -> None:
+        """Why the agent ends, for `status` once it is gone: the first line (the rest is in agent.log)."""
+        self.failure = f"{message.splitlines()[0]} at {time.strftime('%H:%M:%S')}{hint}"
+        self.machine.write_json(failure_file(self.machine), {"time": time.time(), "reason": self.failure,
+                                                            "detail": message})
 
     async def _shutdown(self) -> None:
         self.progress("stopping", phase="stopping", state="stopping")

@@ -79,6 +79,8 @@ def up(args: argparse.Namespace) -> int:
         config = load(config_path)  # check it here, before anything starts, with the key named
     except ConfigError as exc:
         raise CommandFailed(str(exc), "fix the file, or see the defaults: boxpark config --default", 2) from None
+    if machine.running() and next(control(machine, "status"))["state"] in ("failed", "stopping"):
+        _wait_gone(machine)  # an agent on its way out (its machine died, or `down`): start a fresh one
     if machine.running():
         status = next(control(machine, "status"))
         if status["state"] == "ready":
@@ -110,6 +112,16 @@ def up(args: argparse.Namespace) -> int:
                             f"see {machine.agent_log} (boxpark logs agent)")
     _print_ready(machine, next(control(machine, "status")), args)
     return 0
+
+
+def _wait_gone(machine: Machine, timeout: float = 60.0) -> None:
+    pid = machine.agent_pid()
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            raise CommandFailed(f"the agent of {machine.name!r} is stopping and did not finish in {timeout:g} s",
+                                f"see {machine.agent_log}; `boxpark down --name {machine.name}` stops it")
+        time.sleep(0.05)
 
 
 def _ensure_image(config: Any) -> None:
@@ -224,20 +236,27 @@ def status(args: argparse.Namespace) -> int:
     machine = machine_of(args)
     try:
         info = next(control(machine, "status"))
-    except CommandFailed:
+    except (CommandFailed, ConnectionError, ValueError, StopIteration):  # not running, or gone mid-answer
+        from .agent import failure_file
+
         info = {"name": machine.name, "state": "stopped" if not machine.stale() else "dead (stale files)"}
         last = machine.read_json(machine.timeline_file)
         if last:
             info["last_boot"] = last
+        failure = machine.read_json(failure_file(machine))
+        if isinstance(failure, dict) and info["state"] == "stopped":
+            info["state"], info["failure"] = "failed", failure.get("reason", "")
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            print(f"{machine.name}: {info['state']}")
+            print(f"{machine.name}: {info['state']}" + (f": {info['failure']}" if info.get("failure") else ""))
         return NOT_RUNNING
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['name']}: {info['state']} ({info['backend']}, agent pid {info['pid']})")
+    if info.get("failure"):
+        print(f"  {info['failure']}")
     if info.get("docker_host"):
         print(f"  DOCKER_HOST={info['docker_host']}")
     docker = info.get("docker")
@@ -245,7 +264,10 @@ def status(args: argparse.Namespace) -> int:
         extra = f", status {docker['status']!r}" if docker["status"] else ""
         restarts = f", {docker['restarts']} restarts" if docker["restarts"] else ""
         print(f"  docker: {docker['state']}{extra}{restarts}"
-              + (f", last exit {docker['last_exit']}" if docker["last_exit"] else ""))
+              + (f", last exit {docker['last_exit']}" if docker["last_exit"] else "")
+              + (f", next start in {docker['next_start_in']:.1f} s" if docker.get("next_start_in") else ""))
+        if docker.get("last_error") and docker["state"] != "ready":
+            print(f"  dockerd said: {docker['last_error']}")
     ports = info.get("ports")
     if ports:
         for port in ports["forwarded"]:

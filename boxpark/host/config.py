@@ -37,9 +37,13 @@ size = "1GiB"           # "0" for none
 
 [docker]
 # daemon_json = "~/.config/boxpark/daemon.json"   # your daemon.json; Boxpark adds what it needs
+                        # (a unix socket in "hosts", "data-root": setting those yourself is refused)
 # socket = ""           # the host socket; default: <state dir>/docker.sock
 restart_delay = 1.0     # seconds before restarting a dockerd that exited, doubling ...
-restart_delay_max = 30.0  # ... up to this
+restart_delay_max = 30.0  # ... up to this; back to restart_delay once it has been ready for a minute
+ready_timeout = 120.0   # seconds dockerd has to send READY=1 before it is stopped and started again
+log_size = "10MiB"      # docker.log rolls over at this size ...
+log_files = 3           # ... keeping this many old ones (docker.log.1 is the newest)
 
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
@@ -124,6 +128,9 @@ class Docker(msgspec.Struct, forbid_unknown_fields=True):
     socket: str = ""
     restart_delay: float = 1.0
     restart_delay_max: float = 30.0
+    ready_timeout: float = 120.0
+    log_size: str | int = "10MiB"
+    log_files: int = 3
 
 
 class Time(msgspec.Struct, forbid_unknown_fields=True):
@@ -186,6 +193,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         return parse_size(self.swap.size, "swap.size")
 
     @property
+    def docker_log_bytes(self) -> int:
+        return parse_size(self.docker.log_size, "docker.log_size")
+
+    @property
     def guest_arch(self) -> str:
         return self.arch or host_arch()
 
@@ -226,6 +237,7 @@ def validate(config: Config, path: str = "") -> Config:
         memory = config.memory_bytes
         disk = config.disk_bytes
         config.swap_bytes
+        config.docker_log_bytes
     except ConfigError as exc:
         raise ConfigError(exc.key, str(exc).split(": ", 1)[1], path) from None
     if memory < 256 * 1024 ** 2:
@@ -236,6 +248,12 @@ def validate(config: Config, path: str = "") -> Config:
         fail("backend", "vz needs macOS; use qemu (or sandbox for development) here")
     if config.docker.restart_delay <= 0 or config.docker.restart_delay_max < config.docker.restart_delay:
         fail("docker.restart_delay", "must be positive and not above docker.restart_delay_max")
+    if not config.docker.ready_timeout > 0:
+        fail("docker.ready_timeout", "must be positive")
+    if config.docker_log_bytes < 4096:
+        fail("docker.log_size", f"at least 4KiB is needed, not {config.docker.log_size}")
+    if not 0 <= config.docker.log_files <= 100:
+        fail("docker.log_files", f"must be between 0 and 100, not {config.docker.log_files}")
     if config.time.push_interval < 1:
         fail("time.push_interval", "must be at least 1 second")
     seen: set[str] = set()
@@ -273,7 +291,47 @@ def validate(config: Config, path: str = "") -> Config:
                        ("docker.daemon_json", config.docker.daemon_json)):
         if value and not os.path.exists(expand(value)):
             fail(key, f"{value} does not exist")
+    if config.docker.daemon_json:
+        reason = daemon_json_problem(expand(config.docker.daemon_json), config.backend)
+        if reason:
+            fail("docker.daemon_json", f"{config.docker.daemon_json}: {reason}")
     return config
+
+
+def daemon_owned(backend: str) -> dict[str, str]:
+    """The daemon.json keys Boxpark sets itself on `backend`, each with why a user's value cannot stay."""
+    owned = {"data-root": "Boxpark keeps Docker's data on the machine's data disk (see [disk])"}
+    if backend == "sandbox":
+        for key in ("bridge", "iptables"):
+            owned[key] = "the sandbox backend runs dockerd without a bridge or iptables"
+    return owned
+
+
+def daemon_json_problem(path: str, backend: str) -> str:
+    """What makes the user's daemon.json unusable ("" when nothing): unreadable, not a JSON object, or a key
+    Boxpark sets itself. Refused at load, before anything boots, rather than silently overridden."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    except ValueError as exc:  # UnicodeDecodeError too
+        return f"not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return "must be a JSON object"
+    for key, why in daemon_owned(backend).items():
+        if key in data:
+            return f"remove \"{key}\": {why}"
+    hosts = data.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        return "\"hosts\" must be a list of strings"
+    for host in hosts:
+        if not host.startswith("tcp://"):
+            return (f"remove {host!r} from \"hosts\": Boxpark serves dockerd's unix socket itself "
+                    f"(the host's is [docker] socket); only tcp:// entries can be added")
+    return ""
 
 
 _PROXY_URL = re.compile(r"^(https?|socks5h?)://([^/@\s]+@)?[^/:@\s]+(:\d{1,5})?/?$", re.IGNORECASE)

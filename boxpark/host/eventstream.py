@@ -4,8 +4,11 @@ The guest dials the host (docs/boot.md, "What the host gets"): `Hello(boot_id)`,
 handshake (`transport.serve` does it; on tcp with the machine's secret), the host says with
 `Resume(since=N)` what it has already seen and the guest sends the `EventFrame`s after N. This module keeps
 the last sequence number per boot, so a redial — the guest's or ours after a restart of the listener —
-resumes with no gap and no duplicate; a new boot id starts the count again. It never dials anything and
-knows nothing of backends: `wait_ready` only waits, and a backend races it against the machine's exit.
+resumes with no gap and no duplicate; a new boot id starts the count again (and forgets the old boot's
+frames). A boot has one Ready: a replayed one (a redial that resumes too early, a second Ready frame) is
+dropped, so nothing keyed on Ready runs twice. Whatever a peer sends — garbage, frames of another boot —
+costs it its connection at worst, never the listener. It never dials anything and knows nothing of
+backends: `wait_ready` only waits, and a backend races it against the machine's exit.
 """
 
 from __future__ import annotations
@@ -88,10 +91,14 @@ class EventStream:
     async def _handle(self, channel: Channel) -> None:
         hello = channel.hello
         boot_id = hello.boot_id if hello is not None else ""
+        if not boot_id:  # every guest names its boot; this is something else, and must not reset the count
+            log.warning("event stream: a connection without a boot id; dropped")
+            return
         if boot_id != self.boot_id:
             if self.boot_id:
                 log.info("the guest booted again (boot id %s, was %s)", boot_id, self.boot_id)
             self.boot_id, self.last_seq, self.ready, self.ready_at = boot_id, 0, None, None
+            self.frames.clear()  # since() must never hand out the old boot's frames as this one's
         channel.send(protocol.Resume(since=self.last_seq))
         self.connections += 1
         self._wake()
@@ -112,6 +119,10 @@ class EventStream:
             self.last_seq = message.seq
             self.frames.append(message)
             if isinstance(message.event, Ready):
+                if self.ready is not None or message.event.boot_id != boot_id:
+                    log.warning("event stream: a second Ready for boot %s (boot id %r in it); ignored",
+                                boot_id, message.event.boot_id)
+                    continue
                 self.ready = message.event
                 self.ready_at = time.monotonic()
             elif isinstance(message.event, protocol.Log):
@@ -149,6 +160,12 @@ class EventStream:
         while self.ready is None:
             if not await self._changed_or_timeout(deadline):
                 raise EventStreamError(self._timeout_message(f"did not report Ready within {timeout:g} s"))
+        return self.ready
+
+    async def wait_rebooted(self, boot_id: str) -> Ready:
+        """The `Ready` of a boot other than `boot_id`, once one arrives (no timeout: cancel it)."""
+        while self.ready is None or self.boot_id == boot_id:
+            await self._changed_or_timeout(time.monotonic() + 3600)
         return self.ready
 
     async def wait_for(self, kind: type[E], timeout: float, *, after: int = 0,

@@ -4,16 +4,21 @@ The user's daemon.json is loaded, changed in memory (the guest socket in `hosts`
 disk) and written to the guest; dockerd's environment is the init's plus the configured proxies
 (HTTP_PROXY, HTTPS_PROXY, NO_PROXY: see config.proxy_env); the host listens on the service's sd_notify socket, launches dockerd with
 its logs streamed back (`launch` with connect) into a rotating log file, and marks the service ready on
-READY=1. If dockerd exits it is logged and restarted with a doubling delay. A dropped log stream is
-re-attached from the last sequence number received, so the log file has no gap and no duplicate.
+READY=1. If dockerd exits it is logged and restarted after a delay that doubles up to a cap and starts over
+once dockerd has been ready for a while (`RestartPolicy`); a dockerd that sends no READY=1 within its time
+is stopped and counts as an exit, so a crash loop never spins and `status` says why (the exit and dockerd's
+last error line). A dropped log stream is re-attached from the last sequence number received, so the log
+file has no gap and no duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -117,8 +122,28 @@ async def follow_logs(client: GuestClient, name: str, stream: Any, write: Callab
                 delay = min(delay * 2, 1.0)
 
 
+@dataclass
+class RestartPolicy:
+    """How long to wait before starting dockerd again: `initial` seconds, doubling on every exit up to
+    `maximum`, and `initial` again after a run that stayed ready for `healthy` seconds. Pure: the caller
+    measures the run with its own clock."""
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    healthy: float = 60.0
+    _next: float = field(default=0.0, repr=False)
+
+    def delay(self, ready_for: float) -> float:
+        """The wait before the next start, given how long the run that just ended was ready (0: never)."""
+        if not self._next or ready_for >= self.healthy:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+
 class RotatingLog:
-    """A log file that rolls over at `limit` bytes, keeping `keep` old ones (docker.log.1, …)."""
+    """A log file that rolls over at `limit` bytes, keeping `keep` old ones (docker.log.1 the newest, …)."""
 
     def __init__(self, path: Path, limit: int = 10 * 1024 * 1024, keep: int = 3) -> None:
         self.path = path
@@ -144,6 +169,8 @@ class RotatingLog:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._file.write(f"{stamp} --- boxpark: {text} ---\n".encode())
         self._file.flush()
+        if self._file.tell() > self.limit:
+            self._rotate()
 
     def _rotate(self) -> None:
         self._file.close()
@@ -151,7 +178,10 @@ class RotatingLog:
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
                 os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        if self.keep:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
         self._file = open(self.path, "ab")
 
     def close(self) -> None:
@@ -165,6 +195,8 @@ class ServiceStatus:
     pid: int | None = None
     restarts: int = 0
     last_exit: str = ""
+    last_error: str = ""  # dockerd's last line on stderr: why it refused to run, as a rule
+    next_start_in: float | None = None  # seconds, while restarting
     ready_since: float | None = None
     history: list[str] = field(default_factory=list)
 
@@ -173,21 +205,28 @@ class DockerService:
     """Runs dockerd in the guest until `stop()`: launch, follow logs and notify, restart on exit."""
 
     def __init__(self, dial: Callable[[], Awaitable[GuestClient]], log_path: Path, daemon_json: dict[str, Any],
-                 *, restart_delay: float = 1.0, restart_delay_max: float = 30.0,
+                 *, restart_delay: float = 1.0, restart_delay_max: float = 30.0, healthy: float = 60.0,
+                 ready_timeout: float = 120.0, log_size: int = 10 * 1024 * 1024, log_files: int = 3,
                  on_change: Callable[[ServiceStatus], None] | None = None,
-                 paths: GuestPaths | None = None, name: str = NAME, env: dict[str, str] | None = None) -> None:
+                 paths: GuestPaths | None = None, name: str = NAME, env: dict[str, str] | None = None,
+                 command: list[str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._dial = dial
         self.env = env or {}  # added to the init's environment (the proxies): see `environment`
         self.paths = paths or GuestPaths()
         self.name = name
-        self.log = RotatingLog(log_path)
+        self.command = command or ["dockerd", "--config-file", self.paths.daemon_json]
+        self.log = RotatingLog(log_path, log_size, log_files)
         self.daemon_json = daemon_json
-        self.restart_delay = restart_delay
-        self.restart_delay_max = restart_delay_max
+        self.policy = RestartPolicy(restart_delay, restart_delay_max, healthy)
+        self.ready_timeout = ready_timeout
+        self.clock = clock
+        self.starts: list[float] = []  # clock() at each launch, the last few (tests check the backoff with it)
         self.status = ServiceStatus()
         self.ready = asyncio.Event()
         self._on_change = on_change or (lambda status: None)
         self._stopping = False
+        self._ready_at: float | None = None
+        self._timed_out = ""
         self._last_seq = 0
         self._notify_seq = 0  # the guest keeps the notify socket's messages: resume after the last one seen
 
@@ -199,6 +238,7 @@ class DockerService:
             log.info("dockerd: %s", note)
         if state == "ready":
             self.status.ready_since = time.time()
+            self._ready_at = self.clock()
             self.ready.set()
         else:
             self.ready.clear()
@@ -211,25 +251,30 @@ class DockerService:
         detail = f" (last exit: {self.status.last_exit})" if self.status.last_exit else ""
         return f"dockerd in the Boxpark guest is {self.status.state}{detail}; see `boxpark logs docker`"
 
+    def why(self) -> str:
+        """Why dockerd is not running, in a sentence (for `up` and `status`)."""
+        error = f": {self.status.last_error}" if self.status.last_error else ""
+        return f"dockerd {self.status.last_exit or self.status.state}{error}"
+
     async def run(self) -> None:
-        delay = self.restart_delay
         while not self._stopping:
-            started = time.monotonic()
+            self._ready_at = None
             try:
                 await self._run_once()
             except (TransportError, RemoteError, ConnectionError, protocol.ProtocolError) as exc:
                 if self._stopping:
                     break
-                self.status.last_exit = f"lost: {exc}"
+                self.status.last_exit = f"could not be run: {exc}"
                 self._set("exited", f"cannot run dockerd: {exc}")
             if self._stopping:
                 break
-            if time.monotonic() - started > 60:
-                delay = self.restart_delay  # it ran for a while: start over with a short delay
+            ready_for = self.clock() - self._ready_at if self._ready_at is not None else 0.0
+            delay = self.policy.delay(ready_for)
             self.status.restarts += 1
-            self._set("restarting", f"restarting in {delay:.1f} s")
+            self.status.next_start_in = delay
+            self._set("restarting", f"{self.why()}; restarting in {delay:.1f} s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.restart_delay_max)
+            self.status.next_start_in = None
 
     async def _run_once(self) -> None:
         client = await self._dial()
@@ -240,30 +285,58 @@ class DockerService:
             await client.mkdir(os.path.dirname(paths.notify_socket), parents=True)
             notify = await client.notify_listen(paths.notify_socket, since=self._notify_seq)
             watcher = asyncio.ensure_future(self._watch_notify(notify))
+            watchdog: asyncio.Future[None] | None = None
             try:
                 self._set("starting", "starting")
                 env = await environment(client, self.env)
-                stream = await client.launch_connect(self.name, ["dockerd", "--config-file", paths.daemon_json],
-                                                     env=env, notify_socket=paths.notify_socket, replace=True)
+                self._timed_out = ""
+                stream = await client.launch_connect(self.name, self.command, env=env,
+                                                     notify_socket=paths.notify_socket, replace=True)
                 launched = stream.first
                 assert isinstance(launched, protocol.Launched)
                 self.status.pid = launched.pid
+                self.status.last_error = ""
+                self.starts = [*self.starts[-19:], self.clock()]
                 self._last_seq = 0
                 self.log.note(f"dockerd started (pid {launched.pid})")
+                watchdog = asyncio.ensure_future(self._ready_watchdog(client))
                 exit_ = await self._follow(client, stream)
             finally:
+                if watchdog is not None:
+                    watchdog.cancel()
                 watcher.cancel()
                 notify.close()
         how = f"status {exit_.code}" if exit_.code is not None else f"signal {exit_.signal}"
+        how = f"{self._timed_out} (stopped: {how})" if self._timed_out else f"exited with {how}"
         self.status.last_exit = f"{how} at {time.strftime('%H:%M:%S')}"
-        self.log.note(f"dockerd exited with {how}")
-        self._set("stopped" if self._stopping else "exited", f"exited with {how}")
+        self.log.note(f"dockerd {how}")
+        self._set("stopped" if self._stopping else "exited", how)
+
+    async def _ready_watchdog(self, client: GuestClient) -> None:
+        """A dockerd that never says READY=1 is stopped (TERM, then KILL): its exit restarts it with backoff."""
+        try:
+            await asyncio.wait_for(self.ready.wait(), self.ready_timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        self._timed_out = f"sent no READY=1 within {self.ready_timeout:g} s"
+        self.log.note(f"dockerd {self._timed_out}; stopping it")
+        log.warning("dockerd %s; stopping it", self._timed_out)
+        with contextlib.suppress(RemoteError, TransportError, ConnectionError):
+            await client.signal(self.name, signal.SIGTERM)
+            await asyncio.sleep(10)
+            await client.signal(self.name, signal.SIGKILL)
 
     async def _follow(self, client: GuestClient, stream: Any) -> protocol.Exit:
         def write(batch: protocol.LogBatch) -> None:
             self.log.write_records(batch.records, batch.dropped)
             if batch.records:
                 self._last_seq = batch.records[-1].seq
+            for record in reversed(batch.records):
+                error = _error_line(record.data) if record.stream == 2 else ""
+                if error:
+                    self.status.last_error = error
+                    break
 
         return await follow_logs(client, self.name, stream, write, since=lambda: self._last_seq,
                                  stopped=lambda: self._stopping and self.status.state == "stopped")
@@ -297,3 +370,16 @@ class DockerService:
                     await client.signal(self.name, signal.SIGKILL)
                     await client.wait(self.name, 5)
         self._set("stopped", "stopped")
+
+
+def _error_line(data: bytes, limit: int = 300) -> str:
+    """A stderr line of dockerd as a short sentence ("" if it is not an error): a plain line (how it refuses
+    its config) as is, a logrus line of level error or fatal reduced to its msg."""
+    text = data.decode(errors="replace").strip()
+    level = re.search(r'\blevel=(\w+)', text)
+    if level is None:
+        return text[:limit]
+    if level[1] not in ("error", "fatal", "panic"):
+        return ""
+    msg = re.search(r'\bmsg="((?:[^"\\]|\\.)*)"', text) or re.search(r"\bmsg=(\S+)", text)
+    return (msg[1].replace('\\"', '"') if msg else text)[:limit]

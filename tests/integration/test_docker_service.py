@@ -171,3 +171,83 @@ def test_a_cut_log_stream_resumes_with_no_gap_and_no_duplicate(tmp_path) -> None
         lines, cuts = asyncio.run(scenario())
     assert cuts >= 2
     assert lines == [str(i).encode() for i in range(1, 30001)]
+
+
+def private_daemon(d: Path, **user: object) -> dict:
+    """A daemon.json for a dockerd on this host with private paths (plus the test's own keys)."""
+    return daemon_config("", str(d / "data"), {
+        "exec-root": str(d / "exec"), "pidfile": str(d / "docker.pid"), "bridge": "none",
+        "iptables": False, "ip-masq": False, **user}, socket=str(d / "docker.sock"))
+
+
+def service_for(srv, d: Path, daemon: dict, **options: object) -> DockerService:
+    async def dial() -> GuestClient:
+        return await GuestClient.open(srv.address)
+
+    return DockerService(dial, d / "docker.log", daemon, paths=GuestPaths(str(d / "daemon.json"),
+                                                                         str(d / "notify.sock"),
+                                                                         str(d / "docker.sock")),
+                         name="dockerd-test", **options)
+
+
+async def until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.02)
+
+
+@needs_dockerd
+def test_a_dockerd_that_refuses_its_config_is_restarted_on_the_backoff_and_says_why(short_tmp: Path) -> None:
+    """A crash loop: every exit is recorded with dockerd's own reason, and the starts follow the policy
+    (0.2, 0.4, 0.8, 0.8 s apart at least: never a busy loop)."""
+    d = short_tmp
+    with running_server(d) as srv:
+        restarting: list[str] = []  # what the service said each time it scheduled a restart
+        service = service_for(srv, d, private_daemon(d, frobnicate=True), restart_delay=0.2,
+                              restart_delay_max=0.8,
+                              on_change=lambda s: s.state == "restarting" and restarting.append(service.why()))
+
+        async def scenario() -> None:
+            runner = asyncio.ensure_future(service.run())
+            try:
+                await until(lambda: len(service.starts) >= 5, "five starts")
+            finally:
+                await service.stop(timeout=10)
+                runner.cancel()
+
+        asyncio.run(scenario())
+    status = service.status
+    assert status.restarts >= 4 and not service.ready.is_set()
+    assert len(restarting) >= 4
+    for why in restarting:
+        assert why.startswith("dockerd exited with status 1 at ") and "frobnicate" in why, why
+    gaps = [b - a for a, b in zip(service.starts, service.starts[1:])]
+    for gap, delay in zip(gaps, [0.2, 0.4, 0.8, 0.8]):
+        assert gap >= delay, (gaps, "a restart came before its delay")
+    assert [h.split(" ", 1)[1].rsplit("restarting in ", 1)[1] for h in status.history
+            if "restarting in" in h][:4] == ["0.2 s", "0.4 s", "0.8 s", "0.8 s"]
+    assert "frobnicate" in (d / "docker.log").read_text()
+
+
+def test_a_daemon_that_never_sends_ready_is_stopped_after_its_timeout_and_restarted(tmp_path: Path) -> None:
+    """The service's READY=1 deadline, with a stand-in daemon that runs but never notifies: it is stopped,
+    the exit says why, and the next start comes after the backoff."""
+    with running_server(tmp_path) as srv:
+        service = service_for(srv, tmp_path, {}, restart_delay=0.1, restart_delay_max=0.1, ready_timeout=0.5,
+                              command=["sleep", "600"])
+
+        async def scenario() -> None:
+            runner = asyncio.ensure_future(service.run())
+            try:
+                await until(lambda: len(service.starts) >= 2, "a second start")
+            finally:
+                await service.stop(timeout=10)
+                runner.cancel()
+
+        asyncio.run(scenario())
+    assert any("sent no READY=1 within 0.5 s (stopped: signal 15)" in h for h in service.status.history), \
+        service.status.history
+    assert not service.ready.is_set()
+    assert "sent no READY=1 within 0.5 s; stopping it" in (tmp_path / "docker.log").read_text()
+    assert service.starts[1] - service.starts[0] >= 0.5  # it had its whole time to say READY=1

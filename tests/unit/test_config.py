@@ -164,3 +164,43 @@ def test_a_loopback_proxy_from_the_environment_is_reached_at_the_host_address(va
     assert env["HTTP_PROXY"] == env["http_proxy"] == guest
     assert env["NO_PROXY"] == "localhost,127.0.0.1"
     assert cfg.proxy_env(cfg.Proxy(http="http://127.0.0.1:1"), {})["HTTP_PROXY"] == "http://127.0.0.1:1"  # as written
+
+
+@pytest.mark.parametrize("daemon, backend, fragment", [
+    ({"data-root": "/srv/docker"}, "qemu", 'remove "data-root"'),
+    ({"hosts": ["unix:///run/other.sock"]}, "qemu", "remove 'unix:///run/other.sock' from \"hosts\""),
+    ({"hosts": ["fd://"]}, "qemu", "only tcp:// entries"),
+    ({"hosts": "tcp://0.0.0.0:2375"}, "qemu", "must be a list"),
+    ({"bridge": "docker1"}, "sandbox", 'remove "bridge"'),
+    ([1, 2], "qemu", "must be a JSON object"),
+])
+def test_a_daemon_json_key_boxpark_sets_is_refused_at_load_with_the_key_named(tmp_path, daemon, backend,
+                                                                              fragment) -> None:
+    import json
+
+    path = tmp_path / "daemon.json"
+    path.write_text(json.dumps(daemon))
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(f'backend = "{backend}"\n[docker]\ndaemon_json = "{path}"')
+    assert info.value.key == "docker.daemon_json" and fragment in str(info.value), str(info.value)
+
+
+def test_the_users_own_daemon_json_keys_load(tmp_path) -> None:
+    path = tmp_path / "daemon.json"
+    path.write_text('{"debug": true, "hosts": ["tcp://127.0.0.1:2375"], "bridge": "docker1"}')
+    assert cfg.loads(f'[docker]\ndaemon_json = "{path}"').docker.daemon_json == str(path)
+    path.write_bytes(b'{"debug": \xff}')
+    with pytest.raises(cfg.ConfigError, match="not valid JSON"):
+        cfg.loads(f'[docker]\ndaemon_json = "{path}"')
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[docker]\nready_timeout = 0", "docker.ready_timeout"),
+    ('[docker]\nlog_size = "1KiB"', "docker.log_size"),
+    ('[docker]\nlog_size = "lots"', "docker.log_size"),
+    ("[docker]\nlog_files = -1", "docker.log_files"),
+])
+def test_bad_docker_service_values_name_the_key(text: str, key: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads(text)
+    assert info.value.key == key, str(info.value)

@@ -132,6 +132,8 @@ class SandboxBackend(Backend):
         await self.events.start()
         stack.push_async_callback(self.events.close)
         self.api_address = f"unix:{state}/api.sock"
+        # a guest that is killed cannot remove its socket: a file that answers nobody must not outlive us
+        stack.callback(_remove, state / "api.sock")
 
         userns = {tag: stack.enter_context(owner_namespace(*owner, idmap=True))
                   for tag, owner in spec.share_owners.items()}
@@ -241,6 +243,11 @@ class SandboxBackend(Backend):
         if self.slirp is not None and self.slirp.returncode is None:
             pids.add(self.slirp.pid)
         return sorted(pids)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _die_with_parent() -> None:
