@@ -35,6 +35,10 @@ MAX_FRAME = 16 * 1024 * 1024
 MAX_FILE_CHUNK = 8 * 1024 * 1024
 """The largest `ReadFile` length and `WriteFile` payload in one call; larger files go in chunks."""
 
+MAX_RING_RECORDS = 1_000_000
+MAX_RING_BYTES = 64 * 1024 * 1024
+"""The largest log ring a `Launch` may ask for, in records and in bytes of data; a larger one is refused."""
+
 HEADER = struct.Struct(">I")
 
 
@@ -143,7 +147,8 @@ class Exec(Message, tag="exec"):
     """Run argv (a list; never a shell string) and wait for it.
 
     Unary (default): stdin is fed from `stdin`, output is captured, the reply is `ExecResult`; past
-    `timeout` seconds the child's whole process group is killed. With `interactive` the call upgrades:
+    `timeout` seconds, or when the client closes the connection first, the child's whole process group is
+    killed. With `interactive` the call upgrades:
     after `Started` the connection carries `Stdin`/`ResizeTty`/`SendSignal` to the guest and `Output`
     then one `Exit` back; with `tty` the process runs on a pseudo-terminal and gets SIGHUP when the
     connection closes.
@@ -153,7 +158,7 @@ class Exec(Message, tag="exec"):
     env: dict[str, str] | None = None  # None: the server's environment
     cwd: str | None = None
     stdin: bytes = b""
-    timeout: float | None = None
+    timeout: float | None = None  # seconds, finite and not negative; None: no limit
     interactive: bool = False
     tty: bool = False
     rows: int = 24
@@ -177,7 +182,8 @@ class Launch(Message, tag="launch"):
 
     Its stdout/stderr go into a ring of log records kept by the guest. With `connect` the call streams:
     after `Launched` come `LogBatch`es and finally `Exit`. `notify_socket` sets NOTIFY_SOCKET in its
-    environment (pair with `NotifyListen`).
+    environment (pair with `NotifyListen`). A ring bound under 1 or over MAX_RING_RECORDS / MAX_RING_BYTES
+    is refused (INVALID_ARGUMENT naming the limit), never clamped.
     """
 
     name: str
@@ -219,7 +225,7 @@ class Wait(Message, tag="wait"):
     """Wait for a launched process to exit; the reply is `Exit`, or `Error(TIMEOUT)`."""
 
     name: str
-    timeout: float | None = None
+    timeout: float | None = None  # seconds, finite and not negative; None: no limit
 
 
 class Signal(Message, tag="signal"):

@@ -267,6 +267,7 @@ class _FrameProtocol(asyncio.Protocol):
         self.messages: collections.deque[Message | BaseException] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.eof = False
+        self.eof_waiters: list[asyncio.Future[None]] = []  # Channel.wait_eof
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
@@ -329,6 +330,11 @@ class _FrameProtocol(asyncio.Protocol):
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+        if self.eof and self.eof_waiters:
+            for waiter in self.eof_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self.eof_waiters.clear()
 
 
 class Channel:
@@ -409,6 +415,19 @@ class Channel:
             raise ProtocolError(f"expected {' or '.join(t.__name__ for t in types)}, got {type(message).__name__}",
                                 ErrorCode.UNSUPPORTED)
         return message
+
+    async def wait_eof(self) -> None:
+        """Return once the peer has closed its side or the connection is lost, taking no message: how a
+        long call notices that its client went away."""
+        proto = self._protocol
+        if not proto.eof:
+            waiter = asyncio.get_running_loop().create_future()
+            proto.eof_waiters.append(waiter)
+            try:
+                await waiter
+            finally:  # a call that ended first: its waiter must not pile up on a long connection
+                if waiter in proto.eof_waiters:
+                    proto.eof_waiters.remove(waiter)
 
     @property
     def at_eof(self) -> bool:

@@ -5,13 +5,23 @@
 
 The server runs in this process (so a test can look at its state) but on its own loop and thread, the
 way it runs in the guest: the test's own asyncio.run never shares a loop with it.
+
+    with serve_process(tmp_path) as (address, process):   # `boxpark guest serve`, a process of its own
+
+for what only a separate process shows: its memory, or a CLI client killed in the middle of a call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Iterator
@@ -78,6 +88,38 @@ def running_server(directory: Path, *, secret: bytes | None = None, tcp_port: in
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@contextlib.contextmanager
+def serve_process(directory: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`boxpark guest serve` on a unix socket in `directory`, once the socket is there; SIGTERMed at the end
+    (which ends what it launched)."""
+    path = directory / "serve.sock"
+    process = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
+                               stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(path):  # bound is not yet listening
+            assert process.poll() is None, f"boxpark guest serve exited with {process.returncode}"
+            assert time.monotonic() < deadline, f"boxpark guest serve did not listen on {path} in 60 s"
+            time.sleep(0.02)
+        yield f"unix:{path}", process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 async def refused(awaitable: Awaitable[Any], code: ErrorCode, *fragments: str) -> str:

@@ -104,7 +104,7 @@ class LogRing:
     def __init__(self, max_records: int = 100_000, max_bytes: int = 16 * 1024 * 1024) -> None:
         self.max_records = max(1, max_records)
         self.max_bytes = max(1, max_bytes)
-        self._records: list[LogRecord] = []
+        self._records: list[LogRecord] = []  # before _head: None, forgotten records awaiting compaction
         self._head = 0  # index in _records of the oldest record kept
         self.first_seq = 1  # the sequence number of that record (or next_seq when empty)
         self.next_seq = 1
@@ -189,6 +189,9 @@ class LogRing:
                 if len(chunk) >= room:
                     break
                 window *= 4
+        # What is forgotten is freed now, not at the next compaction: the ring's memory stays within its
+        # bounds (plus a pointer per forgotten slot) whatever the size of its records.
+        records[self._head:self._head + drop] = _repeat(None, drop)  # type: ignore[list-item]
         self._head += drop
         self.first_seq += drop
         self.dropped += drop

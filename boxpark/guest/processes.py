@@ -5,6 +5,12 @@ a new session and process group, so a timeout or a hang-up reaches its descendan
 namespace shared by launched services (kept, with their logs, after they exit, until replaced) and named
 interactive processes (addressable only while they run).
 
+Only a launched service outlives its connection: when a unary exec's client goes away (the connection's
+EOF) its process group is killed, as on its timeout; an interactive one's gets SIGHUP, as on a terminal
+hang-up. What a client names is bounded here: a unary exec's captured output (`OUTPUT_CAP`), a service's
+ring (`protocol.MAX_RING_RECORDS`, `MAX_RING_BYTES`: refused above them, never clamped), and timeouts
+(finite, not negative).
+
 Output is collected until every writer has closed the pipe, but at most `EXIT_GRACE` seconds after the
 main process exits: a daemon left behind holding the pipe does not hold up the call. What it writes later
 is read and dropped (never EPIPE: we do not kill what we did not collect).
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import math
 import os
 import signal as signals
 import termios
@@ -86,17 +93,16 @@ class Processes:
     async def exec(self, channel: Channel, message: protocol.Exec) -> Message | None:
         """Unary: run to the end and reply `ExecResult`. Interactive: `Started`, then the stream."""
         _check_argv(message.argv)
-        if message.timeout is not None and message.timeout < 0:
-            raise GuestError(ErrorCode.INVALID_ARGUMENT, f"timeout must not be negative (got {message.timeout})")
+        _check_timeout(message.timeout)
         if message.interactive:
             return await self._interactive(channel, message)
         if message.name is not None:
             raise GuestError(ErrorCode.INVALID_ARGUMENT, "only an interactive exec takes a name")
         if message.tty:
             raise GuestError(ErrorCode.INVALID_ARGUMENT, "a tty needs an interactive exec")
-        return await self._run(message)
+        return await self._run(channel, message)
 
-    async def _run(self, message: protocol.Exec) -> protocol.ExecResult:
+    async def _run(self, channel: Channel, message: protocol.Exec) -> protocol.ExecResult:
         loop = asyncio.get_running_loop()
         fds = _Fds()
         capture = _Capture(OUTPUT_CAP)
@@ -127,10 +133,14 @@ class Processes:
             timed_out = child.send_signal(signals.SIGKILL, group=True)  # False: it had just exited
 
         timer = loop.call_later(message.timeout, expire) if message.timeout is not None else None
+        # Nobody is left to read the result of a call whose client went away: end it like a timeout.
+        hang_up = loop.create_task(channel.wait_eof())
+        hang_up.add_done_callback(lambda done: done.cancelled() or child.send_signal(signals.SIGKILL, group=True))
         try:
             code, signum = await child.exited
             await _collect(readers, eof.done)
         finally:
+            hang_up.cancel()
             if timer is not None:
                 timer.cancel()
             if writer is not None:
@@ -187,6 +197,7 @@ class Processes:
         """Start a named service that outlives this connection; with `connect`, follow its logs."""
         _check_name(message.name)
         _check_argv(message.argv)
+        _check_ring(message.ring_records, message.ring_bytes)
         old = self._named.get(message.name)
         if old is not None:
             if old.kind != "service" or old.child.running:
@@ -240,12 +251,19 @@ class Processes:
         return None
 
     async def wait(self, channel: Channel, message: protocol.Wait) -> Exit:
+        """The service's `Exit` once it has one; TIMEOUT after `timeout`; the call ends if the client goes."""
+        _check_timeout(message.timeout)
         named = self._lookup(message.name)
+        gone = asyncio.ensure_future(channel.wait_eof())
         try:
-            return await asyncio.wait_for(asyncio.shield(named.done), message.timeout)
-        except asyncio.TimeoutError:
-            raise GuestError(ErrorCode.TIMEOUT,
-                             f"{message.name!r} is still running after {message.timeout} s") from None
+            await asyncio.wait([named.done, gone], timeout=message.timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if named.done.done():
+            return named.done.result()
+        if gone.done() and not gone.cancelled():
+            raise GuestError(ErrorCode.UNAVAILABLE, "the client closed the connection during the wait")
+        raise GuestError(ErrorCode.TIMEOUT, f"{message.name!r} is still running after {message.timeout} s")
 
     async def signal(self, channel: Channel, message: protocol.Signal) -> protocol.Ok:
         named = self._lookup(message.name)
@@ -362,6 +380,9 @@ class _ServiceOutput:
         self.finished = True
         if self._grace is not None:
             self._grace.cancel()
+        # The readers' callbacks point back here: breaking that cycle frees the ring the moment a replace
+        # drops it, not at some later full collection.
+        self.streams = []
         named, child = self.named, self.named.child
         exit = Exit(code=child.code, signal=child.signal)
         self.ring.finish(exit)
@@ -721,6 +742,20 @@ def _check_argv(argv: list[str]) -> None:
         raise GuestError(ErrorCode.INVALID_ARGUMENT, "argv is empty: give the program and its arguments as a list")
     if not argv[0]:
         raise GuestError(ErrorCode.INVALID_ARGUMENT, "argv[0] is empty: name the program to run")
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+        raise GuestError(ErrorCode.INVALID_ARGUMENT, f"timeout must be a finite number of seconds, 0 or more "
+                         f"(got {timeout}); leave it out for no limit")
+
+
+def _check_ring(records: int, nbytes: int) -> None:
+    for field, value, limit in (("ring_records", records, protocol.MAX_RING_RECORDS),
+                                ("ring_bytes", nbytes, protocol.MAX_RING_BYTES)):
+        if not 1 <= value <= limit:
+            raise GuestError(ErrorCode.INVALID_ARGUMENT,
+                             f"{field} must be from 1 to this server's limit of {limit} (got {value})")
 
 
 def _check_name(name: str) -> None:

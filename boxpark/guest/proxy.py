@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import socket
 
@@ -28,8 +29,9 @@ async def dial_target(message: protocol.Connect) -> socket.socket:
     """Connect to the call's target within its timeout; a blocking socket, or a GuestError saying why not."""
     if (message.path is None) == (message.port is None):
         raise GuestError(ErrorCode.INVALID_ARGUMENT, "connect: give either path or port")
-    if not message.timeout > 0:
-        raise GuestError(ErrorCode.INVALID_ARGUMENT, f"connect: timeout {message.timeout} must be positive")
+    if not 0 < message.timeout < math.inf:  # NaN too: an endless connect would hold its socket forever
+        raise GuestError(ErrorCode.INVALID_ARGUMENT,
+                         f"connect: timeout {message.timeout} must be a positive, finite number of seconds")
     if message.path is not None:
         encoded = os.fsencode(message.path)
         if not encoded or b"\0" in encoded or len(encoded) > 107:

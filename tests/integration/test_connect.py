@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ import pytest
 from boxpark import protocol
 from boxpark.host.client import GuestClient, RemoteError
 from boxpark.protocol import ErrorCode
-from tests.guestserver import running_server
+from tests.guestserver import refused, running_server
 from tests.nsfixture import Namespace, dockerd, requires_root
 
 pytestmark = pytest.mark.integration
@@ -341,3 +342,12 @@ def test_closing_the_server_ends_open_relays(short_tmp: str) -> None:
         assert ended.wait(10)
         assert read_to_eof(sock) == b""
         sock.close()
+
+
+def test_a_timeout_that_is_not_a_positive_finite_number_of_seconds_is_refused(short_tmp: str) -> None:
+    async def body(client: GuestClient) -> None:
+        for timeout in (math.nan, math.inf, 0.0, -1.0):
+            await refused(asyncio.wait_for(client.connect(path=f"{short_tmp}/missing.sock", timeout=timeout), 60),
+                          ErrorCode.INVALID_ARGUMENT, "timeout", str(timeout))
+
+    with_client(short_tmp, body)

@@ -8,10 +8,15 @@ finishes; the few that escape their group on purpose are killed by the pid they 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -21,7 +26,8 @@ from boxpark import protocol
 from boxpark.guest import processes, reaper
 from boxpark.host.client import GuestClient, RemoteError
 from boxpark.protocol import ErrorCode, Exit, LogBatch, LogRecord
-from tests.guestserver import RunningServer, running_server
+from boxpark.transport import dial
+from tests.guestserver import RunningServer, refused, running_server, serve_process
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +67,7 @@ def gone(pid: int, timeout: float = 5.0) -> bool:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
                     return True
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the latter: reaped between our open and read
             return True
         time.sleep(0.02)
     return False
@@ -160,6 +166,55 @@ def test_exec_does_not_wait_forever_for_a_daemon_holding_its_pipe(guest: Running
         assert marker.exists(), "the daemon died writing to the pipe the call no longer reads"
     finally:
         kill_stray(int(result.stdout), "late")
+
+
+def test_a_unary_exec_ends_with_its_whole_group_when_its_client_goes_away(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"yes > /dev/null & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; wait"
+    with serve_process(tmp_path) as (address, _):
+        client = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "call", address, "exec", "--json",
+                                   json.dumps({"argv": ["sh", "-c", script]})],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not pids.exists():
+                assert client.poll() is None and time.monotonic() < deadline, "the exec never started"
+                time.sleep(0.02)
+        finally:
+            client.kill()  # the client goes away in the middle of its call, as `timeout 2 boxpark ...` does
+            client.wait()
+        shell, flood = map(int, pids.read_text().split())
+        try:
+            assert gone(shell, timeout=60) and gone(flood, timeout=60), "the exec outlived its client"
+        finally:
+            kill_stray(flood, "yes")
+
+
+def test_exec_and_wait_refuse_a_timeout_that_is_not_a_finite_number_of_seconds(guest: RunningServer) -> None:
+    async def body(client: GuestClient) -> None:
+        await client.launch("sleeper", ["sleep", "60"])
+        for timeout in (math.nan, math.inf, -math.inf, -1.0):
+            await refused(client.exec(["true"], timeout=timeout), ErrorCode.INVALID_ARGUMENT, "timeout",
+                          str(timeout))
+            await refused(client.wait("sleeper", timeout=timeout), ErrorCode.INVALID_ARGUMENT, "timeout",
+                          str(timeout))
+        assert (await client.exec(["true"], timeout=30)).code == 0  # and the server goes on
+
+    talk(guest, body)
+
+
+def test_a_wait_ends_when_its_client_goes_away(guest: RunningServer) -> None:
+    async def body(client: GuestClient) -> None:
+        await client.launch("sleeper", ["sleep", "3600"])
+        channel, _ = await dial(guest.address, then=protocol.Wait(name="sleeper"))
+        channel.close()
+
+    talk(guest, body)
+    deadline = time.monotonic() + 60
+    # Only the call's own connection could be left: the client of `talk` has closed too.
+    while guest.server._connections:
+        assert time.monotonic() < deadline, "the server still holds the connection of a client that went away"
+        time.sleep(0.02)
 
 
 def test_exec_of_many_processes_at_once_all_report_their_own_status(guest: RunningServer) -> None:
@@ -344,6 +399,76 @@ def test_a_ring_that_overflowed_says_how_many_records_were_dropped(guest: Runnin
     assert [r.data for r in records_of(frames)] == [str(n).encode() for n in range(901, 1001)]
     assert frames[-1] == Exit(code=0)
     assert listed[0].last_seq == 1000
+
+
+def test_launch_refuses_a_ring_over_the_servers_limits_and_names_the_limit(guest: RunningServer) -> None:
+    async def body(client: GuestClient) -> list[protocol.ProcessInfo]:
+        for field, value, limit in (("ring_records", 10**12, protocol.MAX_RING_RECORDS),
+                                    ("ring_bytes", 10**15, protocol.MAX_RING_BYTES),
+                                    ("ring_records", 0, protocol.MAX_RING_RECORDS),
+                                    ("ring_bytes", -1, protocol.MAX_RING_BYTES)):
+            await refused(client.launch("greedy", ["yes"], **{field: value}), ErrorCode.INVALID_ARGUMENT,
+                          field, str(limit), str(value))
+        await client.launch("greedy", ["true"], ring_records=protocol.MAX_RING_RECORDS,
+                            ring_bytes=protocol.MAX_RING_BYTES)
+        await client.wait("greedy", timeout=30)
+        return await client.list_processes()
+
+    assert [(p.name, p.running, p.code) for p in talk(guest, body)] == [("greedy", False, 0)]
+
+
+def test_a_replaced_service_lets_go_of_its_ring(guest: RunningServer) -> None:
+    async def body(client: GuestClient) -> None:
+        await client.launch("chatty", ["seq", "1", "100000"])
+        await client.wait("chatty", timeout=30)
+
+    talk(guest, body)
+    ring = weakref.ref(guest.server.processes._named["chatty"].ring)
+    assert len(ring()) == 100_000
+    talk(guest, lambda client: client.launch("chatty", ["true"], replace=True))
+    assert ring() is None, "the replaced service's log ring is still held (waiting for a cyclic collection?)"
+
+
+def test_a_flood_into_the_largest_ring_keeps_the_server_within_bounds(tmp_path: Path) -> None:
+    """`yes` into a ring at both maximums: the server's memory levels off instead of growing with the flood,
+    and what the ring held is given back once a replace discards it."""
+    def rss(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    async def last_seq(client: GuestClient) -> int:
+        return (await client.list_processes())[0].last_seq
+
+    with serve_process(tmp_path) as (address, server):
+        async def body() -> tuple[int, int, int]:
+            async with await GuestClient.open(address) as client:
+                baseline = rss(server.pid)
+                await client.launch("flood", ["yes"], ring_records=protocol.MAX_RING_RECORDS,
+                                    ring_bytes=protocol.MAX_RING_BYTES)
+                peak = 0
+                deadline = time.monotonic() + 300
+                # Until the ring has been filled and overwritten several times over.
+                while await last_seq(client) < 5 * protocol.MAX_RING_RECORDS:
+                    assert time.monotonic() < deadline, "yes did not fill the ring five times in 300 s"
+                    peak = max(peak, rss(server.pid))
+                    await asyncio.sleep(0.1)
+                await client.signal("flood", signal.SIGKILL)
+                await client.wait("flood", timeout=60)
+                peak = max(peak, rss(server.pid))
+                await client.launch("flood", ["true"], replace=True)
+                deadline = time.monotonic() + 60
+                while (after := rss(server.pid)) > baseline + (peak - baseline) // 2:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                return baseline, peak, after
+
+        baseline, peak, after = asyncio.run(body())
+    # A full ring of one-byte lines is ~100 MB of records (~100 bytes each); 1.77 GB was the unbounded case.
+    assert peak < 512 * 1024 * 1024, f"the server grew to {peak >> 20} MiB"
+    assert after <= baseline + (peak - baseline) // 2, (
+        f"the discarded ring was not given back: {baseline >> 20} MiB before, {peak >> 20} MiB at the peak, "
+        f"{after >> 20} MiB a minute after the replace")
 
 
 def test_attach_resumes_with_no_gap_and_no_duplicate(guest: RunningServer, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 
 from hypothesis import given, settings
@@ -111,6 +112,17 @@ def test_ring_drops_the_oldest_past_its_byte_bound_but_keeps_the_newest() -> Non
     assert (ring.first_seq, ring.bytes) == (2, 9)
     ring.append(make(1, start=5, size=50))  # over the bound by itself: kept alone
     assert (ring.first_seq, len(ring), ring.bytes, ring.dropped) == (5, 1, 50, 4)
+
+
+def test_a_forgotten_record_is_let_go_at_once_not_at_the_next_compaction() -> None:
+    """Else a ring of large records would hold up to twice its byte bound until it next compacts."""
+    for ring in (LogRing(max_records=2), LogRing(max_bytes=2 * 1000)):
+        oldest = make(1, size=1000)[0]
+        ring.append([oldest])
+        held = sys.getrefcount(oldest)
+        ring.append(make(2, start=2, size=1000))
+        assert ring.first_seq == 2
+        assert sys.getrefcount(oldest) == held - 1, "the ring still holds a record it has forgotten"
 
 
 def test_read_is_bounded_by_count_and_bytes_but_returns_at_least_one() -> None:
