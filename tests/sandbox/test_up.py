@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ pytestmark = [pytest.mark.sandbox,
                                  reason="needs root, unshare and the docker CLI")]
 
 MOUNTS = """
+cpus = 1
+memory = "1536MiB"
 [[mounts]]
 source = "tmpfs"
 target = "/srv/a/b/c"
@@ -54,6 +57,28 @@ def test_docker_python_package(machine) -> None:
 
 def test_exec_and_status(machine) -> None:
     upchecks.exec_and_status(machine)
+
+
+def test_cpus_and_memory_limit_the_sandboxs_cgroup_or_up_says_they_do_not(machine) -> None:
+    import json
+
+    from boxpark.host.backends.sandbox import cgroup2_controllers
+
+    cgroup = Path(json.loads((machine.dir / "backend" / "machine.json").read_text())["cgroup"])
+    assert cgroup.is_dir()
+    controllers = cgroup2_controllers()
+    if "memory" in controllers:
+        assert (cgroup / "memory.max").read_text().strip() == str(1536 * 1024 * 1024)
+    if "cpu" in controllers:
+        assert (cgroup / "cpu.max").read_text().split() == ["100000", "100000"]
+    missing = [c for c in ("cpu", "memory") if c not in controllers]
+    said = [line for line in (machine.dir / "agent.log").read_text().splitlines() if "without its limits" in line]
+    if missing:  # never silently: `up` printed it (the agent's progress, also in its log)
+        assert said, machine.logs()
+        assert all(c in said[-1] for c in missing) and "cpus = 1" in said[-1] and "memory = 1536 MiB" in said[-1]
+        assert all(not (cgroup / f"{c}.max").exists() for c in missing)
+    else:
+        assert not said
 
 
 def test_mounts_parent_first(machine) -> None:
