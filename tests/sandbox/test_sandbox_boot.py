@@ -130,7 +130,16 @@ def test_no_clock_or_power_capability(guest: Machine) -> None:
         bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", guest.sh(f"cat /proc/{pid}/status"))[1], 16)
         assert not bounding & (1 << 25), "CAP_SYS_TIME"
         assert not bounding & (1 << 22), "CAP_SYS_BOOT"
-    assert not os.path.exists("/dev/rtc0") or "rtc0" not in guest.sh("ls /dev")
+
+
+
+def test_the_sandbox_has_no_rtc_and_its_init_says_so(guest: Machine) -> None:
+    """The sandbox's own /dev has no RTC (the host's is global: never given), and its init records that it
+    has none instead of reading or refining one. A real RTC is the vm tier's (test_qemu_boot)."""
+    assert not [n for n in guest.sh("ls /dev").split() if n.startswith("rtc")]
+    init_log = Path(guest.spec.init_log).read_text()
+    assert "clock: no RTC in the sandbox" in init_log, init_log
+    assert "clock refine" not in init_log
 
 
 def test_the_sandbox_has_its_own_namespaces_and_cgroup(guest: Machine) -> None:
