@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -27,14 +28,20 @@ def setup_packages() -> set[str]:
 
 
 def packages_of(commands: tuple[str, ...]) -> dict[str, str]:
-    """The Debian package that holds each command (by its name under a bin directory); one dpkg call."""
-    found = subprocess.run(["dpkg", "-S", *(f"*bin/{c}" for c in commands)], capture_output=True, text=True)
+    """The Debian package that holds each installed command (its real file: iptables is an alternative)."""
+    paths: dict[str, str] = {}
+    for command in commands:  # every copy on PATH (a /usr/local one may shadow the package's)
+        for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]:
+            if os.access(os.path.join(directory, command), os.X_OK):
+                real = os.path.realpath(os.path.join(directory, command))
+                paths[real] = command
+                paths[real.removeprefix("/usr")] = command  # dpkg may know it by its path before /usr was merged
+    listed = subprocess.run(["dpkg", "-S", *paths], capture_output=True, text=True)  # 1 if some path is unknown
     owners: dict[str, str] = {}
-    for line in sorted(found.stdout.splitlines()):
-        package, _, path = line.partition(": ")
-        command = path.rsplit("/", 1)[-1]
-        if command in commands and path.endswith(f"bin/{command}"):
-            owners.setdefault(command, package.split(",")[0].split(":")[0])
+    for line in listed.stdout.splitlines():
+        packages, _, path = line.partition(": ")
+        if path in paths:
+            owners.setdefault(paths[path], packages.split(",")[0].split(":")[0])
     return owners
 
 
