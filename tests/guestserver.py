@@ -73,7 +73,8 @@ def running_server(directory: Path, *, secret: bytes | None = None, tcp_port: in
 
     thread = threading.Thread(target=main, name="guest-server", daemon=True)
     thread.start()
-    ready.wait(10)
+    if not ready.wait(60):
+        raise RuntimeError("the Guest API server did not start within 60 s")
     if "error" in holder:
         raise holder["error"]
     running = RunningServer(address, holder["server"], loop)

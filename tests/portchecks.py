@@ -61,7 +61,8 @@ def httpd(m: UpMachine, net: list[str], name: str, publish: str, *extra: str) ->
 
 
 def published_tcp_port(m: UpMachine, net: list[str], base: int) -> None:
-    """`-p BASE:80` answers on the host; 200 connections at once; closed within 2 s after `docker stop`."""
+    """`-p BASE:80` answers on the host; 200 connections at once; closed after `docker stop` (how soon is
+    bench's to measure)."""
     httpd(m, net, "web", f"{base}:80")
     wait_for("the published port serving", lambda: fetch(f"http://127.0.0.1:{base}/f") == "published\n", 60)
     forwarded = m.status()["ports"]["forwarded"]
@@ -89,7 +90,7 @@ def published_tcp_port(m: UpMachine, net: list[str], base: int) -> None:
 
     stop = m.docker("stop", "-t", "1", "web")
     assert stop.returncode == 0, stop.stderr
-    took = wait_for("the host port closed after docker stop", lambda: closed(base), 2.0)
+    took = wait_for("the host port closed after docker stop", lambda: closed(base), 60)
     print(f"host port closed {took:.3f} s after docker stop returned")
     m.docker("rm", "web")
 
@@ -117,7 +118,7 @@ def published_udp_port(m: UpMachine, net: list[str], base: int) -> None:
             peer.close()
     m.docker("rm", "-f", "udpecho")
     wait_for("the UDP port closed after the container went", lambda: not any(
-        f["host"] == f"127.0.0.1:{port}" for f in m.status()["ports"]["forwarded"]), 5)
+        f["host"] == f"127.0.0.1:{port}" for f in m.status()["ports"]["forwarded"]), 60)
 
 
 def host_port_in_use_is_reported(m: UpMachine, net: list[str], base: int) -> None:
@@ -133,22 +134,31 @@ def host_port_in_use_is_reported(m: UpMachine, net: list[str], base: int) -> Non
                        for p in m.status()["ports"]["problems"])
 
         httpd(m, net, "busy", f"{port}:80")
-        wait_for("the port-in-use problem in status", reported, 30)
+        wait_for("the port-in-use problem in status", reported, 60)
         status = m.cli("status")
         assert f"port NOT forwarded: tcp 127.0.0.1:{port} for busy: Address already in use" in status.stdout
         assert m.status()["state"] == "ready"
         assert f"127.0.0.1:{port}" in (m.dir / "agent.log").read_text()
     m.docker("rm", "-f", "busy")
-    wait_for("the problem gone with its container", lambda: not m.status()["ports"]["problems"], 10)
+    wait_for("the problem gone with its container", lambda: not m.status()["ports"]["problems"], 60)
 
 
 def ports_come_back_after_dockerd_restarts(m: UpMachine, net: list[str], base: int,
                                            kill_dockerd: Callable[[], None]) -> None:
-    """A `--restart always` container's port serves again after dockerd was killed and restarted: the
-    watcher reopens the event stream and lists the running containers (as at the agent's start)."""
-    port = base + 4
+    """After dockerd was killed and restarted, a container published then gets its port: the watcher
+    reopened the event stream. (A SIGKILLed dockerd sends no die event, so the port of a container from
+    before may never have closed: only a new one proves the watcher follows the new dockerd.) The
+    `--restart always` container from before serves again too."""
+    port, later = base + 4, base + 5
     httpd(m, net, "always", f"{port}:80", "--restart", "always")
     wait_for("the port serving", lambda: fetch(f"http://127.0.0.1:{port}/f") == "published\n", 60)
+    assert closed(later)
     kill_dockerd()
+    httpd(m, net, "later", f"{later}:80")
+    wait_for("the port of a container published after the restart serving",
+             lambda: fetch(f"http://127.0.0.1:{later}/f") == "published\n", 180)
+    assert any(f["host"] == f"127.0.0.1:{later}" and f["container"] == "later"
+               for f in m.status()["ports"]["forwarded"])
     wait_for("the port serving again", lambda: fetch(f"http://127.0.0.1:{port}/f") == "published\n", 180)
-    m.docker("rm", "-f", "always")
+    m.docker("rm", "-f", "always", "later")
+    wait_for("the later port closed with its container", lambda: closed(later), 60)

@@ -149,7 +149,7 @@ def pull_goes_through_the_proxy(m: UpMachine, proxy: RecordingProxy) -> None:
     registry = f"{GUEST_SEES_HOST}:5999"
     pulled = m.docker("pull", f"{registry}/boxpark-test/nothing:1", timeout=120)
     assert pulled.returncode != 0
-    assert proxy.seen.wait(10), f"the proxy saw nothing; docker said: {pulled.stderr}"
+    assert proxy.seen.wait(60), f"the proxy saw nothing; docker said: {pulled.stderr}"
     assert any(line.startswith(f"CONNECT {registry} ") for line in proxy.requests), proxy.requests
 
 

@@ -65,18 +65,29 @@ class UpMachine:
         self.docker_host = ""
         self.up_result: subprocess.CompletedProcess[str] | None = None
         self._loops_before = _loop_devices()
+        self.loop_device: str | None = None  # the sandbox's, as its backend recorded it while it ran
 
     def up(self, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         result = boxpark(self.home, "up", "--name", self.name, "--config", str(self.config), "--no-context",
                          timeout=timeout)
         self.up_result = result
+        self._remember_loop_device()
         if result.returncode == 0:
             line = [l for l in result.stdout.splitlines() if l.startswith("export DOCKER_HOST=")]
             self.docker_host = line[-1].split("=", 1)[1]
         return result
 
     def down(self) -> subprocess.CompletedProcess[str]:
+        self._remember_loop_device()  # `down` removes machine.json: read it first
         return boxpark(self.home, "down", "--name", self.name, timeout=120)
+
+    def _remember_loop_device(self) -> None:
+        try:
+            recorded = json.loads((self.dir / "backend" / "machine.json").read_text()).get("loop_device")
+        except (OSError, ValueError):
+            return
+        if recorded:
+            self.loop_device = recorded
 
     def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return boxpark(self.home, *args, "--name", self.name, **kwargs) if args[0] in ("status", "logs") \
@@ -121,18 +132,16 @@ class UpMachine:
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             if home in line:
                 found.append(f"mount: {line[:160]}")
-        try:  # the sandbox's own loop device, as its backend recorded it (other tests may attach others)
-            ours = json.loads((self.dir / "backend" / "machine.json").read_text()).get("loop_device")
-        except (OSError, ValueError):
-            ours = None
-        if ours and ours in _loop_devices() - self._loops_before:
-            found.append(f"loop device {ours}")
+        # the sandbox's own loop device, recorded while it ran (other tests may attach others)
+        if self.loop_device and self.loop_device in _loop_devices() - self._loops_before:
+            found.append(f"loop device {self.loop_device}")
         if self.dir.exists():
             found += [f"socket {p.name}" for p in self.dir.rglob("*.sock")]
         return found
 
     def destroy(self) -> None:
         """Last resort after a failed test: kill the agent and whatever it left, remove the home."""
+        self._remember_loop_device()
         pid = self.agent_pid()
         if pid:
             try:

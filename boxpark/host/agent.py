@@ -72,6 +72,7 @@ class Agent:
         self._stop = asyncio.Event()
         self.backend: Any = None
         self.ready_event: protocol.Ready | None = None
+        self.ready_ms: float | None = None  # the machine's start to Ready, by the guest's clock
         self.api_address: Address | None = None
         self.secret: bytes | None = None
         self.service: DockerService | None = None
@@ -170,7 +171,7 @@ class Agent:
             "api": f"unix:{self.machine.api_socket}",
             "boot": None if ready is None else {
                 "boot_id": ready.boot_id, "kernel": ready.kernel, "arch": ready.arch,
-                "monotonic_ms": ready.monotonic_ns / 1e6,
+                "monotonic_ms": self.ready_ms,
                 "timeline": [{"step": s.name, "ms": round(s.duration_ns / 1e6, 2), "error": s.error}
                              for s in ready.timeline]},
             "phases": self.phase_times,
@@ -270,15 +271,18 @@ class Agent:
         try:
             self.backend = await stack.enter_async_context(backends.open_backend(config.backend, spec))
             self.ready_event = await self.backend.wait_ready(timeout=120)
+            self.ready_ms = self.backend.since_start_ns(self.ready_event.monotonic_ns) / 1e6
         except (backends.BackendError, backends.EventStreamError, backends.SpecError) as exc:
             raise AgentFailure(str(exc)) from None
         self.api_address = parse_address(self.backend.api_address)
         self.secret = self.backend.secret
         ready = self.ready_event
         machine.write_json(machine.timeline_file, {"boot_id": ready.boot_id, "kernel": ready.kernel,
-                                                   "monotonic_ms": ready.monotonic_ns / 1e6,
+                                                   "monotonic_ms": self.ready_ms,
                                                    "steps": [[s.name, s.duration_ns / 1e6, s.error]
                                                              for s in ready.timeline]})
+        for warning in self.backend.warnings:
+            self.progress(f"warning: {warning}")
         spawned = getattr(self.backend, "spawned_at", None)
         took = f" in {time.monotonic() - spawned:.2f} s" if spawned else ""
         self.progress(f"guest ready{took} (kernel {ready.kernel}, init steps "

@@ -88,8 +88,9 @@ def _image_dir(arch: str) -> str:
     try:
         from ..image.build import default_image_dir
     except ImportError:  # the builder is optional at run time
-        base = os.environ.get("BOXPARK_CACHE") or os.path.expanduser("~/.cache/boxpark")
-        return os.path.join(base, "images", arch)
+        from ..dirs import cache_home
+
+        return str(cache_home() / "images" / arch)
     return str(default_image_dir(arch, with_docker=True))
 
 

@@ -453,7 +453,7 @@ def add_commands(commands: Any, epilog: str) -> None:
                        "Build the guest image if needed, start the machine agent, boot the guest, run its "
                        "initialization and dockerd, and print `export DOCKER_HOST=…`. Also creates a docker "
                        "context named boxpark. Killing `up` does not stop the machine.")
-    p.add_argument("--config", metavar="FILE", help="boxpark.toml (default: ~/.config/boxpark/boxpark.toml, "
+    p.add_argument("--config", metavar="FILE", help="boxpark.toml (default: $XDG_CONFIG_HOME or ~/.config, then boxpark/boxpark.toml, "
                                                     "else built-in defaults)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the DOCKER_HOST line")
     p.add_argument("--no-context", action="store_true", help="do not create a docker context")

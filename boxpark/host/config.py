@@ -415,9 +415,11 @@ def load(path: str | Path | None) -> Config:
     if path is None or not os.path.exists(path):
         return validate(Config())
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")  # TOML is UTF-8, whatever the locale says
     except OSError as exc:
         raise ConfigError("", f"cannot read: {exc.strerror}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"not UTF-8 text (byte {exc.start}); save it as UTF-8", str(path)) from None
     return loads(text, str(path))
 
 

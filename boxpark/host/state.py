@@ -18,23 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
+
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
 class StateError(Exception):
     """A machine name or state directory problem; the message says what to do."""
-
-
-def data_home() -> Path:
-    if os.environ.get("BOXPARK_HOME"):
-        return Path(os.environ["BOXPARK_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "boxpark"
-
-
-def config_home() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "boxpark"
 
 
 @dataclass

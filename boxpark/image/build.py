@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dirs import cache_home
 from . import initramfs, kernel, modules, pylayer, rootfs, subp
 from .progress import Progress, to_stderr
 from .sources import read_host_sources
@@ -44,9 +45,8 @@ KEY_PACKAGES = (
 
 
 def cache_dir() -> Path:
-    """$BOXPARK_CACHE, or ~/.cache/boxpark."""
-    env = os.environ.get("BOXPARK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "boxpark"
+    """$BOXPARK_CACHE, else $XDG_CACHE_HOME/boxpark, else ~/.cache/boxpark."""
+    return cache_home()
 
 
 def default_image_dir(arch: str, with_docker: bool) -> Path:
@@ -340,10 +340,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         metavar="DIR",
         type=Path,
-        help="output directory (default: $BOXPARK_CACHE or ~/.cache/boxpark, then images/<arch>[-nodocker])",
+        help="output directory (default: $BOXPARK_CACHE, else $XDG_CACHE_HOME/boxpark or ~/.cache/boxpark, then images/<arch>[-nodocker])",
     )
     parser.add_argument(
-        "--cache-dir", metavar="DIR", type=Path, help="cache (default: $BOXPARK_CACHE or ~/.cache/boxpark)"
+        "--cache-dir", metavar="DIR", type=Path, help="cache (default: $BOXPARK_CACHE, else $XDG_CACHE_HOME/boxpark or ~/.cache/boxpark)"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     parser.add_argument(

@@ -85,7 +85,7 @@ class FakeUpstream:
         self.tcp.close()
 
 
-async def ask_udp(port: int, message: bytes, timeout: float = 5.0) -> bytes:
+async def ask_udp(port: int, message: bytes, timeout: float = 60.0) -> bytes:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -101,7 +101,7 @@ async def ask_tcp(port: int, message: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(struct.pack(">H", len(message)) + message)
-        size = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 5))[0]
+        size = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 60))[0]
         return await reader.readexactly(size)
     finally:
         writer.close()
@@ -163,11 +163,11 @@ async def test_silent_upstreams_give_servfail_after_each_timed_out() -> None:
         start = time.monotonic()
         reply = await ask_udp(forwarder.port, query("example.test", ident=5))
         assert dns.message_id(reply) == 5 and reply.endswith(socket.inet_aton(ANSWER))
-        assert 0.25 < time.monotonic() - start < 2  # the first upstream's timeout, then the second answered
+        assert time.monotonic() - start > 0.25  # the first upstream's timeout ran out, then the second answered
         start = time.monotonic()
         reply = await ask_udp(forwarder.port, query("silent.test", ident=6))
         assert dns.message_id(reply) == 6 and rcode(reply) == dns.RCODE_SERVFAIL
-        assert 0.55 < time.monotonic() - start < 2
+        assert time.monotonic() - start > 0.55  # both timed out before the SERVFAIL
         assert not forwarder.pending
     finally:
         forwarder.close()
@@ -176,14 +176,15 @@ async def test_silent_upstreams_give_servfail_after_each_timed_out() -> None:
 
 @run
 async def test_the_pending_table_is_bounded() -> None:
-    forwarder, upstream = await forwarder_and_upstream(timeout=1.0, max_pending=2)
+    # the upstream's timeout is long: a SERVFAIL while both questions still wait comes from the bound
+    forwarder, upstream = await forwarder_and_upstream(timeout=10.0, max_pending=2)
     try:
         slow = [asyncio.ensure_future(ask_udp(forwarder.port, query("silent.test", ident=i))) for i in (1, 2)]
         while len(forwarder.pending) < 2:
             await asyncio.sleep(0.01)
-        start = time.monotonic()
         third = await ask_udp(forwarder.port, query("example.test", ident=3))
-        assert rcode(third) == dns.RCODE_SERVFAIL and time.monotonic() - start < 0.5
+        assert rcode(third) == dns.RCODE_SERVFAIL
+        assert len(forwarder.pending) == 2 and not any(s.done() for s in slow)
         assert [rcode(r) for r in await asyncio.gather(*slow)] == [dns.RCODE_SERVFAIL] * 2
     finally:
         forwarder.close()
@@ -192,7 +193,7 @@ async def test_the_pending_table_is_bounded() -> None:
 
 @run
 async def test_a_reply_from_elsewhere_or_to_another_question_is_ignored() -> None:
-    forwarder, upstream = await forwarder_and_upstream(timeout=0.5)
+    forwarder, upstream = await forwarder_and_upstream(timeout=3.0)  # long enough for both replies to land first
     try:
         pending = asyncio.ensure_future(ask_udp(forwarder.port, query("silent.test", ident=4)))
         while not forwarder.pending:

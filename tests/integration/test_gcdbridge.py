@@ -165,7 +165,7 @@ def test_accepted_socketpairs_arrive_in_order_and_work(round_: int) -> None:
         await asyncio.to_thread(run_threads, [lambda t=t: acceptor(t) for t in range(6)])
         last = {t: -1 for t in range(6)}
         for _ in range(600):
-            t, i, sock = await asyncio.wait_for(inbox.get(), 5)
+            t, i, sock = await asyncio.wait_for(inbox.get(), 60)
             assert i == last[t] + 1, "one thread's deliveries arrive in the order it made them"
             last[t] = i
             reader, writer = await asyncio.open_connection(sock=sock)

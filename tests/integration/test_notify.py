@@ -55,7 +55,7 @@ async def notify(socket_path: str, *args: str) -> None:
     """Run the real systemd-notify with NOTIFY_SOCKET set; it waits for our barrier, so it returns 0."""
     env = dict(os.environ, NOTIFY_SOCKET=socket_path)
     process = await asyncio.create_subprocess_exec(SYSTEMD_NOTIFY, *args, env=env)
-    assert await asyncio.wait_for(process.wait(), 10) == 0
+    assert await asyncio.wait_for(process.wait(), 60) == 0
 
 
 def send_datagram(path: str, data: bytes, fds: list[int] | None = None) -> None:

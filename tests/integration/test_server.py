@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def raw_connect(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(5)
+    sock.settimeout(60)  # a deadline, never a measure: under load replies may take long
     sock.connect(parse_address(address).path)
     return sock
 
@@ -108,7 +108,7 @@ def test_tcp_needs_the_token_proof(tmp_path) -> None:
             asyncio.run(missing())
 
         # A client that skips the proof and calls straight away is refused, never served.
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             send_frame(sock, protocol.Hello())
             challenge = recv_frame(sock)
             assert isinstance(challenge, protocol.Challenge) and len(challenge.nonce) == 32
@@ -117,10 +117,10 @@ def test_tcp_needs_the_token_proof(tmp_path) -> None:
             assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.UNAUTHENTICATED
             assert recv_frame(sock) is None
         # Proofs are bound to the nonce: replaying one from an earlier connection fails.
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             send_frame(sock, protocol.Hello())
             old = recv_frame(sock)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             send_frame(sock, protocol.Hello())
             assert isinstance(recv_frame(sock), protocol.Challenge)
             send_frame(sock, protocol.Proof(hmac=proof(secret, old.nonce)))
@@ -278,10 +278,10 @@ def test_guest_dials_the_hosts_event_stream_and_resumes(tmp_path) -> None:
         await asyncio.sleep(0.2)  # the host is not listening yet: the guest retries
         server = await serve(address, host)
         while len(seen) < 2:
-            await asyncio.wait_for(got.get(), 5)
+            await asyncio.wait_for(got.get(), 60)
         log_.emit(protocol.Log(level="info", message="after reconnect"))
         while 4 not in seen:
-            await asyncio.wait_for(got.get(), 5)
+            await asyncio.wait_for(got.get(), 60)
         dialer.cancel()
         server.close()
         return seen
@@ -317,7 +317,7 @@ def test_cli_serve_and_call(tmp_path) -> None:
     server = subprocess.Popen([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", address],
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not os.path.exists(tmp_path / "cli.sock"):
             assert time.monotonic() < deadline and server.poll() is None
             time.sleep(0.02)
@@ -339,7 +339,7 @@ def test_cli_serve_and_call(tmp_path) -> None:
         assert nojson.returncode == 2 and "not valid JSON" in nojson.stderr
     finally:
         server.send_signal(signal.SIGTERM)
-        assert server.wait(10) == 0
+        assert server.wait(60) == 0
     assert not os.path.exists(tmp_path / "cli.sock")  # closed cleanly, socket removed
     missing = subprocess.run([sys.executable, "-m", "boxpark", "guest", "call", address, "info"],
                              capture_output=True, text=True, timeout=30)
@@ -352,8 +352,7 @@ def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypat
     monkeypatch.setattr(boxpark.transport, "HANDSHAKE_TIMEOUT", 0.3)
     with running_server(tmp_path) as srv:
         with raw_connect(srv.address) as sock:
-            started = time.monotonic()
             reply = recv_frame(sock)  # we never say Hello
             assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.TIMEOUT
-            assert recv_frame(sock) is None and time.monotonic() - started < 5
+            assert recv_frame(sock) is None  # closed by the server, well within the socket's deadline
         still_serving(srv.address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ pytestmark = [pytest.mark.sandbox,
                                  reason="needs root, unshare and the docker CLI")]
 
 MOUNTS = """
+cpus = 1
+memory = "1536MiB"
 [[mounts]]
 source = "tmpfs"
 target = "/srv/a/b/c"
@@ -54,6 +57,28 @@ def test_docker_python_package(machine) -> None:
 
 def test_exec_and_status(machine) -> None:
     upchecks.exec_and_status(machine)
+
+
+def test_cpus_and_memory_limit_the_sandboxs_cgroup_or_up_says_they_do_not(machine) -> None:
+    import json
+
+    from boxpark.host.backends.sandbox import cgroup2_controllers
+
+    cgroup = Path(json.loads((machine.dir / "backend" / "machine.json").read_text())["cgroup"])
+    assert cgroup.is_dir()
+    controllers = cgroup2_controllers()
+    if "memory" in controllers:
+        assert (cgroup / "memory.max").read_text().strip() == str(1536 * 1024 * 1024)
+    if "cpu" in controllers:
+        assert (cgroup / "cpu.max").read_text().split() == ["100000", "100000"]
+    missing = [c for c in ("cpu", "memory") if c not in controllers]
+    said = [line for line in (machine.dir / "agent.log").read_text().splitlines() if "without its limits" in line]
+    if missing:  # never silently: `up` printed it (the agent's progress, also in its log)
+        assert said, machine.logs()
+        assert all(c in said[-1] for c in missing) and "cpus = 1" in said[-1] and "memory = 1536 MiB" in said[-1]
+        assert all(not (cgroup / f"{c}.max").exists() for c in missing)
+    else:
+        assert not said
 
 
 def test_mounts_parent_first(machine) -> None:
@@ -115,12 +140,12 @@ def test_shell_is_a_pty_that_follows_the_window_and_dies_with_its_client(machine
         os.write(master, b"exec sleep 1000\n")
         time.sleep(0.5)
         client.send_signal(signal.SIGKILL)  # the client dies; its shell in the guest must get SIGHUP
-        client.wait(10)
+        client.wait(60)
     finally:
         os.close(master)
         if client.poll() is None:
             client.kill()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         ps = machine.cli("exec", "--", "sh", "-c", "ls /proc | grep -c '^[0-9]' ; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
         if "sleep 1000" not in ps.stdout:
@@ -170,7 +195,7 @@ def test_killing_logs_follow_harms_nothing(machine) -> None:
         time.sleep(0.5)
     finally:
         follower.send_signal(signal.SIGKILL)
-        follower.wait(10)
+        follower.wait(60)
     assert machine.status()["docker"]["state"] == "ready"
     assert machine.docker("version", "--format", "{{.Server.Version}}").returncode == 0
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +50,25 @@ def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
 def test_broken_toml_says_so() -> None:
     with pytest.raises(cfg.ConfigError, match="not valid TOML"):
         cfg.loads("cpus = ")
+
+
+def test_a_file_that_is_not_utf8_is_named_in_one_sentence(tmp_path) -> None:
+    path = tmp_path / "boxpark.toml"
+    path.write_bytes(b'cpus = 2\n# caf\xe9 in Latin-1\n')
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 14); save it as UTF-8"
+
+
+def test_up_with_a_file_that_is_not_utf8_prints_one_sentence(tmp_path) -> None:
+    path = tmp_path / "boxpark.toml"
+    path.write_bytes(b"memory = \"2GiB\" # \xff\n")
+    env = {**os.environ, "BOXPARK_HOME": str(tmp_path / "home"), "LC_ALL": "C"}
+    result = subprocess.run([sys.executable, "-m", "boxpark", "up", "--config", str(path), "--name", "utf8"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and str(path) in result.stderr and "not UTF-8" in result.stderr
+    assert not (tmp_path / "home" / "utf8" / "agent.pid").exists()
 
 
 @pytest.mark.parametrize("text, size", [("512MiB", 512 * 1024 ** 2), ("2G", 2 * 1024 ** 3), ("1.5GiB", 1536 * 1024 ** 2),

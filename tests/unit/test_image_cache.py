@@ -132,6 +132,7 @@ def test_default_image_dir_follows_boxpark_cache(monkeypatch: pytest.MonkeyPatch
     assert build.default_image_dir("amd64", True) == tmp_path / "images" / "amd64"
     assert build.default_image_dir("arm64", False) == tmp_path / "images" / "arm64-nodocker"
     monkeypatch.delenv("BOXPARK_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert build.default_image_dir("amd64", True) == Path.home() / ".cache" / "boxpark" / "images" / "amd64"
 
 

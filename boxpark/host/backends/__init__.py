@@ -95,8 +95,8 @@ def spec_from_config(config: Config, machine: Machine, data_disk: str | os.PathL
     arch = config.guest_arch
     image = expand(config.image) if config.image else _default_image_dir(arch)
     fields: dict[str, Any] = {"arch": arch, "console": config.console, "name": machine.name}
+    fields.update(cpus=config.cpus, memory=config.memory_bytes // (1024 * 1024))  # the sandbox: its cgroup's limits
     if config.backend != "sandbox":
-        fields.update(cpus=config.cpus, memory=config.memory_bytes // (1024 * 1024))
         if config.kernel:
             fields["kernel"] = expand(config.kernel)
         if config.initrd:
@@ -144,8 +144,9 @@ def _default_image_dir(arch: str) -> str:
     try:
         from ...image.build import default_image_dir
     except ImportError:
-        base = os.environ.get("BOXPARK_CACHE") or os.path.expanduser("~/.cache/boxpark")
-        return os.path.join(base, "images", arch)
+        from ...dirs import cache_home
+
+        return str(cache_home() / "images" / arch)
     return str(default_image_dir(arch, with_docker=True))
 
 
@@ -305,6 +306,7 @@ class Backend(abc.ABC):
         self.secret_file: str | None = None
         self.child: Child | None = None  # the process whose exit is the machine's end
         self.spawned_at: float | None = None  # time.monotonic() just before the machine's process started
+        self.warnings: list[str] = []  # what the user must hear about this start (the agent shows each)
         self._stack = contextlib.AsyncExitStack()
         self._stopped = False
 
@@ -325,6 +327,11 @@ class Backend(abc.ABC):
     def pids(self) -> list[int]:
         """Every host process of this machine that is still running (for a last-resort kill)."""
         return [self.child.pid] if self.child is not None and self.child.returncode is None else []
+
+    def since_start_ns(self, guest_monotonic_ns: int) -> int:
+        """A reading of the guest's CLOCK_MONOTONIC as time since the machine started: a VM's clock starts
+        with its kernel. The sandbox shares the host's clock and counts from its spawn instead."""
+        return guest_monotonic_ns
 
     @property
     def share_tags(self) -> dict[str, str]:

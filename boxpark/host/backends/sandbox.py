@@ -8,6 +8,8 @@ which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs
 the preinit binds each host directory at /run/boxpark/shares/TAG and the init phase binds that on the
 share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
 owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
+`cpus` and `memory` become the cgroup's cpu.max and memory.max where the host's cgroup2 has those
+controllers; where it has not (they are bound to cgroup v1), the sandbox runs unlimited and says so.
 
 The network: slirp4netns attaches a tap (eth0) to the sandbox's network namespace and gives it QEMU's
 user-mode layout (gateway 10.0.2.2 = the host's loopback, DNS 10.0.2.3, the guest at 10.0.2.100), so the
@@ -84,14 +86,6 @@ class SandboxBackend(Backend):
             if value is not None and parse_address(value).kind != "unix":
                 raise UnsupportedSpec(key, "the sandbox talks over unix sockets in its state directory only; "
                                            "leave it unset")
-        if spec.cpus is not None or spec.memory is not None:
-            missing = [c for c, want in (("cpu", spec.cpus), ("memory", spec.memory))
-                       if want is not None and c not in cgroup2_controllers()]
-            if missing:
-                key = "memory" if "memory" in missing else "cpus"
-                raise UnsupportedSpec(key, f"the sandbox limits {' and '.join(missing)} with cgroup2 controllers "
-                                           f"this host does not offer (they are on cgroup v1 here); leave "
-                                           f"cpus and memory unset for the sandbox")
         try:
             with open(spec.root, "rb") as f:
                 magic = f.read(4)
@@ -122,7 +116,8 @@ class SandboxBackend(Backend):
         command_line = spec.kernel_command_line(self.settings(spec))
         (state / "cmdline").write_text(command_line + "\n", encoding="utf-8")
 
-        self.cgroup = stack.enter_context(sandbox_cgroup(spec.name, spec.cpus, spec.memory))
+        cpus, memory = self._limits(spec)
+        self.cgroup = stack.enter_context(sandbox_cgroup(spec.name, cpus, memory))
         self.loop_device = stack.enter_context(loop_device(spec.root))
 
         events_address = parse_address(f"unix:{state}/events.sock")
@@ -159,6 +154,24 @@ class SandboxBackend(Backend):
         elif not self.slirp4netns:
             log.warning("slirp4netns is not installed: the sandbox has loopback only, its containers cannot "
                         "reach the host or the network (apt-get install slirp4netns)")
+
+    def _limits(self, spec: MachineSpec) -> tuple[int | None, int | None]:
+        """(cpus, memory MiB) that the cgroup can enforce here; a warning for each it cannot.
+
+        Both go through the sandbox's cgroup2 directory (cpu.max, memory.max). A host whose cpu or memory
+        controller is bound to a cgroup v1 hierarchy cannot limit that in cgroup2: the sandbox still runs
+        (`memory` and `cpus` always have a value, the defaults included), and the user is told.
+        """
+        controllers = cgroup2_controllers()
+        wanted = {"cpu": (spec.cpus, f"cpus = {spec.cpus}"), "memory": (spec.memory, f"memory = {spec.memory} MiB")}
+        missing = [c for c, (value, _) in wanted.items() if value is not None and c not in controllers]
+        if missing:
+            what = " and ".join(wanted[c][1] for c in missing)
+            message = (f"the sandbox runs without its limits ({what}): this host's cgroup2 has no "
+                       f"{' or '.join(missing)} controller (on cgroup v1 here, or not delegated)")
+            log.warning("%s", message)
+            self.warnings.append(message)
+        return (None if "cpu" in missing else spec.cpus), (None if "memory" in missing else spec.memory)
 
     async def _start_network(self, state: Path, stack: contextlib.AsyncExitStack) -> None:
         """slirp4netns on the sandbox's network namespace (once its PID 1 is there); the guest waits for eth0.
@@ -231,6 +244,12 @@ class SandboxBackend(Backend):
         except OSError:
             return None
         return int(children[0]) if children else None
+
+    def since_start_ns(self, guest_monotonic_ns: int) -> int:
+        """The guest's clock is the host's (no VM, no time namespace): its uptime, not the sandbox's."""
+        if self.spawned_at is None:
+            return guest_monotonic_ns
+        return guest_monotonic_ns - round(self.spawned_at * 1e9)  # time.monotonic is CLOCK_MONOTONIC
 
     def _record_extra(self) -> dict[str, object]:
         return {"loop_device": self.loop_device, "cgroup": self.cgroup.path if self.cgroup else None,
@@ -371,8 +390,12 @@ def sandbox_cgroup(name: str, cpus: int | None = None, memory_mib: int | None = 
     if cpus is not None or memory_mib is not None:
         wanted = [c for c, v in (("cpu", cpus), ("memory", memory_mib)) if v is not None]
         for directory in (cgroup2_mount(), parent):
-            with open(f"{directory}/cgroup.subtree_control", "w") as f:
-                f.write(" ".join(f"+{c}" for c in wanted))
+            try:
+                with open(f"{directory}/cgroup.subtree_control", "w") as f:
+                    f.write(" ".join(f"+{c}" for c in wanted))
+            except OSError as exc:
+                raise BackendError(f"cannot enable the {' and '.join(wanted)} controller in {directory}: "
+                                   f"{exc.strerror}; leave cpus and memory at their defaults") from None
     path = f"{parent}/{name}-{os.getpid()}-{secrets.token_hex(4)}"  # the owner's pid: see _sweep
     os.mkdir(path, 0o755)
     try:
