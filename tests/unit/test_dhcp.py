@@ -32,7 +32,7 @@ def test_parse_ack_into_a_lease() -> None:
                + bytes([51, 4]) + struct.pack("!I", 86400) + bytes([54, 4]) + socket.inet_aton("10.0.2.2"))
     kind, address, parsed = dhcp.parse(reply(dhcp.ACK, 7, "10.0.2.15", options), 7)
     assert kind == dhcp.ACK and address == "10.0.2.15"
-    lease = dhcp._lease(address, parsed)
+    lease = dhcp.lease_from(address, parsed)
     assert (lease.prefix, lease.router, lease.dns, lease.lease_time, lease.server) == (
         24, "10.0.2.2", ["10.0.2.3", "1.1.1.1"], 86400, "10.0.2.2")
 
