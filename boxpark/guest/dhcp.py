@@ -174,9 +174,9 @@ def next_step(times: tuple[float, float, float], age: float) -> tuple[str, float
     """The phase of a lease `age` seconds old and how long to wait before acting again.
 
     BOUND: sleep until T1. RENEWING/REBINDING: send a REQUEST now, then wait for its answer half the time
-    left until T2 (or the end), but at least MIN_RETRY, or all of it when less is left (RFC 2131 §4.4.5).
-    EXPIRED: the lease is gone, nothing to wait for. Every wait is positive and every phase ends after at
-    most log2(its length / MIN_RETRY) + 2 REQUESTs: the loop cannot spin.
+    left until T2 (or the end), down to MIN_RETRY (RFC 2131 §4.4.5); when half of it would be less, all of
+    it, so no REQUEST goes out in the last moments of a phase. EXPIRED: the lease is gone. Every wait is
+    positive, and after the first one at least MIN_RETRY or a whole phase: the loop cannot spin.
     """
     t1, t2, end = times
     if age < t1:
@@ -189,7 +189,7 @@ def next_step(times: tuple[float, float, float], age: float) -> tuple[str, float
 
 
 def _retry(left: float) -> float:
-    return max(left / 2, min(MIN_RETRY, left))
+    return left / 2 if left >= 2 * MIN_RETRY else left
 
 
 def discover_wait(attempt: int, jitter: float) -> float:
