@@ -193,7 +193,7 @@ def _retry(left: float) -> float:
 
 
 def discover_wait(attempt: int, jitter: float) -> float:
-    """The wait after the `attempt`th unanswered DISCOVER (0 first): 4, 8, … 64 s, randomized by `jitter` ∈ [-1, 1]."""
+    """The wait after the `attempt`th unanswered DISCOVER (0 first): 4, 8, … 64 s, plus `jitter` ∈ [-1, 1]."""
     return min(DISCOVER_FIRST * 2 ** min(attempt, 8), DISCOVER_LAST) + max(-1.0, min(1.0, jitter))
 
 

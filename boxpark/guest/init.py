@@ -163,7 +163,7 @@ async def keep_lease(net: Result, forwarder: Forwarder | None) -> None:
     async def moved(net: Result) -> None:
         nonlocal forwarder
         if forwarder is not None:
-            forwarder.close()
+            await forwarder.stop()
         forwarder = None
         try:
             forwarder = await start_dns(net)

@@ -2,7 +2,7 @@
 
 Two private network namespaces joined by a veth pair that is created inside them (the host's own
 interfaces are never touched): the server on one end, the client's real code (`network.configure`, then
-`network.keep_lease`) on the other, as eth0. The client runs in a private mount namespace with an overlay
+the init's `keep_lease`) on the other, as eth0. The client runs in a private mount namespace with an overlay
 over /etc, so its /etc/hosts and /etc/resolv.conf writes stay there. Each phase waits for a condition
 with a generous deadline; nothing asserts on elapsed time.
 
@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.nsfixture import namespace_argv, python_argv, requires_root, sh
+from tests.unit.test_dns import query
 
 pytestmark = [pytest.mark.integration, requires_root,
               pytest.mark.skipif(shutil.which("ip") is None or shutil.which("busybox") is None,
@@ -34,21 +35,27 @@ pytestmark = [pytest.mark.integration, requires_root,
 LEASE = 10  # s: T1 at 5 s, T2 at 8.75 s
 SERVER = "10.55.0.1"
 MAC = "52:54:00:bb:00:01"
+HOST_NAME = "host.boxpark.internal"
 DEADLINE = 90.0  # s for each phase, under any load
 
+# The init's own lease keeper (`init.keep_lease`: network.keep_lease, and the DNS forwarder moved with the
+# address); each start of the forwarder is reported, so every change the init saw is on stdout.
 CLIENT = """
 import asyncio, json, logging
-from boxpark.guest import network, settings
+from boxpark.guest import init, network, settings
 logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(message)s")
-def report(net):
+start_dns = init.start_dns
+async def reporting_start_dns(net):
     print(json.dumps({"address": net.address, "gateway": net.gateway, "dns": net.dns}), flush=True)
+    return await start_dns(net)
+init.start_dns = reporting_start_dns
 s = settings.Settings()
 s.net = "dhcp"
 net = network.configure(s)
-report(net)
-async def changed(net):
-    report(net)
-asyncio.run(network.keep_lease(net, changed))
+async def main():
+    forwarder = await init.start_dns(net)
+    await init.keep_lease(net, forwarder)
+asyncio.run(main())
 """
 
 
@@ -143,6 +150,14 @@ class Link:
     def default_route(self) -> str:
         return self.ip(self.client_ns, "route", "show", "default").strip()
 
+    def resolve_host(self, address: str) -> str:
+        """What the client's DNS forwarder on `address` says host.boxpark.internal is (asked from the server;
+        "" when nothing answers)."""
+        ask = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10); "
+               "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 53)); print(socket.inet_ntoa(s.recv(512)[-4:]))")
+        argv = ["nsenter", f"--net=/proc/{self.server_ns}/ns/net", *python_argv(ask, query(HOST_NAME).hex(), address)]
+        return sh(argv, check=False).stdout.strip()
+
 
 def netns_holder() -> subprocess.Popen[bytes]:
     """A process alone in a new network namespace, which lives as long as it does."""
@@ -199,6 +214,7 @@ def test_a_short_lease_is_renewed_then_a_changed_router_dns_and_address_are_appl
         assert net.reports() == [first]  # nothing changed, nothing ended
         assert "lease renewed (renewing)" in net.client_log()
         assert "ended unrenewed" not in net.client_log()
+        assert net.resolve_host(address) == SERVER
 
         # the same address with a new router and DNS server: the next renewal's ACK brings them
         net.start_server(udhcpd_config(short_tmp, "10.55.0.254", "10.55.0.54", static=address))
@@ -208,6 +224,8 @@ def test_a_short_lease_is_renewed_then_a_changed_router_dns_and_address_are_appl
         assert net.default_route().startswith("default via 10.55.0.254 dev eth0"), net.default_route()
         assert "10.55.0.254\thost.boxpark.internal" in net.client_file("/etc/hosts")
         assert "10.55.0.1\thost.boxpark.internal" not in net.client_file("/etc/hosts")
+        wait_for(lambda: net.resolve_host(address) == "10.55.0.254", "the forwarder to know the new router")
+        assert net.client_file("/etc/resolv.conf") == f"nameserver {address}\n"
 
         # a server that will only give another address ignores the renewals: the lease ends, the address
         # goes, and the client discovers the new one
@@ -218,3 +236,5 @@ def test_a_short_lease_is_renewed_then_a_changed_router_dns_and_address_are_appl
         assert net.addresses() == ["10.55.0.150/24"]
         assert net.default_route().startswith("default via 10.55.0.254 dev eth0"), net.default_route()
         assert "ended unrenewed" in net.client_log()
+        wait_for(lambda: net.resolve_host("10.55.0.150") == "10.55.0.254", "the forwarder on the new address")
+        assert net.client_file("/etc/resolv.conf") == "nameserver 10.55.0.150\n"
