@@ -186,6 +186,11 @@ class Forwarder:
         if self._tcp is not None:
             self._tcp.close()
 
+    async def stop(self) -> None:
+        """`close()`, then wait until its ports are free: a new forwarder may bind the same address."""
+        self.close()  # the TCP listener closes at once (its clients are not waited for: 3.12's wait_closed would)
+        await asyncio.sleep(0)  # a datagram transport closes its socket on the loop's next iteration
+
     # ------------------------------------------------------------------------------- UDP
 
     def answer(self, query: bytes) -> tuple[bytes | None, Question | None]:

@@ -156,6 +156,26 @@ async def start_dns(net: Result) -> Forwarder | None:
     return forwarder
 
 
+async def keep_lease(net: Result, forwarder: Forwarder | None) -> None:
+    """eth0's DHCP lease, renewed for as long as the machine runs; the forwarder moves with the address."""
+    from . import network
+
+    async def moved(net: Result) -> None:
+        nonlocal forwarder
+        if forwarder is not None:
+            await forwarder.stop()
+        forwarder = None
+        try:
+            forwarder = await start_dns(net)
+        except OSError as exc:
+            log.error("dns: no forwarder on %s: %s", net.address, exc)
+
+    try:
+        await network.keep_lease(net, moved)
+    except OSError as exc:  # no port 68 for the renewals: the lease runs out, the rest goes on
+        log.error("dhcp: the lease cannot be renewed: %s", exc)
+
+
 async def serve(settings: settings_.Settings, timeline: Timeline, clock: object, net: Result | None = None) -> None:
     """Start the Guest API, send Ready, then do PID 1's duties until a shutdown is asked for."""
     import asyncio
@@ -175,9 +195,12 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
 
     event_log = events.EventLog(boot_id())
     clock.emit = event_log.emit  # type: ignore[attr-defined]
+    forwarder = lease = None
     if net is not None:
         with timeline.step("dns"):
-            forwarder = await start_dns(net)  # noqa: F841 (it serves as long as the loop runs)
+            forwarder = await start_dns(net)
+        if net.lease is not None:
+            lease = loop.create_task(keep_lease(net, forwarder))  # noqa: F841 (it runs as long as the loop)
     server: GuestServer | None = None
     api: list[str] = []
     with timeline.step("api"):

@@ -7,6 +7,9 @@ exists: the init waits for it (bounded) instead of racing it.
 
 The boot path: plain ioctls (0.5 ms) instead of a netlink library (pyroute2 costs 240 ms to import).
 No network is never fatal: the API may still be reachable over vsock.
+
+A DHCP lease is kept for as long as the machine runs (`keep_lease`, a task on the init's loop): what a
+renewal changes is applied to eth0 (`apply_lease`) without ever blocking the loop (ioctls only).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import logging
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import libc
 from .settings import Settings, Static
+
+if TYPE_CHECKING:
+    from .dhcp import Lease
 
 log = logging.getLogger("boxpark.init")
 
@@ -29,6 +36,7 @@ SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCGIFHWADDR = 0x8927
 SIOCADDRT = 0x890B
+SIOCDELRT = 0x890C
 IFF_UP = 0x1
 RTF_UP = 0x1
 RTF_GATEWAY = 0x2
@@ -82,13 +90,13 @@ def set_address(sock: socket.socket, name: str, address: str, prefix: int) -> No
     fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq(name, bytes(_sockaddr(mask))))
 
 
-def default_route(sock: socket.socket, gateway: str) -> None:
+def default_route(sock: socket.socket, gateway: str, delete: bool = False) -> None:
     route = _Rtentry()
     route.rt_dst = _sockaddr("0.0.0.0")
     route.rt_genmask = _sockaddr("0.0.0.0")
     route.rt_gateway = _sockaddr(gateway)
     route.rt_flags = RTF_UP | RTF_GATEWAY
-    fcntl.ioctl(sock, SIOCADDRT, bytes(route))
+    fcntl.ioctl(sock, SIOCDELRT if delete else SIOCADDRT, bytes(route))
 
 
 def write_resolv_conf(servers: list[str], search: str = "") -> None:
@@ -111,11 +119,13 @@ SANDBOX_TAP_WAIT = 5.0  # s; the host attaches the tap within milliseconds of th
 class Result:
     """What the network step set up: eth0's address, the gateway (= the host) and the upstream resolvers."""
 
-    def __init__(self, summary: str, address: str = "", gateway: str = "", dns: list[str] | None = None) -> None:
+    def __init__(self, summary: str, address: str = "", gateway: str = "", dns: list[str] | None = None,
+                 lease: Lease | None = None) -> None:
         self.summary = summary
         self.address = address
         self.gateway = gateway
         self.dns = dns or []
+        self.lease = lease  # eth0's DHCP lease, kept by `keep_lease`; None for a static address
 
 
 def wait_for_interface(name: str, timeout: float) -> bool:
@@ -138,6 +148,19 @@ def add_host(name: str, address: str) -> None:
     """A line in /etc/hosts (which `set_hostname` wrote)."""
     with open("/etc/hosts", "a") as f:
         f.write(f"{address}\t{name}\n")
+
+
+def replace_host(name: str, address: str) -> None:
+    """`name`'s line in /etc/hosts now says `address` (the file replaced whole: readers never see half)."""
+    try:
+        with open("/etc/hosts") as f:
+            lines = [line for line in f.read().splitlines() if line.split()[1:] != [name]]
+    except OSError:
+        lines = []
+    lines.append(f"{address}\t{name}")
+    with open("/etc/hosts.boxpark", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace("/etc/hosts.boxpark", "/etc/hosts")
 
 
 def set_hostname(name: str) -> None:
@@ -165,6 +188,7 @@ def configure(settings: Settings) -> Result:
             return Result("lo up; no eth0")
         link_up(sock, "eth0")
         static = settings.static
+        lease = None
         if settings.net == "dhcp":
             from . import dhcp
 
@@ -182,9 +206,66 @@ def configure(settings: Settings) -> Result:
             _route_containers()
         write_resolv_conf(static.dns)
         return Result(f"eth0 {static.address}/{static.prefix} via {static.gateway}, dns {','.join(static.dns) or '-'} "
-                      f"({how})", static.address, static.gateway, static.dns)
+                      f"({how})", static.address, static.gateway, static.dns, lease)
     finally:
         sock.close()
+
+
+def apply_lease(interface: str, old: Lease | None, new: Lease | None) -> None:
+    """Make `interface` what `new` says after `old`: address, prefix, default route, the host's name.
+
+    None for `new` removes the address (a lease that ended must not be used, RFC 2131 §4.4.5). Changing
+    the address makes the kernel flush the routes through the interface, so the default route is added
+    again after it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        if new is None:
+            fcntl.ioctl(sock, SIOCSIFADDR, _ifreq(interface, bytes(_sockaddr("0.0.0.0"))))  # 0.0.0.0 deletes it
+            return
+        moved = old is None or (old.address, old.prefix) != (new.address, new.prefix)
+        if moved:
+            set_address(sock, interface, new.address, new.prefix)
+        if old is not None and old.router and old.router != new.router:
+            try:
+                default_route(sock, old.router, delete=True)
+            except OSError:  # gone with the old address
+                pass
+        if new.router and (moved or old is None or old.router != new.router):
+            try:
+                default_route(sock, new.router)
+            except FileExistsError:
+                pass
+            replace_host(HOST_NAME, new.router)
+    finally:
+        sock.close()
+
+
+async def keep_lease(net: Result, on_change: Callable[[Result], Awaitable[None]] | None = None,
+                     interface: str = "eth0") -> None:
+    """Keep `net`'s DHCP lease for as long as the loop runs; after each change applied to `interface`,
+    `net` says what is now and `on_change(net)` moves whatever depends on it (the DNS forwarder)."""
+    from . import dhcp
+
+    if net.lease is None:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        mac = mac_address(sock, interface)
+    finally:
+        sock.close()
+
+    async def changed(old: Lease | None, new: Lease | None) -> None:
+        apply_lease(interface, old, new)
+        net.lease = new
+        net.address, net.gateway, net.dns = (new.address, new.router, new.dns) if new else ("", "", [])
+        net.summary = f"{interface} {net.address or 'no address'}" + (f"/{new.prefix} via {new.router}, dns "
+                                                                      f"{','.join(new.dns) or '-'}" if new else "")
+        log.info("network: %s (DHCP)", net.summary)
+        if on_change is not None:
+            await on_change(net)
+
+    await dhcp.Renewer(interface, mac, net.lease, changed).run()
 
 
 def _route_containers() -> None:
