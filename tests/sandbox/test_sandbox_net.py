@@ -7,6 +7,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +41,28 @@ def test_slirp4netns_gives_eth0_and_goes_with_the_machine(machines: Machines) ->
             signal.pidfd_send_signal(pidfd, 0)
     finally:
         os.close(pidfd)
+
+
+@pytest.mark.skipif(shutil.which("slirp4netns") is None or shutil.which("ip") is None,
+                    reason="needs slirp4netns and ip (iproute2)")
+def test_slirp4netns_leaves_the_hosts_mounts_alone(machines: Machines) -> None:  # noqa: F811
+    """Its --enable-sandbox unmounts what it does not need where it starts: in a private mount namespace of
+    its own, never the host's (a named network namespace's mount once vanished from /run/netns)."""
+    name = f"boxpark-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        machine = machines.boot("sandbox")
+        backend = machine.backend
+        assert isinstance(backend, SandboxBackend) and backend.slirp is not None
+        assert os.readlink(f"/proc/{backend.slirp.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert machine.sh("cat /sys/class/net/eth0/operstate").strip() in ("up", "unknown")  # slirp has set up
+        mounted = lambda: f"/run/netns/{name} " in Path("/proc/self/mountinfo").read_text()  # noqa: E731
+        deadline = time.monotonic() + 5  # slirp4netns unmounted within 2 s when it shared our mounts
+        while time.monotonic() < deadline:
+            assert mounted(), "slirp4netns unmounted a host mount"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def test_without_slirp4netns_the_sandbox_has_loopback_only(machines: Machines,  # noqa: F811

@@ -56,6 +56,8 @@ CGROUP_PARENT = "boxpark"
 SLIRP_NET = "static:10.0.2.100/24,10.0.2.2,10.0.2.3"  # slirp4netns's own default guest address
 SLIRP_ARGS = ("--enable-sandbox", "--enable-seccomp")  # it runs in an empty root, with a syscall filter
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 
 
 class SandboxBackend(Backend):
@@ -190,7 +192,7 @@ class SandboxBackend(Backend):
         output = os.open(state / "slirp4netns.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                     preexec_fn=_die_with_parent, close_fds=True)
+                                     preexec_fn=_slirp_preexec, close_fds=True)
         except (OSError, subprocess.SubprocessError) as exc:
             log.error("cannot start slirp4netns: %s; the sandbox has loopback only", exc)
             return
@@ -272,6 +274,19 @@ def _remove(path: Path) -> None:
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL when our host process dies."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _slirp_preexec() -> None:
+    """preexec_fn of slirp4netns: dies with us, and gets a private mount namespace of its own.
+
+    `--enable-sandbox` unmounts what it does not need in the mount namespace it starts in, and with the
+    host's shared propagation those unmounts reached the host: `ip netns` mounts under /run/netns vanished
+    within two seconds of a sandbox's start (slirp4netns 1.2.0, Debian 12). A private copy keeps them here.
+    """
+    _die_with_parent()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot give slirp4netns a private mount namespace")
 
 
 def share_arguments(shares: dict[str, str], userns: dict[str, int]) -> list[str]:
