@@ -397,17 +397,25 @@ class QemuBackend(Backend):
         await self.events.start()
         stack.push_async_callback(self.events.close)
 
-        for tag, source in spec.shares.items():
-            path, _ = stack.enter_context(virtiofsd(tag, source, state, spec.share_owners.get(tag)))
-            plan.share_sockets[tag] = path
         self.plan = plan
+        self._start_virtiofsd(spec, stack)
         stack.push_async_callback(self._reap)
         await self._spawn(spec, stack)
 
+    def _start_virtiofsd(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        assert self.plan is not None
+        for tag, source in spec.shares.items():
+            path, _ = stack.enter_context(virtiofsd(tag, source, Path(spec.state_dir), spec.share_owners.get(tag)))
+            self.plan.share_sockets[tag] = path
+
     async def _restart(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
-        """A new QEMU for the same plan (the listener and virtiofsd stay): it opens the disk images anew."""
+        """A new QEMU for the same plan (the event listener stays): it opens the disk images anew.
+
+        virtiofsd serves one QEMU and ends with it, so each share gets a new one.
+        """
         await self._reap()
         self.qmp = None
+        self._start_virtiofsd(spec, stack)
         state = Path(spec.state_dir)
         for name in ("console.log", "init.log"):  # QEMU truncates its chardev files: keep the last boot's
             with contextlib.suppress(FileNotFoundError):
