@@ -303,7 +303,13 @@ class Agent:
         try:
             data_root = ""
             if plan is not None:
-                await initphase.data_disk(client, machine, plan, self.progress)
+                if plan.note:
+                    self.progress(plan.note)
+                rebooted = await initphase.data_disk(client, machine, plan, self.progress, self.backend,
+                                                     self._reboot_guest)
+                if rebooted is not client:
+                    client = rebooted
+                    stack.push_async_callback(client.close)
                 data_root = f"{initphase.DATA_MOUNT}/docker"
                 if config.swap_bytes:
                     self.progress(await initphase.swap(client, config.swap_bytes, self.progress))
@@ -399,6 +405,19 @@ class Agent:
         self.failure = f"{message.splitlines()[0]} at {time.strftime('%H:%M:%S')}{hint}"
         self.machine.write_json(failure_file(self.machine), {"time": time.time(), "reason": self.failure,
                                                             "detail": message})
+
+    async def _reboot_guest(self, why: str) -> GuestClient:
+        """Reboot the guest in the bring-up (a disk it can see grown only after one); a client of the new boot."""
+        from .backends import BackendError, EventStreamError
+
+        self.progress(why)
+        try:
+            self.ready_event = await self.backend.reboot(timeout=120)
+        except (BackendError, EventStreamError) as exc:
+            raise initphase.InitError(f"the guest did not come back from its reboot: {exc}") from None
+        self.api_address = parse_address(self.backend.api_address)
+        self.progress(f"guest ready again after its reboot (boot {self.ready_event.boot_id})")
+        return await self.dial()
 
     async def _shutdown(self) -> None:
         self.progress("stopping", phase="stopping", state="stopping")

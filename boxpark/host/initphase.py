@@ -1,24 +1,33 @@
 """The initialization phase, after Ready and before the service: data disk, swap, mounts, CA certificates.
 
-Disk resize is crash-safe by construction: the host writes the pending record *before* it grows the image
-file, every step after is idempotent (growing a file to a size, growing a filesystem to its device), and
-the record is removed only when the guest's filesystem has the new size. An agent killed anywhere in
-between finds the record on the next `up` and finishes the job; a disk is never shrunk.
+Disk resize is crash-safe by construction: the host writes the pending record before boot, *before* the
+image grows, every step after is idempotent (growing a file to a size, rebooting, growing a filesystem to
+its device), and the record is removed only when the guest's filesystem has the new size. An agent killed
+anywhere in between finds the record on the next `up` and finishes the job. A disk is never shrunk: a
+smaller `disk.size`, or one below a pending resize, is ignored with a message.
+
+The image grows while the guest runs (DESIGN §1: the resize is the first step after Ready). A backend that
+can show a running guest a grown disk does it (`grows_disks_online`: QEMU's block_resize); on one that
+cannot (VZ), the host grows the file and reboots the guest, which then sees the new size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from .. import protocol
 from ..transport import RemoteError
 from .client import GuestClient
 from .config import Config, Mount, expand, pem_certificates, sorted_mounts
 from .state import Machine
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 log = logging.getLogger("boxpark.agent.init")
 
@@ -33,23 +42,27 @@ class InitError(Exception):
     """A step of the initialization phase failed; the message names it and says what to do."""
 
 
+DATA_DISK = "data"  # the data disk's name in the machine spec (backends.spec_from_config)
+SECTOR = 512  # an image's size is a whole number of sectors (VZ refuses anything else)
+
+
 @dataclass
 class DiskPlan:
-    """What the host did to the data disk image before boot, for the guest-side steps after Ready."""
+    """What the data disk needs after Ready: `size` is what it is to become (never less than it is)."""
 
     path: Path
     size: int
     new: bool
     resize_pending: bool
+    note: str = ""  # for the person running `up` (a size that was not applied, and why)
 
 
 def prepare_data_disk(machine: Machine, config: Config) -> DiskPlan | None:
-    """Before boot: create the image, or grow it (recording the pending resize first). Never shrinks."""
-    size = config.disk_bytes
+    """Before boot: create a new image, or record the resize that is due. Never shrinks, never grows here."""
+    size = -(-config.disk_bytes // SECTOR) * SECTOR
     if not size:
         return None
     path = Path(os.path.expanduser(config.disk.path)) if config.disk.path else machine.data_disk
-    pending = machine.read_json(machine.pending_resize_file)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
@@ -57,35 +70,85 @@ def prepare_data_disk(machine: Machine, config: Config) -> DiskPlan | None:
         machine.pending_resize_file.unlink(missing_ok=True)
         return DiskPlan(path, size, new=True, resize_pending=False)
     current = path.stat().st_size
-    if current > size and not pending:
-        log.warning("the data disk is %d MiB, larger than disk.size %d MiB: disks are never shrunk",
-                    current >> 20, size >> 20)
-        return DiskPlan(path, current, new=False, resize_pending=False)
-    if current < size or pending:
-        target = max(size, int(pending.get("size", 0)) if isinstance(pending, dict) else 0, current)
+    pending = _pending_size(machine, path)
+    target = max(size, pending, current)
+    note = ""
+    if current > size or pending > size:
+        note = (f"the data disk stays at {target >> 20} MiB: disk.size is {size >> 20} MiB, and a disk is "
+                f"never shrunk")
+        log.warning("%s", note)
+    if target == current and not pending:
+        return DiskPlan(path, current, new=False, resize_pending=False, note=note)
+    if pending != target:
         machine.write_json(machine.pending_resize_file, {"path": str(path), "size": target, "from": current})
-        with open(path, "r+b") as f:
-            f.truncate(target)
-        return DiskPlan(path, target, new=False, resize_pending=True)
-    return DiskPlan(path, current, new=False, resize_pending=False)
+    return DiskPlan(path, target, new=False, resize_pending=True, note=note)
 
 
-async def data_disk(client: GuestClient, machine: Machine, plan: DiskPlan,
-                    progress: Callable[[str], None]) -> None:
-    """After Ready: format a new disk, finish a pending resize, mount it at DATA_MOUNT."""
+def _pending_size(machine: Machine, path: Path) -> int:
+    """The size a resize that did not finish was going to (0: none, or one for another image)."""
+    record = machine.read_json(machine.pending_resize_file)
+    if not isinstance(record, dict) or record.get("path") != str(path):
+        return 0
+    try:
+        return max(0, int(record["size"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+async def data_disk(client: GuestClient, machine: Machine, plan: DiskPlan, progress: Callable[[str], None],
+                    backend: Backend, reboot: Callable[[str], Awaitable[GuestClient]]) -> GuestClient:
+    """After Ready: format a new disk, grow the image, mount it at DATA_MOUNT, grow its filesystem.
+
+    `reboot(why)` reboots the guest and returns a client of the new boot; this returns the client to go
+    on with (a new one after a reboot).
+    """
     if plan.new:
         progress("formatting the new data disk")
         await _run(client, ["mkfs.ext4", "-q", "-F", "-L", "boxpark-data", "-E",
                             "lazy_itable_init=1,lazy_journal_init=1", DATA_DEVICE], "format the data disk")
+    if plan.resize_pending and await device_size(client) < plan.size:
+        if backend.grows_disks_online:
+            progress(f"growing the data disk to {plan.size >> 20} MiB")
+            await backend.grow_disk(DATA_DISK, plan.size)
+            await _until_seen(client, plan.size)
+        else:
+            with open(plan.path, "r+b") as f:  # the record is written: this is safe to repeat or abandon
+                if os.fstat(f.fileno()).st_size < plan.size:
+                    f.truncate(plan.size)
+            client = await reboot(f"grew the data disk image to {plan.size >> 20} MiB; rebooting the guest, "
+                                  f"which sees a grown disk only after a reboot on this backend")
+            if await device_size(client) < plan.size:
+                raise InitError(f"after a reboot the guest still sees a data disk smaller than "
+                                f"{plan.size >> 20} MiB")
     await client.mount(DATA_DEVICE, DATA_MOUNT, "ext4", ["noatime"], mkdir=True)
     if plan.resize_pending:
         progress(f"growing the data disk's filesystem to {plan.size >> 20} MiB")
         result = await client.resize_disk(DATA_DEVICE)
-        if result.reboot_required:
-            raise InitError("the guest needs a reboot to finish the disk resize")  # not for a whole-disk fs
+        if result.reboot_required:  # a partition table the kernel could not re-read while in use
+            client = await reboot("rebooting the guest to finish the data disk's resize")
+            await client.mount(DATA_DEVICE, DATA_MOUNT, "ext4", ["noatime"], mkdir=True)
+            result = await client.resize_disk(DATA_DEVICE)
+            if result.reboot_required:
+                raise InitError("the guest's kernel keeps the data disk's old size even after a reboot")
         machine.pending_resize_file.unlink(missing_ok=True)
         log.info("data disk: %s grown from %d to %d MiB", result.filesystem, result.old_size >> 20,
                  result.new_size >> 20)
+    return client
+
+
+async def device_size(client: GuestClient, device: str = DATA_DEVICE) -> int:
+    """The size of a block device as the guest's kernel sees it now, in bytes."""
+    data = await client.read_file(f"/sys/class/block/{os.path.basename(device)}/size")
+    return int(data.data) * 512
+
+
+async def _until_seen(client: GuestClient, size: int, timeout: float = 30.0) -> None:
+    """Wait for the guest's kernel to take a disk's new capacity (virtio sends a config change)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await device_size(client) < size:
+        if asyncio.get_running_loop().time() > deadline:
+            raise InitError(f"the guest did not see the data disk grow to {size >> 20} MiB within {timeout:g} s")
+        await asyncio.sleep(0.1)
 
 
 async def swap(client: GuestClient, size: int, progress: Callable[[str], None]) -> str:

@@ -25,23 +25,13 @@ from boxpark.host.backends import BackendError, get_backend
 from boxpark.host.backends.sandbox import cgroup2_mount
 from boxpark.host.eventstream import EventStreamError
 from boxpark.host.spec import Disk, MachineSpec, SpecError
+from tests.bootchecks import boot_mounts
 from tests.machines import (Machine, Machines, _machine_reporter, image_dir, machines,  # noqa: F401
                             module_machines)
 
 pytestmark = [pytest.mark.sandbox,
               pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")]
 
-
-
-def mountinfo(text: str) -> dict[str, tuple[str, str]]:
-    """mount point -> (fstype, options) from /proc/self/mountinfo text."""
-    mounts = {}
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        fstype, _source, options = right.split()[:3]
-        mounts[fields[4]] = (fstype, options)
-    return mounts
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +62,7 @@ def test_the_init_is_pid_1(guest: Machine) -> None:
 
 
 def test_root_is_a_tmpfs_overlay_on_the_squashfs(guest: Machine) -> None:
-    mounts = mountinfo(guest.sh("cat /proc/self/mountinfo"))
-    fstype, options = mounts["/"]
-    assert fstype == "overlay" and "upperdir=/mnt/upper" in options
+    boot_mounts(guest.sh("cat /proc/self/mountinfo"), dev="tmpfs")
     init_log = Path(guest.spec.init_log).read_text()
     assert re.search(r"root: tmpfs overlay over squashfs", init_log), init_log
     # the lower layer is the image: a file read in the guest is the squashfs's file
@@ -106,13 +94,8 @@ def test_a_file_written_under_root_lands_in_the_tmpfs(guest: Machine) -> None:
 
 
 def test_api_filesystems_are_mounted(guest: Machine) -> None:
-    mounts = mountinfo(guest.sh("cat /proc/self/mountinfo"))
-    assert mounts["/proc"][0] == "proc"
-    assert mounts["/sys"][0] == "sysfs"
-    assert mounts["/dev"][0] == "tmpfs"  # ours, never the host's devtmpfs
-    assert mounts["/dev/pts"][0] == "devpts"
-    assert mounts["/sys/fs/cgroup"][0] == "cgroup2"
-    assert mounts["/run"][0] == "tmpfs"
+    # /dev is ours (a tmpfs), never the host's devtmpfs
+    mounts = boot_mounts(guest.sh("cat /proc/self/mountinfo"), dev="tmpfs")
     assert mounts["/run/boxpark/host"][0] != "devtmpfs"
     assert "devtmpfs" not in {fstype for fstype, _ in mounts.values()}
 

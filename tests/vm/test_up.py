@@ -148,7 +148,8 @@ def test_dockerd_killed_and_restarted(machine) -> None:
 
 
 def test_disk_resize_survives_a_killed_agent(machine) -> None:
-    """1 GiB → 2 GiB in the config; the agent is killed right after it grew the image; the next up finishes."""
+    """1 GiB → 2 GiB in the config; the agent is killed once the resize is recorded (before boot); the next up
+    grows the image under the running guest (QMP block_resize: no reboot) and its filesystem."""
     assert machine.cli("exec", "--", "sh", "-c", "echo precious > /var/lib/boxpark/keep").returncode == 0
     assert machine.down().returncode == 0
     machine.config.write_text(f'backend = "qemu"\n{config("2GiB")}')
@@ -166,11 +167,12 @@ def test_disk_resize_survives_a_killed_agent(machine) -> None:
         time.sleep(0.01)
     while machine.agent_pid() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.kill(machine.agent_pid(), 9)  # mid-way: the image is grown, the guest's filesystem is not
+    os.kill(machine.agent_pid(), 9)  # mid-way: recorded, neither the image nor the filesystem grown
     up.wait(60)
     assert json.loads(pending.read_text())["size"] == 2 * 1024 ** 3
     again = machine.up()
     assert again.returncode == 0, again.stderr + machine.logs()
+    assert "rebooting the guest" not in again.stderr and "growing the data disk to 2048 MiB" in again.stderr
     assert not pending.exists()
     df = machine.cli("exec", "--", "df", "-B1", "--output=size", "/var/lib/boxpark")
     size = int(df.stdout.split()[-1])

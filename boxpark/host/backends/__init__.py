@@ -8,6 +8,11 @@
         ...
         await backend.stop(timeout=10)       # graceful (Poweroff / SIGTERM to the init), then kill
 
+A backend says whether it can show a running guest a grown disk image (`grows_disks_online`: QEMU can,
+with QMP block_resize; VZ cannot). Where it cannot, the caller grows the file and calls `reboot()`: a guest
+reboot ends the machine's process (QEMU runs with -no-reboot, VZ stops the VM), so the backend starts it
+again with the same spec and the new machine sees every disk image at its size now.
+
 Accepting the guest's dials is `backend.events` (an `EventStream`). Every helper a backend runs (the
 listener, QEMU, virtiofsd, a loop device, a cgroup) is entered on the backend's `AsyncExitStack`, so it is
 undone in reverse order whatever fails. Processes are signalled through pidfds only: a pid that was reused
@@ -297,6 +302,7 @@ class Backend(abc.ABC):
     """One machine on one backend. Subclasses implement `_start`, `_graceful_stop`, `check` and `pids`."""
 
     name: ClassVar[str] = ""
+    grows_disks_online: bool = False  # `grow_disk` works while the guest runs; else grow the file and reboot
 
     def __init__(self) -> None:
         self.spec: MachineSpec | None = None
@@ -309,6 +315,7 @@ class Backend(abc.ABC):
         self.warnings: list[str] = []  # what the user must hear about this start (the agent shows each)
         self._stack = contextlib.AsyncExitStack()
         self._stopped = False
+        self._rebooting: asyncio.Future[None] | None = None  # set while `reboot` replaces the machine
 
     # ----------------------------------------------------------------------- to implement
 
@@ -323,6 +330,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def _graceful_stop(self) -> None:
         """Ask the guest to shut down (it may not listen)."""
+
+    async def _restart(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """Start the machine again after its guest rebooted (its process has ended); set child, spawned_at."""
+        raise BackendError(f"the {self.name} backend cannot reboot its guest")
 
     def pids(self) -> list[int]:
         """Every host process of this machine that is still running (for a last-resort kill)."""
@@ -372,10 +383,19 @@ class Backend(abc.ABC):
         self._write_record()
 
     async def wait(self) -> int:
-        """Wait for the machine to end; its exit status."""
-        if self.child is None:
-            raise BackendError("the machine was not started")
-        return await self.child.wait()
+        """Wait for the machine to end; its exit status. A `reboot` in progress is not an end."""
+        while True:
+            if self.child is None:
+                raise BackendError("the machine was not started")
+            child = self.child
+            code = await child.wait()
+            rebooting = self._rebooting
+            if rebooting is None:
+                return code
+            with contextlib.suppress(Exception):
+                await asyncio.shield(rebooting)
+            if self.child is child:  # the restart failed: this machine has ended
+                return code
 
     async def wait_ready(self, timeout: float = 60.0) -> Ready:
         """The guest's `Ready`; `BackendError` if the machine ends first, `EventStreamError` on timeout."""
@@ -432,6 +452,42 @@ class Backend(abc.ABC):
         finally:
             await client.close()
         return True
+
+    async def grow_disk(self, name: str, size: int) -> None:
+        """Grow the attached disk `name` (image and device) to `size` bytes while the guest runs."""
+        raise BackendError(f"the {self.name} backend cannot grow a disk while the guest runs; grow the image "
+                           f"file and reboot the guest")
+
+    async def reboot(self, timeout: float = 120.0) -> Ready:
+        """Reboot the guest (its init stops its services cleanly) into a new machine with the same spec.
+
+        Returns the new boot's Ready (a new boot id). The API address may change (QEMU's user-net forward):
+        read `api_address` again. `BackendError` when the guest does not go down or the new one not up.
+        """
+        if self.spec is None or self.child is None or self.events is None:
+            raise BackendError("the machine was not started")
+        old = self.child
+        self._rebooting = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                client = await self.dial_api(timeout=5.0)
+                try:
+                    await client.reboot()
+                except (ConnectionError, OSError):
+                    pass  # the guest may go down before its reply is read
+                finally:
+                    await client.close()
+            except Exception as exc:  # noqa: BLE001 - a guest that cannot be asked is stopped below
+                log.warning("could not ask the guest to reboot (%s); stopping its machine", exc)
+            if await old.wait_for(timeout) is None:
+                raise BackendError(f"the guest did not reboot within {timeout:g} s; see {self.spec.console_log}")
+            self.events.ready = None  # that boot is over; the next Ready is the new boot's
+            await self._restart(self.spec, self._stack)
+            self._write_record()
+            return await self.wait_ready(timeout)
+        finally:
+            rebooting, self._rebooting = self._rebooting, None
+            rebooting.set_result(None)
 
     async def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the machine: ask the guest, wait up to `timeout` s, then kill; clean everything up.

@@ -324,8 +324,14 @@ class QemuBackend(Backend):
 
     name = "qemu"
 
-    def __init__(self, *, cpu: str | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(self, *, cpu: str | None = None, extra_args: list[str] | None = None,
+                 block_resize: bool | None = None) -> None:
         super().__init__()
+        # BOXPARK_QEMU_BLOCK_RESIZE=0 makes QEMU behave as VZ does (no disk grows under a running guest):
+        # the grow-the-file-and-reboot path then runs here, where it can be tested
+        if block_resize is None:
+            block_resize = os.environ.get("BOXPARK_QEMU_BLOCK_RESIZE") != "0"
+        self.grows_disks_online = block_resize
         self.cpu = cpu
         self.extra_args = list(extra_args or [])
         self.plan: Plan | None = None
@@ -391,15 +397,40 @@ class QemuBackend(Backend):
         await self.events.start()
         stack.push_async_callback(self.events.close)
 
-        for tag, source in spec.shares.items():
-            path, _ = stack.enter_context(virtiofsd(tag, source, state, spec.share_owners.get(tag)))
-            plan.share_sockets[tag] = path
+        self.plan = plan
+        self._start_virtiofsd(spec, stack)
+        stack.push_async_callback(self._reap)
+        await self._spawn(spec, stack)
 
+    def _start_virtiofsd(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        assert self.plan is not None
+        for tag, source in spec.shares.items():
+            path, _ = stack.enter_context(virtiofsd(tag, source, Path(spec.state_dir), spec.share_owners.get(tag)))
+            self.plan.share_sockets[tag] = path
+
+    async def _restart(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """A new QEMU for the same plan (the event listener stays): it opens the disk images anew.
+
+        virtiofsd serves one QEMU and ends with it, so each share gets a new one.
+        """
+        await self._reap()
+        self.qmp = None
+        self._start_virtiofsd(spec, stack)
+        state = Path(spec.state_dir)
+        for name in ("console.log", "init.log"):  # QEMU truncates its chardev files: keep the last boot's
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(state / name, state / f"{name}.before-reboot")
+        await self._spawn(spec, stack)
+
+    async def _spawn(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """Start QEMU paused, connect QMP, learn the API forward's port, and let the guest run."""
+        assert self.plan is not None
+        plan, state, transport = self.plan, Path(spec.state_dir), self.plan.transport
         qmp_path = str(state / "qmp.sock")
+        _unlink(qmp_path)  # a QEMU before a reboot left it
         qmp_listener = listen_socket(parse_address(f"unix:{qmp_path}"))
         stack.callback(_unlink, qmp_path)
         plan.qmp_fd = qmp_listener.fileno()
-        self.plan = plan
         self.argv = qemu_args(spec, plan)
         (state / "qemu.argv").write_text(json.dumps(self.argv, indent=1) + "\n", encoding="utf-8")
 
@@ -415,7 +446,6 @@ class QemuBackend(Backend):
             qmp_listener.close()  # QEMU has its own copy
         self.child = Child(popen, "qemu")
         self._record_pid(self.child, self.argv[0])
-        stack.push_async_callback(self._reap)
 
         self.qmp = await self._connect_qmp(qmp_path)
         if transport == "user":
@@ -459,7 +489,8 @@ class QemuBackend(Backend):
 
     async def _reap(self) -> None:
         """QMP quit, then SIGKILL: QEMU is gone when this returns."""
-        assert self.child is not None
+        if self.child is None:
+            return
         if self.child.returncode is None and self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
@@ -473,6 +504,17 @@ class QemuBackend(Backend):
                 "qmp": self.spec.state_file("qmp.sock") if self.spec else None}
 
     # ----------------------------------------------------------------------- extras
+
+    async def grow_disk(self, name: str, size: int) -> None:
+        """QMP block_resize grows the image file and the device the guest sees; never shrinks."""
+        if not self.grows_disks_online:
+            await super().grow_disk(name, size)
+        assert self.spec is not None
+        disk = next((d for d in self.spec.disks if d.name == name), None)
+        if disk is None:
+            raise BackendError(f"the machine has no disk named {name!r}")
+        if size > os.stat(disk.path).st_size:
+            await self.resize_disk(name, size)
 
     async def resize_disk(self, name: str, size: int) -> None:
         """Grow (or shrink) an attached disk to `size` bytes while the guest runs (QMP block_resize)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -445,6 +446,20 @@ class VzBackend(Backend):
         stack.callback(api.close)
         stack.callback(forward.cancel)
         self.api_address = f"unix:{plan.api_socket}"
+
+    async def _restart(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """A new VZVirtualMachine for the same plan: a Linux guest's reboot stops a VZ machine, and only a
+        new attachment shows a disk image grown meanwhile. The listener and the API forward stay."""
+        assert self.plan is not None and self.machine is not None
+        await self.machine.close()
+        disks = tuple(dataclasses.replace(d, size=os.stat(d.path).st_size) for d in self.plan.disks)
+        self.plan = dataclasses.replace(self.plan, disks=disks)
+        self.machine = self.machine_class(self.plan, asyncio.get_running_loop(), self._guest_dialled)
+        stack.push_async_callback(self.machine.close)
+        self.rosetta_ready = False
+        self.spawned_at = time.monotonic()
+        await self.machine.start()
+        self.child = self.machine.end  # type: ignore[assignment]
 
     # ----------------------------------------------------------------------- connections
 
