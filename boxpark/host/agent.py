@@ -350,7 +350,7 @@ class Agent:
             stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
         self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",
                       state="ready")
-        stack.push_async_callback(_cancel, asyncio.ensure_future(self._watch_machine(ready.boot_id)))
+        stack.push_async_callback(_cancel, asyncio.ensure_future(self._watch_machine(self.ready_event.boot_id)))
 
     def _docker_changed(self, status: ServiceStatus) -> None:
         if status.state == "restarting" and status.history and self.state != "ready":
