@@ -430,6 +430,10 @@ class Channel:
             lambda: _FrameProtocol(handshake_frames), sock)
         return cls(transport, proto, peer)
 
+    def lift_guard(self) -> None:
+        """The peer has proved itself (the server's side, at `Welcome`): full-size frames from now on."""
+        self._protocol.lift_guard()
+
     def set_fast_path(self, handler: Callable[[Message], bool] | None) -> None:
         """Let `handler(message)` answer a message as it arrives (return True) instead of queueing it."""
         self._protocol.fast_path = handler
@@ -618,7 +622,7 @@ async def server_handshake(channel: Channel, *, require_proof: bool, secret: byt
         timer.cancel()
     channel.send(welcome)
     channel.hello = hello
-    channel._protocol.lift_guard()
+    channel.lift_guard()
     return hello
 
 
@@ -842,7 +846,10 @@ def _canonical_ip(text: str) -> str:
     return text
 
 
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2) reports some failures of the one connection it was taking; the next one may be fine
+_ONE_CONNECTION_FAILED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                                    errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENONET,
+                                    errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
 class _AcceptLoop(asyncio.AbstractServer):
@@ -887,10 +894,10 @@ class _AcceptLoop(asyncio.AbstractServer):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    self._back_off()
-                    return
-                continue  # that one connection failed (ECONNABORTED, EPROTO, ...): the next may not
+                if exc.errno in _ONE_CONNECTION_FAILED:
+                    continue
+                self._back_off()  # EMFILE, ENFILE, ENOBUFS, ENOMEM, or worse: the listener stays readable
+                return
             self._backoff = self.BACKOFF_FIRST
             client.setblocking(False)
             self._accept(client)
