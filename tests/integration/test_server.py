@@ -370,7 +370,9 @@ def served(directory, *wrapper: str) -> Iterator[tuple[subprocess.Popen[str], st
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(path):
-            assert time.monotonic() < deadline and server.poll() is None, server.stderr and server.stderr.read()
+            if server.poll() is not None:
+                raise AssertionError(f"guest serve exited: {server.stderr.read() if server.stderr else ''}")
+            assert time.monotonic() < deadline, "guest serve did not start listening"
             time.sleep(0.02)
         yield server, f"unix:{path}"
     finally:
