@@ -365,13 +365,15 @@ def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypat
 def served(directory, *wrapper: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A real `boxpark guest serve` on a unix socket in `directory` (run under `wrapper`, e.g. prlimit)."""
     path = os.path.join(directory, "served.sock")
-    server = subprocess.Popen([*wrapper, sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"],
-                              stderr=subprocess.PIPE, text=True)
+    log = os.path.join(directory, "served.log")  # a file, not a pipe nobody reads: the server never blocks on it
+    with open(log, "w") as stderr:
+        server = subprocess.Popen([*wrapper, sys.executable, "-m", "boxpark", "guest", "serve", "--listen",
+                                   f"unix:{path}"], stderr=stderr, text=True)
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(path):
             if server.poll() is not None:
-                raise AssertionError(f"guest serve exited: {server.stderr.read() if server.stderr else ''}")
+                raise AssertionError(f"guest serve exited: {open(log).read()}")
             assert time.monotonic() < deadline, "guest serve did not start listening"
             time.sleep(0.02)
         yield server, f"unix:{path}"
