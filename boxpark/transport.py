@@ -6,6 +6,10 @@ crosses the wire); unix sockets are created mode 0600 instead; vsock is reachabl
 
 `Channel` carries framed messages (the `protocol` codec) over one asyncio connection and can hand the raw
 socket over for an upgrade call. Nothing here knows what the messages mean beyond the handshake.
+
+A listener bounds what a peer costs it before `Welcome`, whoever the peer is: frames of MAX_HANDSHAKE_FRAME,
+no more of them than the handshake needs, MAX_PENDING_HANDSHAKES connections at once, HANDSHAKE_TIMEOUT; a
+tcp listener may serve only given source addresses. Out of fds, it backs off rather than spin.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import errno
+import hashlib
 import hmac
 import os
 import re
