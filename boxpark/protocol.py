@@ -32,6 +32,10 @@ PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
 """The largest frame body either side accepts; a larger length prefix is a protocol error."""
 
+MAX_HANDSHAKE_FRAME = 4096
+"""The largest frame body a server accepts before its `Welcome`: `Hello` and `Proof` are far smaller, and an
+unauthenticated peer must not make it hold more."""
+
 MAX_FILE_CHUNK = 8 * 1024 * 1024
 """The largest `ReadFile` length and `WriteFile` payload in one call; larger files go in chunks."""
 
@@ -647,6 +651,10 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    def set_max_frame(self, max_frame: int) -> None:
+        """Change the frame limit from the next frame on (a server raises it once the peer is authenticated)."""
+        self._max_frame = max_frame
 
     def next_message(self) -> Message | None:
         buffer = self._buffer

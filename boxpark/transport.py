@@ -6,6 +6,10 @@ crosses the wire); unix sockets are created mode 0600 instead; vsock is reachabl
 
 `Channel` carries framed messages (the `protocol` codec) over one asyncio connection and can hand the raw
 socket over for an upgrade call. Nothing here knows what the messages mean beyond the handshake.
+
+A listener bounds what a peer costs it before `Welcome`, whoever the peer is: frames of MAX_HANDSHAKE_FRAME,
+no more of them than the handshake needs, MAX_PENDING_HANDSHAKES connections at once, HANDSHAKE_TIMEOUT; a
+tcp listener may serve only given source addresses. Out of fds, it backs off rather than spin.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
@@ -22,7 +27,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Generator, Literal
+from typing import Awaitable, Callable, Collection, Generator, Literal
 
 from . import protocol
 from .protocol import (Challenge, Error, ErrorCode, FrameDecoder, Hello, Message, Proof, ProtocolError,
@@ -32,6 +37,11 @@ DEFAULT_PORT = 1024
 """The Guest API's vsock/tcp port inside the guest."""
 
 HANDSHAKE_TIMEOUT = 10.0
+
+MAX_PENDING_HANDSHAKES = 512
+"""Connections a listener holds before their `Welcome`; more are closed at once. Each costs an fd and a few
+KiB (frames are capped at MAX_HANDSHAKE_FRAME until `Welcome`), so the cap is set well above a legitimate
+burst: without vsock, every Docker connection the host forwards comes through this handshake."""
 
 
 class TransportError(Exception):
@@ -223,17 +233,49 @@ def _target(address: Address) -> object:
     return (address.cid, address.port)
 
 
+# A non-blocking connect to a unix socket whose listener's backlog is full fails with EAGAIN at once (there
+# is no "in progress" for it to wait on): it is retried, at a growing interval, until the dial's deadline.
+_BACKLOG_RETRY_FIRST = 0.002
+_BACKLOG_RETRY_MAX = 0.1
+
+
+class _BacklogFull(Exception):
+    pass
+
+
+def _dial_failure(address: Address, exc: BaseException) -> TransportError:
+    if isinstance(exc, _BacklogFull):
+        reason = "timed out (its backlog stayed full)"
+    elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        reason = "timed out"
+    else:
+        assert isinstance(exc, OSError)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
+    return TransportError(f"cannot connect to {address}: {reason}", code)
+
+
 def dial_blocking(address: Address, timeout: float = 10.0) -> socket.socket:
     """`dial_socket` for a thread: a connected blocking socket, or `TransportError` naming it and why."""
+    deadline = time.monotonic() + timeout
     sock = _blocking_socket(address)
     sock.settimeout(timeout)
+    delay = _BACKLOG_RETRY_FIRST
     try:
-        sock.connect(_target(address))
-    except OSError as exc:
+        while True:
+            try:
+                sock.connect(_target(address))
+                break
+            except BlockingIOError:
+                if address.kind != "unix":
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise _BacklogFull() from None
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKLOG_RETRY_MAX)
+    except (OSError, _BacklogFull) as exc:
         sock.close()
-        reason = "timed out" if isinstance(exc, TimeoutError) else os.strerror(exc.errno) if exc.errno else str(exc)
-        code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
-        raise TransportError(f"cannot connect to {address}: {reason}", code) from None
+        raise _dial_failure(address, exc) from None
     sock.settimeout(None)
     return sock
 
@@ -241,18 +283,29 @@ def dial_blocking(address: Address, timeout: float = 10.0) -> socket.socket:
 async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
     """Connect a non-blocking socket to `address`, or raise `TransportError` naming it and why."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     sock = _blocking_socket(address)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, _target(address)), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        sock.close()
-        if isinstance(exc, asyncio.TimeoutError):
-            reason = "timed out"
+        if address.kind == "unix":  # not loop.sock_connect: it takes EAGAIN for "in progress"
+            delay = _BACKLOG_RETRY_FIRST
+            while True:
+                try:
+                    sock.connect(address.path)
+                    break
+                except BlockingIOError:
+                    if loop.time() + delay > deadline:
+                        raise _BacklogFull() from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKLOG_RETRY_MAX)
         else:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.UNAVAILABLE
-        raise TransportError(f"cannot connect to {address}: {reason}", code) from None
+            await asyncio.wait_for(loop.sock_connect(sock, _target(address)), timeout)
+    except (OSError, asyncio.TimeoutError, _BacklogFull) as exc:
+        sock.close()
+        raise _dial_failure(address, exc) from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -260,10 +313,19 @@ async def dial_socket(address: Address, timeout: float = 10.0) -> socket.socket:
 
 
 class _FrameProtocol(asyncio.Protocol):
-    """Feeds received bytes to a `FrameDecoder` and queues the decoded messages for `Channel.recv`."""
+    """Feeds received bytes to a `FrameDecoder` and queues the decoded messages for `Channel.recv`.
 
-    def __init__(self) -> None:
+    On a server's connection, until `lift_guard`, frames are capped at MAX_HANDSHAKE_FRAME and only the
+    `handshake_frames` the handshake needs are decoded; then reading pauses, so whatever the peer sent
+    behind them waits in the kernel until it has proved itself.
+    """
+
+    def __init__(self, handshake_frames: int | None = None) -> None:
         self.decoder = FrameDecoder()
+        self.guard = handshake_frames  # frames still to decode before the guard holds; None: no guard
+        self.held = False
+        if handshake_frames is not None:
+            self.decoder.set_max_frame(protocol.MAX_HANDSHAKE_FRAME)
         self.messages: collections.deque[Message | BaseException] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.eof = False
@@ -287,8 +349,13 @@ class _FrameProtocol(asyncio.Protocol):
         if self.broken:
             return
         self.decoder.feed(data)
+        self._decode()
+
+    def _decode(self) -> None:
         try:
-            while (message := self.decoder.next_message()) is not None:
+            while self.guard != 0 and (message := self.decoder.next_message()) is not None:
+                if self.guard is not None:
+                    self.guard -= 1
                 # A quick call answered right here saves a task wake-up per call; only while the
                 # connection's task is idle in recv(), so replies keep the order of the requests.
                 if (self.fast_path is not None and self.waiter is not None and not self.messages
@@ -296,12 +363,29 @@ class _FrameProtocol(asyncio.Protocol):
                     continue
                 self.messages.append(message)
         except ProtocolError as exc:
-            self.broken = True
+            self.broken = True  # what is buffered stays: an upgrade call before it takes it as raw bytes
             self.messages.append(exc)
-        if len(self.messages) > 64 and self.transport is not None and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        if self.transport is not None and not self.paused and not self.held:
+            if self.guard == 0:
+                self.held = True
+                self.transport.pause_reading()
+            elif len(self.messages) > 64:
+                self.paused = True
+                self.transport.pause_reading()
         self._wake()
+
+    def lift_guard(self) -> None:
+        """The peer is authenticated: full-size frames from now on, and read on."""
+        if self.guard is None:
+            return
+        self.guard = None
+        self.decoder.set_max_frame(protocol.MAX_FRAME)
+        if self.held:
+            self.held = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        if not self.broken and self.raw_sink is None:
+            self._decode()  # the frames that arrived behind the handshake
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -347,10 +431,18 @@ class Channel:
         self.hello: Hello | None = None
 
     @classmethod
-    async def from_socket(cls, sock: socket.socket, peer: str = "") -> Channel:
+    async def from_socket(cls, sock: socket.socket, peer: str = "", *,
+                          handshake_frames: int | None = None) -> Channel:
+        """A channel over a connected socket; `handshake_frames` guards a server's side until `Welcome`
+        (small frames only, and no more than that many of them: see `_FrameProtocol`)."""
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.connect_accepted_socket(_FrameProtocol, sock)
+        transport, proto = await loop.connect_accepted_socket(
+            lambda: _FrameProtocol(handshake_frames), sock)
         return cls(transport, proto, peer)
+
+    def lift_guard(self) -> None:
+        """The peer has proved itself (the server's side, at `Welcome`): full-size frames from now on."""
+        self._protocol.lift_guard()
 
     def set_fast_path(self, handler: Callable[[Message], bool] | None) -> None:
         """Let `handler(message)` answer a message as it arrives (return True) instead of queueing it."""
@@ -397,7 +489,7 @@ class Channel:
             finally:
                 proto.waiter = None
         item = proto.messages.popleft()
-        if proto.paused and len(proto.messages) < 16:
+        if proto.paused and len(proto.messages) < 16 and not proto.held:
             proto.paused = False
             self._transport.resume_reading()
         if isinstance(item, BaseException):
@@ -553,6 +645,7 @@ async def server_handshake(channel: Channel, *, require_proof: bool, secret: byt
         timer.cancel()
     channel.send(welcome)
     channel.hello = hello
+    channel.lift_guard()
     return hello
 
 
@@ -699,18 +792,39 @@ Handler = Callable[[Channel], Awaitable[None]]
 
 
 async def serve(address: Address, handler: Handler, *, secret: bytes | None = None,
-                welcome: Callable[[], Welcome] = Welcome,
-                sock: socket.socket | None = None) -> asyncio.AbstractServer:
-    """Accept connections on `address`; each completes the handshake, then `handler(channel)` owns it."""
+                welcome: Callable[[], Welcome] = Welcome, sock: socket.socket | None = None,
+                peers: Collection[str] | None = None,
+                max_pending: int = MAX_PENDING_HANDSHAKES) -> asyncio.AbstractServer:
+    """Accept connections on `address`; each completes the handshake, then `handler(channel)` owns it.
+
+    `peers` (tcp only): the only source addresses served; any other connection is closed before a byte of
+    it is read. At most `max_pending` connections wait for their `Welcome`; more are closed at once.
+    """
     if address.needs_secret and not secret:
         raise TransportError(f"listening on {address} needs a machine secret", ErrorCode.INVALID_ARGUMENT)
+    if peers is not None and address.kind != "tcp":
+        raise TransportError(f"only a tcp listener can be limited to peers, not {address}",
+                             ErrorCode.INVALID_ARGUMENT)
+    allowed = None if peers is None else {_canonical_ip(peer) for peer in peers}
     listener = sock if sock is not None else listen_socket(address)
+    pending = 0
+    proof_frames = 2 if address.needs_secret else 1  # Hello, and Proof when one is asked for
 
     async def on_connection(client: socket.socket) -> None:
-        channel = await Channel.from_socket(client, str(address))
+        nonlocal pending
         try:
-            if await server_handshake(channel, require_proof=address.needs_secret, secret=secret,
-                                      welcome=welcome()) is None:
+            channel = await Channel.from_socket(client, str(address), handshake_frames=proof_frames)
+        except BaseException:
+            pending -= 1
+            client.close()
+            raise
+        try:
+            try:
+                hello = await server_handshake(channel, require_proof=address.needs_secret, secret=secret,
+                                               welcome=welcome())
+            finally:
+                pending -= 1
+            if hello is None:
                 channel.close()
                 return
             await handler(channel)
@@ -721,8 +835,21 @@ async def serve(address: Address, handler: Handler, *, secret: bytes | None = No
     tasks: set[asyncio.Task[None]] = set()
 
     def accept(client: socket.socket) -> None:
+        nonlocal pending
+        if pending >= max_pending:
+            client.close()
+            return
         if address.kind == "tcp":
+            if allowed is not None:
+                try:
+                    peer = _canonical_ip(client.getpeername()[0])
+                except OSError:  # already gone
+                    peer = ""
+                if peer not in allowed:
+                    client.close()
+                    return
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending += 1
         task = loop.create_task(on_connection(client))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -730,8 +857,34 @@ async def serve(address: Address, handler: Handler, *, secret: bytes | None = No
     return await _AcceptLoop.start(listener, accept, tasks)
 
 
+def _canonical_ip(text: str) -> str:
+    """One spelling per address, so `::ffff:10.0.2.2` (a v4 peer on a v6 socket) matches `10.0.2.2`."""
+    if text.lower().startswith("::ffff:") and "." in text:
+        return text[7:]
+    if ":" in text:
+        try:
+            return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+        except OSError:
+            return text
+    return text
+
+
+# accept(2) reports some failures of the one connection it was taking; the next one may be fine
+_ONE_CONNECTION_FAILED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                                    errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENONET,
+                                    errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+
+
 class _AcceptLoop(asyncio.AbstractServer):
-    """A minimal server over a listening socket we made ourselves (so unix mode and vsock are ours)."""
+    """A minimal server over a listening socket we made ourselves (so unix mode and vsock are ours).
+
+    Out of fds (or memory), `accept` fails while the listener stays readable: watching it would spin the
+    loop at full CPU. It stops watching instead, for a delay that doubles while the shortage lasts, and
+    leaves the waiting connections in the kernel's backlog.
+    """
+
+    BACKOFF_FIRST = 0.05
+    BACKOFF_MAX = 2.0
 
     def __init__(self, sock: socket.socket, accept: Callable[[socket.socket], None],
                  tasks: set[asyncio.Task[None]]) -> None:
@@ -740,13 +893,22 @@ class _AcceptLoop(asyncio.AbstractServer):
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
+        self._watching = False
+        self._backoff = self.BACKOFF_FIRST
+        self._retry: asyncio.TimerHandle | None = None
 
     @classmethod
     async def start(cls, sock: socket.socket, accept: Callable[[socket.socket], None],
                     tasks: set[asyncio.Task[None]]) -> _AcceptLoop:
         server = cls(sock, accept, tasks)
-        server._loop.add_reader(sock.fileno(), server._on_readable)
+        server._watch()
         return server
+
+    def _watch(self) -> None:
+        self._retry = None
+        if self._sock.fileno() >= 0 and not self._watching:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._watching = True
 
     def _on_readable(self) -> None:
         for _ in range(64):
@@ -754,14 +916,30 @@ class _AcceptLoop(asyncio.AbstractServer):
                 client, _addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # EMFILE and friends: try again on the next wakeup
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION_FAILED:
+                    continue
+                self._back_off()  # EMFILE, ENFILE, ENOBUFS, ENOMEM, or worse: the listener stays readable
                 return
+            self._backoff = self.BACKOFF_FIRST
             client.setblocking(False)
             self._accept(client)
 
-    def close(self) -> None:
-        if self._sock.fileno() >= 0:
+    def _back_off(self) -> None:
+        if self._watching:
             self._loop.remove_reader(self._sock.fileno())
+            self._watching = False
+        self._retry = self._loop.call_later(self._backoff, self._watch)
+        self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._sock.fileno() >= 0:
+            if self._watching:
+                self._loop.remove_reader(self._sock.fileno())
+                self._watching = False
             if self._sock.family == socket.AF_UNIX:
                 path = self._sock.getsockname()
                 if isinstance(path, str) and path:

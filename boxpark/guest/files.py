@@ -1,13 +1,17 @@
 """File calls of the Guest API: read_file, write_file, mkdir, stat.
 
-Each is a quick synchronous function from a request to its reply, run on the server's loop. Paths are
-absolute (the server's working directory means nothing to a client). A whole-file write goes to a
+Each is a quick synchronous function from a request to its reply, run on the server's loop, so none may
+ever wait on the outside world: every file is opened O_NONBLOCK, FIFOs and sockets are refused (their
+other end decides when a read or write could finish), and a device that has nothing to give or take right
+now is refused rather than waited on. Paths are absolute (the server's working directory means nothing to
+a client). A whole-file write goes to a
 temporary file beside the target and is renamed over it, so a reader never sees half a file, and a
 power cut leaves the old file or the new one. Every error names the path it is about.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -33,37 +37,67 @@ def _check_mode(call: str, path: str, mode: int) -> None:
         raise GuestError(ErrorCode.INVALID_ARGUMENT, f"{call} {path}: mode {mode:o} is not a permission mode")
 
 
+MAX_OFFSET = 2**63 - 1
+"""The largest file offset the kernel takes (loff_t)."""
+
+
 def _error(exc: OSError, call: str, path: str) -> GuestError:
     if exc.errno == errno.ENOENT:
         return GuestError(ErrorCode.NOT_FOUND, f"{call} {path}: no such file or directory")
+    if exc.errno == errno.EAGAIN:
+        return _would_block(call, path)
     return from_oserror(exc, f"{call} {path}")
+
+
+def _would_block(call: str, path: str) -> GuestError:
+    return GuestError(ErrorCode.UNAVAILABLE, f"{call} {path}: the device would block (nothing to read or no room "
+                                             f"to write right now), and the Guest API never waits on a device")
+
+
+def _not_a_file(call: str, path: str, mode: int) -> GuestError | None:
+    """The refusal for what only its other end can unblock (a FIFO or a socket), else None."""
+    if stat_.S_ISFIFO(mode) or stat_.S_ISSOCK(mode):
+        return GuestError(ErrorCode.INVALID_ARGUMENT, f"{call} {path}: is a fifo or socket, not a file "
+                                                      f"(its other end decides when it could finish)")
+    return None
 
 
 def read_file(message: protocol.ReadFile) -> protocol.FileData:
     """The `ReadFile` call: up to `length` bytes from `offset`; `eof` once the file ends within them."""
     path, offset, length = message.path, message.offset, message.length
     _check_path("read_file", path)
-    if offset < 0 or not 0 <= length <= MAX_FILE_CHUNK:
+    if not 0 <= offset <= MAX_OFFSET - length or not 0 <= length <= MAX_FILE_CHUNK:
         raise GuestError(ErrorCode.INVALID_ARGUMENT,
-                         f"read_file {path}: offset must be >= 0 and length 0..{MAX_FILE_CHUNK} "
-                         f"(got {offset}, {length})")
+                         f"read_file {path}: offset must be 0..{MAX_OFFSET} (with the length) and length "
+                         f"0..{MAX_FILE_CHUNK} (got {offset}, {length})")
     try:
-        # O_NONBLOCK: opening a fifo must not hang the server; it is refused just below
+        # O_NONBLOCK, and it stays on: opening a fifo must not hang the server, nor may reading a device
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
         raise _error(exc, "read_file", path) from None
+    chunks: list[bytes] = []
     try:
         info = os.fstat(fd)
         if stat_.S_ISDIR(info.st_mode):
             raise GuestError(ErrorCode.INVALID_ARGUMENT, f"read_file {path}: is a directory")
-        if stat_.S_ISFIFO(info.st_mode) or stat_.S_ISSOCK(info.st_mode):
-            raise GuestError(ErrorCode.INVALID_ARGUMENT, f"read_file {path}: is a fifo or socket, not a file")
-        os.set_blocking(fd, True)
-        chunks: list[bytes] = []
+        if refusal := _not_a_file("read_file", path, info.st_mode):
+            raise refusal
         got = 0
         eof = False
+        stream = False  # a tty or other device without offsets: read from offset 0 as it comes
         while got < length:  # /proc and /sys files may return less than asked before their end
-            chunk = os.pread(fd, length - got, offset + got)
+            try:
+                chunk = os.read(fd, length - got) if stream else os.pread(fd, length - got, offset + got)
+            except BlockingIOError:  # a device with nothing more right now: what it had is all there is
+                if not chunks:
+                    raise _would_block("read_file", path) from None
+                eof = True
+                break
+            except OSError as exc:
+                if exc.errno != errno.ESPIPE or offset or stream:
+                    raise
+                stream = True
+                continue
             if not chunk:
                 eof = True
                 break
@@ -78,10 +112,15 @@ def read_file(message: protocol.ReadFile) -> protocol.FileData:
     return protocol.FileData(data=b"".join(chunks), eof=eof)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, call: str = "write_file", path: str = "") -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            raise GuestError(ErrorCode.UNAVAILABLE,
+                             f"{call} {path}: the device would block after {len(data) - len(view)} of "
+                             f"{len(data)} bytes, and the Guest API never waits on a device") from None
         view = view[written:]
 
 
@@ -107,14 +146,23 @@ def write_file(message: protocol.WriteFile) -> protocol.Ok:
 
 
 def _append(path: str, data: bytes, mode: int) -> None:
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOCTTY
+    # O_NONBLOCK: opening a fifo for writing would wait for a reader; it fails with ENXIO instead
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
         os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a fifo nobody reads, or a socket: say which
+            with contextlib.suppress(OSError):
+                if refusal := _not_a_file("write_file", path, os.stat(path).st_mode):
+                    raise refusal from None
+        raise
     try:
-        _write_all(fd, data)
+        if refusal := _not_a_file("write_file", path, os.fstat(fd).st_mode):
+            raise refusal  # a fifo with a reader still fills up and then blocks
+        _write_all(fd, data, "write_file", path)
     finally:
         os.close(fd)
 

@@ -215,8 +215,11 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
         for text in settings.api:
             try:
                 address = parse_address(text)
-                await server.listen(address, secret=secret)
+                peers = settings.api_peers if address.kind == "tcp" else None
+                await server.listen(address, secret=secret, peers=peers)
                 api.append(str(address))
+                if peers:
+                    log.info("the Guest API on %s serves connections from %s only", address, ", ".join(peers))
             except TransportError as exc:
                 log.error("the Guest API cannot listen on %s: %s", text, exc)
         log.info("Guest API on %s", ", ".join(api) or "nothing")

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from .. import __version__, protocol
 from ..protocol import ErrorCode, Message
@@ -92,10 +92,11 @@ class GuestServer:
     def welcome(self) -> protocol.Welcome:
         return protocol.Welcome(server=f"boxpark-guest {__version__}", boot_id=self.boot_id)
 
-    async def listen(self, address: Address, *, secret: bytes | None = None,
-                     sock: socket.socket | None = None) -> asyncio.AbstractServer:
-        """Serve the API on `address` (several addresses may be served at once)."""
-        server = await serve(address, self.handle, secret=secret, welcome=self.welcome, sock=sock)
+    async def listen(self, address: Address, *, secret: bytes | None = None, sock: socket.socket | None = None,
+                     peers: Collection[str] | None = None) -> asyncio.AbstractServer:
+        """Serve the API on `address` (several addresses may be served at once); on tcp, `peers` are the only
+        source addresses served (any other connection is closed before a byte of it is read)."""
+        server = await serve(address, self.handle, secret=secret, welcome=self.welcome, sock=sock, peers=peers)
         self._servers.append(server)
         return server
 

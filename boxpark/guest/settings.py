@@ -27,6 +27,7 @@ class Settings:
 
     def __init__(self) -> None:
         self.api = [DEFAULT_API]
+        self.api_peers: list[str] | None = None  # tcp: the only source addresses served (None: any)
         self.events = DEFAULT_EVENTS
         self.secret = ""  # "fwcfg:NAME" or "file:PATH"
         self.net = "dhcp"  # "dhcp", "none" or "static"
@@ -66,6 +67,11 @@ def _apply(settings: Settings, key: str, value: str) -> str:
         if not addresses or any(a.split(":", 1)[0] not in ("vsock", "unix", "tcp") for a in addresses):
             return "expected vsock:, unix: or tcp: addresses"
         settings.api = addresses
+    elif key == "api_peers":
+        peers = [p for p in value.split(",") if p]
+        if not peers or not all(_ipv4(p) for p in peers):
+            return "expected IPv4 addresses, comma-separated"
+        settings.api_peers = peers
     elif key == "events":
         if value.split(":", 1)[0] not in ("vsock", "unix", "tcp"):
             return "expected a vsock:, unix: or tcp: address"

@@ -14,6 +14,7 @@ import pytest
 from boxpark import protocol
 from boxpark.host.client import GuestClient
 from boxpark.protocol import MAX_FILE_CHUNK, ErrorCode
+from boxpark.transport import RemoteError
 from tests.guestserver import refused, running_server
 
 pytestmark = pytest.mark.integration
@@ -159,6 +160,98 @@ def test_read_proc_files_and_refuse_what_is_not_a_file(tmp_path: Path) -> None:
         with_client(tmp_path, body)
     finally:
         listener.close()
+
+
+async def answered_meanwhile(address: str, call: Awaitable[Any]) -> Any:
+    """Run `call` on one connection while another connection asks `info`: both must be answered (within a
+    generous deadline); a call that blocked the server's loop would starve the other connection too."""
+    async with await GuestClient.open(address) as other:
+        async def info() -> protocol.InfoReply:
+            await asyncio.sleep(0.05)  # let the file call reach the server first
+            return await other.info()
+
+        outcome, reply = await asyncio.wait_for(
+            asyncio.gather(call, info(), return_exceptions=True), 60)
+    assert isinstance(reply, protocol.InfoReply), reply
+    return outcome
+
+
+def with_server(tmp_path: Path, body: Callable[[GuestClient, str], Awaitable[Any]]) -> Any:
+    with running_server(tmp_path) as srv:
+        async def run() -> Any:
+            async with await GuestClient.open(srv.address) as client:
+                return await body(client, srv.address)
+
+        return asyncio.run(run())
+
+
+def test_append_to_a_fifo_is_refused_and_never_blocks_the_server(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    async def body(client: GuestClient, address: str) -> None:
+        # nobody reads it: a blocking open would wait for a reader forever
+        failure = await answered_meanwhile(address, client.write_file(str(fifo), b"hi", append=True))
+        assert isinstance(failure, RemoteError), failure
+        assert failure.code == ErrorCode.INVALID_ARGUMENT and "fifo" in failure.message, failure.message
+        # with a reader it opens, but a full pipe would block the write: refused all the same
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            await refused(asyncio.wait_for(client.write_file(str(fifo), b"x" * 200_000, append=True), 30),
+                          ErrorCode.INVALID_ARGUMENT, "fifo", str(fifo))
+        finally:
+            os.close(reader)
+        await client.write_file("/dev/null", b"a device that takes it at once is fine", append=True)
+
+    with_server(tmp_path, body)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_reading_a_device_that_would_block_is_refused_and_never_blocks_the_server(tmp_path: Path) -> None:
+    leader, follower = os.openpty()  # a terminal nobody types into: a blocking read waits forever
+
+    async def body(client: GuestClient, address: str) -> None:
+        terminal = os.ttyname(follower)
+        failure = await answered_meanwhile(address, client.read_file(terminal))
+        assert isinstance(failure, RemoteError), failure
+        assert failure.code == ErrorCode.UNAVAILABLE and "would block" in failure.message, failure.message
+        assert terminal in failure.message
+        os.write(leader, b"typed\n")  # once it has something, it is read without waiting
+        assert (await asyncio.wait_for(client.read_file(terminal), 30)).data == b"typed\n"
+        random = await client.read_file("/dev/urandom", length=1000)
+        assert len(random.data) == 1000
+
+    try:
+        with_server(tmp_path, body)
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg is not readable here")
+def test_reading_the_kernel_log_returns_what_it_has_and_never_blocks_the_server(tmp_path: Path) -> None:
+    async def body(client: GuestClient, address: str) -> None:
+        outcome = await answered_meanwhile(address, client.read_file("/dev/kmsg"))
+        if isinstance(outcome, RemoteError):  # an empty log: nothing to read without waiting
+            assert outcome.code == ErrorCode.UNAVAILABLE and "would block" in outcome.message, outcome.message
+        else:
+            assert isinstance(outcome, protocol.FileData) and outcome.eof and outcome.data, outcome
+
+    with_server(tmp_path, body)
+
+
+def test_offsets_beyond_what_the_kernel_takes_are_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "ten"
+    path.write_bytes(b"0123456789")
+
+    async def body(client: GuestClient) -> None:
+        for offset, length in ((2**63, 1), (2**64 - 1, 1), (2**63 - 1, 10)):
+            await refused(client.read_file(str(path), offset, length), ErrorCode.INVALID_ARGUMENT, "offset")
+        assert await client.read_file(str(path), 2**63 - 11, 10) == protocol.FileData(data=b"", eof=True)
+        await refused(client.write_file(str(path), b"x", mode=2**64 - 1), ErrorCode.INVALID_ARGUMENT, "mode")
+        await refused(client.mkdir(f"{tmp_path}/d", mode=-(2**63)), ErrorCode.INVALID_ARGUMENT, "mode")
+
+    with_client(tmp_path, body)
 
 
 def test_mkdir_modes_parents_and_errors(tmp_path: Path) -> None:

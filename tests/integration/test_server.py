@@ -4,6 +4,7 @@ the machine-wide gate, events, and the CLI. Calls of one concern are tested in t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import msgspec
 import pytest
@@ -356,3 +358,105 @@ def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypat
             assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.TIMEOUT
             assert recv_frame(sock) is None  # closed by the server, well within the socket's deadline
         still_serving(srv.address)
+
+
+@contextlib.contextmanager
+def served(directory, *wrapper: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real `boxpark guest serve` on a unix socket in `directory` (run under `wrapper`, e.g. prlimit)."""
+    path = os.path.join(directory, "served.sock")
+    log = os.path.join(directory, "served.log")  # a file, not a pipe nobody reads: the server never blocks on it
+    with open(log, "w") as stderr:
+        server = subprocess.Popen([*wrapper, sys.executable, "-m", "boxpark", "guest", "serve", "--listen",
+                                   f"unix:{path}"], stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if server.poll() is not None:
+                raise AssertionError(f"guest serve exited: {open(log).read()}")
+            assert time.monotonic() < deadline, "guest serve did not start listening"
+            time.sleep(0.02)
+        yield server, f"unix:{path}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def serving_again(address: str) -> None:
+    """`info` answers, trying again until a generous deadline."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            still_serving(address)
+            return
+        except (TransportError, OSError, asyncio.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_unauthenticated_clients_cannot_make_the_server_hold_their_frames(tmp_path) -> None:
+    per_client, clients = 4 << 20, 40
+    with served(tmp_path) as (server, address):
+        still_serving(address)
+        before = proc_status_kib(server.pid, "VmRSS")
+        socks = []
+        try:
+            for _ in range(clients):  # each claims a 16 MiB frame before Hello, then sends 4 MiB of it
+                sock = raw_connect(address)
+                sock.settimeout(30)
+                socks.append(sock)
+                try:
+                    sock.sendall(struct.pack(">I", protocol.MAX_FRAME))
+                    for _ in range(per_client // 65536):
+                        sock.sendall(b"\0" * 65536)
+                except OSError:  # refused and closed: what should happen
+                    pass
+            grown = proc_status_kib(server.pid, "VmHWM") - before  # the peak, not just now
+        finally:
+            for sock in socks:
+                sock.close()
+        # held, the bytes would be 160 MiB; a refusal at the header costs at most a read buffer at a time
+        assert grown < 48 << 10, f"the server's peak RSS grew by {grown} KiB"
+        still_serving(address)
+
+
+def test_out_of_fds_the_server_backs_off_instead_of_spinning_and_serves_again(tmp_path) -> None:
+    with served(tmp_path, "prlimit", "--nofile=64:64") as (server, address):
+        still_serving(address)
+        held = []
+        try:
+            for _ in range(120):  # more than it has fds for: the rest wait in its backlog
+                sock = raw_connect(address)
+                sock.sendall(protocol.encode(protocol.Hello()))  # the accepted ones stay, welcomed
+                held.append(sock)
+            deadline = time.monotonic() + 60
+            while len(os.listdir(f"/proc/{server.pid}/fd")) < 60:
+                assert time.monotonic() < deadline, "the server never ran out of fds"
+                time.sleep(0.1)
+            start = cpu_seconds(server.pid)
+            time.sleep(5)  # a window to measure CPU over, not a condition
+            used = cpu_seconds(server.pid) - start
+            # backing off it uses ~0.01 s; spinning, whatever share of a core a loaded machine gives it
+            assert used < 0.5, f"{used:.2f} s of CPU in 5 s with no fd to accept into"
+        finally:
+            for sock in held:
+                sock.close()
+        serving_again(address)

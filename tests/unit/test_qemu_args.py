@@ -126,6 +126,12 @@ def test_arm64_uses_virt_and_cortex_a72_under_tcg(spec: MachineSpec) -> None:
     assert option(kvm, "-machine") == ["virt,gic-version=max"] and option(kvm, "-cpu") == ["host"]
 
 
+def test_over_user_net_the_tcp_api_serves_only_the_hosts_forward(spec: MachineSpec) -> None:
+    user = settings(spec, Plan(binary="q", transport="user"))
+    assert user["api"].startswith("tcp:") and user["api_peers"] == "10.0.2.2"
+    assert "api_peers" not in settings(spec, Plan(binary="q", transport="vsock", cid=3))
+
+
 def test_settings_take_the_spec_net(spec: MachineSpec) -> None:
     spec.net = "dhcp"
     assert settings(spec, Plan(binary="q"))["net"] == "dhcp"

@@ -15,7 +15,9 @@ def test_every_key() -> None:
         "boxpark.api=tcp:0.0.0.0:1024,unix:/run/api.sock", "boxpark.events=tcp:10.0.2.2:4000",
         "boxpark.secret=fwcfg:opt/boxpark/secret", "boxpark.net=static:10.0.2.15/24,10.0.2.2,10.0.2.3",
         "boxpark.hostname=box-1", "boxpark.log=debug", "boxpark.logfile=/run/x.log", "boxpark.sandbox=1",
+        "boxpark.api_peers=10.0.2.2,10.0.2.3",
     ])
+    assert settings.api_peers == ["10.0.2.2", "10.0.2.3"]
     assert settings.api == ["tcp:0.0.0.0:1024", "unix:/run/api.sock"]
     assert settings.events == "tcp:10.0.2.2:4000"
     assert settings.secret == "fwcfg:opt/boxpark/secret"
@@ -28,7 +30,8 @@ def test_every_key() -> None:
 
 def test_bad_words_become_warnings_and_defaults_stand() -> None:
     settings = parse(["boxpark.frob=1", "boxpark.net=static:10.0.2.300/24,1.1.1.1", "boxpark.api=http://x",
-                      "boxpark.log", "boxpark.hostname=bad name!", "boxpark.sandbox=yes"])
+                      "boxpark.log", "boxpark.hostname=bad name!", "boxpark.sandbox=yes", "boxpark.api_peers=host"])
     assert settings.net == "dhcp" and settings.api == [DEFAULT_API] and not settings.sandbox
-    assert len(settings.warnings) == 6
+    assert settings.api_peers is None
+    assert len(settings.warnings) == 7
     assert any("unknown key" in w for w in settings.warnings)

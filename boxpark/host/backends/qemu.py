@@ -113,8 +113,10 @@ def settings(spec: MachineSpec, plan: Plan) -> dict[str, str]:
     if plan.transport == "vsock":
         values = {"api": f"vsock:4294967295:{GUEST_API_PORT}", "events": f"vsock:2:{plan.events_port}"}
     else:
-        values = {"api": f"tcp:0.0.0.0:{GUEST_API_PORT}", "events": f"tcp:{USER_NET_HOST}:{plan.events_port}",
-                  "secret": f"fwcfg:{SECRET_FWCFG}"}
+        # api_peers: the host's forwarded connections come from slirp's gateway (it rewrites the host's
+        # loopback to it); the guest's containers reach 0.0.0.0:1024 too, from their own addresses.
+        values = {"api": f"tcp:0.0.0.0:{GUEST_API_PORT}", "api_peers": USER_NET_HOST,
+                  "events": f"tcp:{USER_NET_HOST}:{plan.events_port}", "secret": f"fwcfg:{SECRET_FWCFG}"}
     values["net"] = spec.net or f"static:{USER_NET_GUEST},{USER_NET_HOST},{USER_NET_DNS}"
     values["hostname"] = spec.name
     return values
