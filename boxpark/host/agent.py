@@ -52,7 +52,7 @@ MAX_BACKLOG = 1000  # progress events queued for a follower that does not read; 
 
 def failure_file(machine: Machine) -> Path:
     """Why the machine ended under its agent (written by the agent as it goes; removed by the next one)."""
-    return machine.dir / "failure.json"
+    return machine.failure_file
 
 
 class AgentFailure(Exception):

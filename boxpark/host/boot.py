@@ -95,7 +95,7 @@ def _image_dir(arch: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
     from .spec import ImageError, SpecError, host_arch, spec_from_image
 
     arch = args.arch or host_arch()

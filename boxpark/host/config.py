@@ -15,6 +15,7 @@ from typing import Literal, Mapping
 
 import msgspec
 
+from ..errors import BoxparkError
 from .spec import host_arch
 
 DEFAULT_TOML = """\
@@ -80,8 +81,10 @@ ca = []                 # and the guest's CA bundle, e.g. ["~/corp-root-ca.pem"]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
 
-class ConfigError(Exception):
+class ConfigError(BoxparkError):
     """The configuration is wrong: `key` names the setting, the message says what to change."""
+
+    exit_code = 2
 
     def __init__(self, key: str, reason: str, path: str = "") -> None:
         where = f"{path}: " if path else ""

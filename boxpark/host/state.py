@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
+from ..errors import BoxparkError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
-class StateError(Exception):
+class StateError(BoxparkError):
     """A machine name or state directory problem; the message says what to do."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Machine:
     def init_log(self) -> Path: return self.dir / "init.log"
     @property
     def timeline_file(self) -> Path: return self.dir / "boot-timeline.json"
+    @property
+    def failure_file(self) -> Path: return self.dir / "failure.json"  # why it ended; the agent writes it
     @property
     def pending_resize_file(self) -> Path: return self.dir / "pending-resize.json"
     @property

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import BoxparkError
 from .state import data_home
 
 ENTITLEMENT = "com.apple.security.virtualization"
@@ -31,12 +32,8 @@ LAUNCHER_NAME = "boxpark-vz-python"
 RECORD = "launcher.json"
 
 
-class SignError(Exception):
+class SignError(BoxparkError):
     """The launcher could not be made; the message says why, `hint` what to do."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass
@@ -205,12 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`boxpark vz sign`: print the launcher's path on stdout."""
-    from .commands import CommandFailed
-
-    try:
-        launcher = sign(force=args.force, say=lambda m: print(f"boxpark: {m}", file=sys.stderr))
-    except SignError as exc:
-        raise CommandFailed(str(exc), exc.hint) from None
+    """`boxpark vz sign`: print the launcher's path on stdout. A SignError reaches the person as it is."""
+    launcher = sign(force=args.force, say=lambda m: print(f"boxpark: {m}", file=sys.stderr))
     print(launcher.path)
     return 0

@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..errors import BoxparkError
+
 # The Debian package that provides each tool the builder runs, for the "install X" hint.
 TOOL_PACKAGES: dict[str, str] = {
     "apt-cache": "apt",
@@ -33,13 +35,8 @@ TOOL_PACKAGES: dict[str, str] = {
 }
 
 
-class ImageError(Exception):
+class ImageError(BoxparkError):
     """The image could not be built. `str()` is a sentence for the user; `hint` (if any) says what to do."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"

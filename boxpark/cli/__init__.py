@@ -1,0 +1,128 @@
+"""The `boxpark` command: the table of its commands, the lazy parser, and the one place errors are shown.
+
+Each command group lives in a module of this package (`machine`: up, down, status, exec, shell, logs;
+`guest`, `image`, `vz`, `boot`, `agent`, `config`), and a group's module is imported only when its command
+is parsed: `boxpark --help` imports none of them, `boxpark status` imports no image, backend or guest code,
+and `boxpark guest serve` (which runs in the guest) no host code. So this module must never import a
+group's module, nor anything of the package beyond `errors`, at its top. A `BoxparkError` (or a transport
+failure) becomes one sentence and a hint on stderr and its exit code; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Callable, NoReturn
+
+from .. import __version__
+from ..errors import BoxparkError, UsageError
+
+__all__ = ["EPILOG", "UsageError", "build_parser", "die", "main"]
+
+EPILOG = """addresses: unix:PATH, tcp:HOST:PORT (needs --secret-file), vsock:CID:PORT"""
+
+# Every command, in the order `--help` lists them: its group's module (in boxpark.cli) and its one line.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "guest": ("guest", "the Guest API: serve it, or make calls to it (debugging)"),
+    "image": ("image", "build the guest image"),
+    "vz": ("vz", "macOS: Virtualization.framework set-up"),
+    "boot": ("boot", "boot a guest in the foreground (development)"),
+    "up": ("machine", "bring a machine up: image, boot, docker; prints DOCKER_HOST"),
+    "down": ("machine", "stop a machine gracefully"),
+    "status": ("machine", "show a machine's state, boot timeline and docker status"),
+    "exec": ("machine", "run a command in the guest"),
+    "shell": ("machine", "an interactive shell in the guest"),
+    "logs": ("machine", "show a machine's logs"),
+    "agent": ("agent", "the machine agent (started by up; for debugging)"),
+    "config": ("config", "show the default boxpark.toml"),
+}
+
+
+class LazyParser(argparse.ArgumentParser):
+    """A command's parser that gets its options from its group's module the first time it is used."""
+
+    loader: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def _load(self) -> None:
+        loader, self.loader = self.loader, None
+        if loader is not None:
+            loader(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._load()
+        return super().format_usage()
+
+
+def _loader(name: str, module: str) -> Callable[[argparse.ArgumentParser], None]:
+    def load(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"{__name__}.{module}").add_arguments(name, parser)
+
+    return load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boxpark", description="Run Docker in a minimal Linux guest VM.",
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"boxpark {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=LazyParser)
+    for name, (module, help_) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_)
+        assert isinstance(command, LazyParser)
+        command.loader = _loader(name, module)
+    return parser
+
+
+def die(message: str, hint: str = "", code: int = 1) -> NoReturn:
+    print(f"boxpark: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def user_error(exc: BaseException) -> BoxparkError | None:
+    """The sentence for an error the person can act on; None for a bug (which keeps its traceback).
+
+    The transport's errors are not BoxparkErrors (the guest image carries the transport, not this
+    package's errors), so they are put into words here; they can only be raised if it was imported.
+    """
+    if isinstance(exc, BoxparkError):
+        return exc
+    transport = sys.modules.get("boxpark.transport")
+    if transport is None:
+        return None
+    if isinstance(exc, transport.TransportError):
+        return BoxparkError(str(exc))
+    if isinstance(exc, transport.RemoteError):
+        return BoxparkError(f"the guest refused the call ({exc.code.name}): {exc.message}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging  # after parsing: `--help` and a bad command line need no logging
+
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None or args.debug:
+            raise
+        die(error.message, error.hint, error.code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
