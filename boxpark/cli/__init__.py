@@ -11,7 +11,6 @@ failure) becomes one sentence and a hint on stderr and its exit code; `--debug` 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -64,7 +63,8 @@ class LazyParser(argparse.ArgumentParser):
 
 def _loader(name: str, module: str) -> Callable[[argparse.ArgumentParser], None]:
     def load(parser: argparse.ArgumentParser) -> None:
-        importlib.import_module(f"{__name__}.{module}").add_arguments(name, parser)
+        # __import__ rather than importlib.import_module: the import statement's path, which -X importtime reports
+        __import__(f"{__name__}.{module}", fromlist=["add_arguments"]).add_arguments(name, parser)
 
     return load
 

@@ -56,7 +56,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     if args.config:
         if not os.path.exists(args.config):
             raise CommandFailed(f"no configuration file {args.config}", "boxpark config --default > FILE makes one", 2)
-        return args.config
+        return str(args.config)
     default = config_home() / "boxpark.toml"
     return str(default) if default.exists() else None
 

@@ -67,9 +67,9 @@ async def pump_stdin(send: Callable[[bytes], Awaitable[None]]) -> None:
             loop.remove_reader(fd)
             pollable = True
         while True:
-            if pollable:
-                ready = loop.create_future()
-                loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            if pollable:  # a reader for one read only: while `send` waits, a waiting stdin must not spin us
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _set, ready)
                 try:
                     await ready
                 finally:
@@ -87,6 +87,11 @@ async def pump_stdin(send: Callable[[bytes], Awaitable[None]]) -> None:
             await send(data)
     finally:
         os.close(fd)
+
+
+def _set(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def _private_stdin() -> int:
