@@ -59,6 +59,21 @@ def test_exec_and_status(machine) -> None:
     upchecks.exec_and_status(machine)
 
 
+def test_exec_stdin_from_a_file_or_dev_null(machine, tmp_path) -> None:
+    # epoll refuses regular files and /dev/null: `exec -i` once waited on them forever
+    import subprocess
+    import sys
+
+    data = tmp_path / "in.txt"
+    data.write_bytes(b"a line from a file\n" * 10000)
+    env = {**os.environ, "BOXPARK_HOME": str(machine.home)}
+    for stdin, size in ((data, "190000"), (Path(os.devnull), "0")):
+        with open(stdin, "rb") as f:
+            result = subprocess.run([sys.executable, "-m", "boxpark", "exec", "--name", machine.name, "-i", "--",
+                                     "wc", "-c"], stdin=f, capture_output=True, text=True, env=env, timeout=120)
+        assert (result.returncode, result.stdout.strip()) == (0, size), result.stderr
+
+
 def test_cpus_and_memory_limit_the_sandboxs_cgroup_or_up_says_they_do_not(machine) -> None:
     import json
 
