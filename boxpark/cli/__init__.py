@@ -122,7 +122,3 @@ def main(argv: list[str] | None = None) -> int:
         if error is None or args.debug:
             raise
         die(error.message, error.hint, error.code)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
