@@ -2,13 +2,13 @@
 
 `guest serve` runs inside the guest, whose image carries no host code: this module imports nothing of the
 package at its top, `serve` loads only the guest server and the transport, and only `call` (a host-side
-debugging tool) loads the host's client.
+debugging tool) loads the host's client. asyncio too loads only when a command runs (it costs more than
+parsing the whole command line).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -53,6 +53,8 @@ def add_arguments(name: str, guest: argparse.ArgumentParser) -> None:
 
 
 def _guest_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..guest.server import GuestServer, run_forever
     from ..transport import parse_address, read_secret
 
@@ -114,6 +116,8 @@ def _request_from(method: str, params: dict[str, Any]) -> Any:
 
 
 def _guest_call(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .. import protocol
     from ..host.client import GuestClient
     from ..transport import read_secret
@@ -154,6 +158,8 @@ def _guest_call(args: argparse.Namespace) -> int:
 
 async def _interactive(client: Any, request: Any) -> int:
     """Interactive exec from `guest call`: local stdin goes in, output frames come out as JSON lines."""
+    import asyncio
+
     from .terminal import pump_stdin
 
     process = await client.exec_interactive(request.argv, tty=request.tty, rows=request.rows, cols=request.cols,
@@ -179,6 +185,8 @@ async def _interactive(client: Any, request: Any) -> int:
 
 async def _bridge_stdio(sock: Any) -> int:
     """Raw bytes between this terminal's stdin/stdout and a guest socket (like socat)."""
+    import asyncio
+
     from .terminal import pump_stdin
 
     loop = asyncio.get_running_loop()
