@@ -1,8 +1,8 @@
 """`boxpark image build`: the guest image — vmlinuz, initrd.img, root.squashfs, manifest.json.
 
-Puts the pieces together in the order of their cost: resolve every input first (apt lists, our own
-source, msgspec's version — no network), and if the inputs' hash equals the one in the output's manifest,
-stop: nothing to do. Otherwise fetch the kernel, reuse or build the cached Debian base (rootfs), write the
+Puts the pieces together in the order of their cost: resolve every input first (apt lists, the part of our
+source the guest runs, msgspec's version — no network; host code is no input), and if the inputs' hash
+equals the one in the output's manifest, stop: nothing to do. Otherwise fetch the kernel, reuse or build the cached Debian base (rootfs), write the
 initramfs, append boxpark's layer (pylayer) to a copy of the base, and replace the outputs together,
 manifest last. One build at a time per cache (a lock file). Errors reach the user as a sentence with a
 hint, never a traceback (unless --debug).
@@ -120,7 +120,7 @@ def build_image(
     `progress` gets one human-readable line per step (None: silent). `cache` defaults to cache_dir().
     `force` rebuilds even when the inputs are unchanged; `refresh_base` also rebuilds the cached Debian
     base, picking up Debian's updates. `source` is the `boxpark` package directory to install (default:
-    the one running this code).
+    the one running this code); only its guest part goes in (`pylayer.GUEST_MODULES`).
     """
     if arch not in ARCHES:
         raise ImageError(f"unsupported architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")

@@ -1,4 +1,9 @@
-"""Boxpark's own layer of the root: this repo's `boxpark` package and msgspec, byte-compiled.
+"""Boxpark's own layer of the root: the part of the `boxpark` package the guest runs, and msgspec, byte-compiled.
+
+Only what the guest runs goes in (`GUEST_MODULES`: the contract, the transport, the relay and `guest/`), and
+only that is hashed into the image's inputs: an edit to host code (the CLI, the agent, this builder)
+rebuilds nothing. The guest never imports anything else of the package; a unit test imports every shipped
+module from a staged copy to prove it.
 
 This is the layer that changes with every edit, so it is kept out of the Debian base and *appended* to a
 copy of the base squashfs (`mksquashfs LAYER IMAGE` without -noappend): only the new files get
@@ -27,7 +32,10 @@ from .rootfs import LAYER_DIR, PYTHON_DIR
 from .subp import ImageError
 
 # Bump when the staging below changes the layer's bytes.
-LAYER_RECIPE_VERSION = 1
+LAYER_RECIPE_VERSION = 2
+
+GUEST_MODULES = ("__init__", "protocol", "transport", "relay", "guest")
+"""The top-level modules of `boxpark` the guest runs; each ships as `NAME.py` or as the package `NAME/`."""
 
 WHEEL_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache"}
@@ -41,21 +49,31 @@ def package_dir() -> Path:
     return Path(boxpark.__file__).resolve().parent
 
 
+def _shipped(path: Path) -> bool:
+    """Whether a top-level entry of the package is one of the `GUEST_MODULES`."""
+    if path.is_dir():
+        return path.name in GUEST_MODULES
+    return path.suffix == ".py" and path.stem in GUEST_MODULES
+
+
 def source_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative path, path) of every file of the package, sorted; no caches or editor leftovers."""
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in filenames:
-            if name.endswith(SKIP_SUFFIXES) or name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root.parent).as_posix(), path))
-    return sorted(found)
+    """(relative path, path) of every file the guest gets from the package, sorted; no caches or leftovers."""
+    found: list[Path] = []
+    for top in root.iterdir():
+        if not _shipped(top):
+            continue
+        if top.is_file():
+            found.append(top)
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
+            found += [Path(dirpath) / name for name in filenames
+                      if not (name.endswith(SKIP_SUFFIXES) or name.startswith("."))]
+    return sorted((path.relative_to(root.parent).as_posix(), path) for path in found)
 
 
 def source_hash(root: Path) -> str:
-    """sha256 over the package's file names, modes' exec bit and contents."""
+    """sha256 over the shipped files' names, exec bits and contents (`source_files`: nothing else)."""
     digest = hashlib.sha256()
     for rel, path in source_files(root):
         data = path.read_bytes()

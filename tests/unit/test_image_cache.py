@@ -96,7 +96,7 @@ def test_stage_refuses_code_that_does_not_compile(tmp_path: Path) -> None:
     import zipfile
 
     pkg = make_package(tmp_path)
-    (pkg / "broken.py").write_text("def (:\n")
+    (pkg / "guest" / "broken.py").write_text("def (:\n")
     wheel = tmp_path / "w.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("msgspec/__init__.py", "")
