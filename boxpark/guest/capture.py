@@ -17,12 +17,12 @@ from .. import protocol
 from ..transport import Channel
 from . import logs
 from .pipes import EXIT_GRACE, Pipes, StdinWriter, devnull
-from .supervisor import Child
+from .supervisor import Process
 
 OUTPUT_CAP = protocol.MAX_FRAME - 64 * 1024
 """Bytes of stdout plus stderr a unary exec returns; the rest is read and discarded (`truncated`)."""
 
-Spawn = Callable[..., Child]
+Spawn = Callable[..., Process]
 """How a call starts its process: `spawn(argv, env, cwd, stdin=, stdout=, stderr=)`, GuestError if it cannot."""
 
 

@@ -95,10 +95,10 @@ def find_mountpoint(device: str) -> str | None:
 def _run(argv: list[str], what: str, ok_codes: tuple[int, ...] = (0,), input: bytes | None = None) -> str:
     try:
         result = subp.run(argv, timeout=600, check=False, input=input)
-    except subp.CommandError as exc:
+    except subp.HelperError as exc:
         raise GuestError(ErrorCode.FAILED, f"{what}: {exc}") from None
     if result.returncode not in ok_codes:
-        error = subp.CommandError(list(argv), result.returncode, result.stdout, result.stderr)
+        error = subp.HelperError(list(argv), result.returncode, result.stdout, result.stderr)
         code = ErrorCode.PERMISSION_DENIED if "ermission denied" in str(error) else ErrorCode.FAILED
         raise GuestError(code, f"{what}: {error}")
     return result.stdout

@@ -35,7 +35,7 @@ from .errors import GuestError, from_oserror
 from .pipes import CLOSED, EXIT_GRACE, Pipes
 from .services import PIPE_SIZE, ServiceOutput
 from .sessions import Session
-from .supervisor import Child, Supervisor
+from .supervisor import Process, Supervisor
 
 
 class _Named:
@@ -43,7 +43,7 @@ class _Named:
 
     __slots__ = ("name", "kind", "child", "argv", "started_ns", "ring", "done")
 
-    def __init__(self, name: str, kind: Literal["service", "interactive"], child: Child,
+    def __init__(self, name: str, kind: Literal["service", "interactive"], child: Process,
                  ring: logs.LogRing | None) -> None:
         self.name = name
         self.kind = kind
@@ -216,7 +216,7 @@ class Processes:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _spawn(self, argv: list[str], env: Any, cwd: str | None, **fds: Any) -> Child:
+    def _spawn(self, argv: list[str], env: Any, cwd: str | None, **fds: Any) -> Process:
         try:
             return self.supervisor.spawn(argv, env=env, cwd=cwd, **fds)
         except OSError as exc:
@@ -280,7 +280,7 @@ def _check_name(name: str) -> None:
                          f"{name!r} is not a valid process name (1 to 255 characters, no '/', newline or NUL)")
 
 
-def _describe(child: Child) -> str:
+def _describe(child: Process) -> str:
     if child.running:
         return "running"
     if child.signal is not None:

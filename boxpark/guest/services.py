@@ -15,7 +15,7 @@ from .. import protocol
 from ..protocol import Exit
 from . import logs
 from .pipes import EXIT_GRACE
-from .supervisor import Child
+from .supervisor import Process
 
 PIPE_SIZE = 1024 * 1024
 """Pipe capacity asked for a service's stdout/stderr, so that bursts do not stall it while the loop is busy."""
@@ -25,7 +25,7 @@ class ServiceOutput:
     """Feeds a service's two pipes into its ring; when both are done (or EXIT_GRACE after the exit) it
     closes the ring with the `Exit`, completes `done` and emits `ProcessExited` to `events`."""
 
-    def __init__(self, name: str, child: Child, ring: logs.LogRing, done: asyncio.Future[Exit], out: int, err: int,
+    def __init__(self, name: str, child: Process, ring: logs.LogRing, done: asyncio.Future[Exit], out: int, err: int,
                  events: Any) -> None:
         self.name = name
         self.child = child

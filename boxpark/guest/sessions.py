@@ -20,7 +20,7 @@ from ..protocol import ErrorCode, Exit
 from ..transport import Channel
 from . import logs, tty
 from .pipes import CLOSED, EXIT_GRACE, StdinWriter
-from .supervisor import Child
+from .supervisor import Process
 
 CLOSE_LINGER = 2.0
 """After an interactive process's Exit, how long the server waits for the host to close the connection."""
@@ -32,7 +32,7 @@ STDIN_HIGH_WATER = 1024 * 1024
 class Session:
     """One interactive process on its connection: frames in to stdin/resize/signal, output out, one Exit."""
 
-    def __init__(self, channel: Channel, child: Child, outputs: list[tuple[int, int]], stdin: int,
+    def __init__(self, channel: Channel, child: Process, outputs: list[tuple[int, int]], stdin: int,
                  master: int) -> None:
         self.channel = channel
         self.child = child

@@ -30,7 +30,7 @@ from ..dirs import cache_home
 from . import initramfs, kernel, modules, pylayer, rootfs, subp
 from .progress import Progress, to_stderr
 from .sources import read_host_sources
-from .subp import ImageError
+from .subp import BuildError
 
 # Bump when the assembly below changes the outputs' bytes (the base and layer have their own versions).
 BUILDER_VERSION = 1
@@ -123,7 +123,7 @@ def build_image(
     the one running this code); only its guest part goes in (`pylayer.GUEST_MODULES`).
     """
     if arch not in ARCHES:
-        raise ImageError(f"unsupported architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
+        raise BuildError(f"unsupported architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
     out = Path(out_dir).expanduser().absolute()
     cache_root = Path(cache).expanduser().absolute() if cache is not None else cache_dir().absolute()
     p = Progress(progress)
@@ -166,7 +166,7 @@ def _resolve_inputs(
     kpkg, bbpkg = kernel.resolve_cached(arch, cache)
     src = Path(source).absolute() if source is not None else pylayer.package_dir()
     if src.name != "boxpark" or not (src / "__init__.py").is_file():
-        raise ImageError(f"{src} is not a boxpark package directory")
+        raise BuildError(f"{src} is not a boxpark package directory")
     source_hash = pylayer.source_hash(src)
     msgspec_version = pylayer.msgspec_version()
     spec = rootfs.BaseSpec(arch, with_docker, kpkg.name, kpkg.version)
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             force=getattr(args, "force", False),
             refresh_base=getattr(args, "refresh_base", False),
         )
-    except ImageError as exc:
+    except BuildError as exc:
         if getattr(args, "debug", False):
             raise
         print(f"boxpark image build: {exc.message}", file=sys.stderr)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import subp
 from .rootfs import LAYER_DIR, PYTHON_DIR
-from .subp import ImageError
+from .subp import BuildError
 
 # Bump when the staging below changes the layer's bytes.
 LAYER_RECIPE_VERSION = 2
@@ -87,7 +87,7 @@ def msgspec_version() -> str:
     try:
         return importlib.metadata.version("msgspec")
     except importlib.metadata.PackageNotFoundError:
-        raise ImageError("msgspec is not installed for this Python", hint="pip install msgspec") from None
+        raise BuildError("msgspec is not installed for this Python", hint="pip install msgspec") from None
 
 
 def fetch_msgspec_wheel(version: str, python: str, arch: str, wheels: Path) -> Path:
@@ -112,12 +112,12 @@ def fetch_msgspec_wheel(version: str, python: str, arch: str, wheels: Path) -> P
         subp.run(argv, timeout=600, hint=f"PyPI must be reachable (or put {pattern} in {wheels})")
         got = sorted(tmp.glob("*.whl"))
         if len(got) != 1:
-            raise ImageError(f"pip downloaded {len(got)} msgspec wheels, expected one")
+            raise BuildError(f"pip downloaded {len(got)} msgspec wheels, expected one")
         os.replace(got[0], wheels / got[0].name)
         return wheels / got[0].name
     except subp.CommandError as exc:
         if "No module named pip" in exc.stderr:
-            raise ImageError(
+            raise BuildError(
                 f"{sys.executable} has no pip (needed once, to fetch the guest's msgspec wheel)",
                 hint="apt-get install python3-pip, or run the build with a Python that has pip",
             ) from None
@@ -175,7 +175,7 @@ def _compile(target: Path) -> None:
                 invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
             )
         except py_compile.PyCompileError as exc:
-            raise ImageError(f"{rel} does not compile: {exc.msg.strip()}") from None
+            raise BuildError(f"{rel} does not compile: {exc.msg.strip()}") from None
         os.chmod(cfile, 0o644)
 
 
@@ -190,7 +190,7 @@ def append(base: Path, layer_root: Path, out: Path) -> None:
         )
         size = tmp.stat().st_size
         if size % 512:
-            raise ImageError(f"root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
+            raise BuildError(f"root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
