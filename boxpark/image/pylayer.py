@@ -1,4 +1,4 @@
-"""Boxpark's own layer of the root: the part of the `boxpark` package the guest runs, and msgspec, byte-compiled.
+"""Boxpark's own layer of the root: the part of the `boxpark` package the guest runs, and msgspec, compiled.
 
 Only what the guest runs goes in (`GUEST_MODULES`: the contract, the transport, the relay and `guest/`), and
 only that is hashed into the image's inputs: an edit to host code (the CLI, the agent, this builder)
