@@ -12,7 +12,8 @@ a timeout; a reply counts only from the upstream asked, with the id and question
 upstream is silent the client gets SERVFAIL, so its resolver stops waiting. The pending table is bounded:
 a query beyond it gets SERVFAIL at once. TCP queries are relayed over a TCP connection per query.
 
-The boot path: stdlib only, nothing slow to import (no `random`/`secrets`: os.urandom gives the ids).
+The boot path: nothing slow to import (no `random`/`secrets`: os.urandom gives the ids); of the guest only
+`network`, which the boot has loaded already and which owns the host's name.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import os
 import socket
 import struct
 
+from .network import HOST_ALIAS
+
 log = logging.getLogger("boxpark.dns")
 
-HOST_NAME = "host.boxpark.internal"
 PORT = 53
 TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
 RCODE_SERVFAIL = 2
@@ -196,7 +198,7 @@ class Forwarder:
     def answer(self, query: bytes) -> tuple[bytes | None, Question | None]:
         """A local reply for `query`, or None with its question when it must go upstream."""
         question = parse_question(query)
-        if question is not None and question.name == HOST_NAME:
+        if question is not None and question.name == HOST_ALIAS:
             return local_answer(query, question, self.host), question
         if question is None or not self.upstreams:
             return servfail(query, question), question

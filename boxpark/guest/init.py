@@ -93,7 +93,7 @@ def boot(settings: settings_.Settings, timeline: Timeline) -> None:
 
     net = network.Result("not configured")
     with timeline.step("network"):
-        network.set_hostname(settings.hostname)
+        network.init_hostname(settings.hostname)
         net = network.configure(settings)
         log.info("network: %s", net.summary)
 
@@ -152,7 +152,7 @@ async def start_dns(net: Result) -> Forwarder | None:
     await forwarder.start()
     network.write_resolv_conf([net.address])
     log.info("dns: forwarder on %s:53 → %s; %s is %s", net.address, ", ".join(upstreams) or "no upstream",
-             dns.HOST_NAME, net.gateway)
+             network.HOST_ALIAS, net.gateway)
     return forwarder
 
 

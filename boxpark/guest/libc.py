@@ -36,28 +36,21 @@ MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
-MS_PROPAGATION = MS_UNBINDABLE | MS_PRIVATE | MS_SLAVE | MS_SHARED
 
 # umount2(2) flags
 MNT_FORCE = 1
 MNT_DETACH = 2
-MNT_EXPIRE = 4
-UMOUNT_NOFOLLOW = 8
 
 # swapon(2) flags
 SWAP_FLAG_PREFER = 0x8000
 SWAP_FLAG_PRIO_MASK = 0x7FFF
-SWAP_FLAG_DISCARD = 0x10000
 
 # reboot(2) commands
 RB_AUTOBOOT = 0x01234567
-RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
 
-# BLKPG (linux/blkpg.h): add, delete or resize one partition in the kernel's table, even while in use
+# BLKPG (linux/blkpg.h): resize one partition in the kernel's table, even while in use
 BLKPG = 0x1269
-BLKPG_ADD_PARTITION = 1
-BLKPG_DEL_PARTITION = 2
 BLKPG_RESIZE_PARTITION = 3
 
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "i686": 217, "armv7l": 218}
@@ -113,7 +106,7 @@ def sethostname(name: str) -> None:
 
 
 def reboot(command: int) -> None:
-    """reboot(2) with one of RB_POWER_OFF, RB_AUTOBOOT, RB_HALT_SYSTEM (sync first: it does not)."""
+    """reboot(2) with RB_POWER_OFF or RB_AUTOBOOT (sync first: it does not)."""
     _check(_lib().reboot(ctypes.c_int(command)), "reboot")
 
 

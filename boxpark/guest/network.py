@@ -112,7 +112,8 @@ def write_resolv_conf(servers: list[str], search: str = "") -> None:
     os.replace(tmp, "/etc/resolv.conf")
 
 
-HOST_NAME = "host.boxpark.internal"
+HOST_ALIAS = "host.boxpark.internal"
+"""The name the guest knows the host by (in /etc/hosts, and answered by the DNS forwarder): not a hostname."""
 SANDBOX_TAP_WAIT = 5.0  # s; the host attaches the tap within milliseconds of the init starting
 
 
@@ -145,7 +146,7 @@ def write_sysctl(key: str, value: str) -> None:
 
 
 def add_host(name: str, address: str) -> None:
-    """A line in /etc/hosts (which `set_hostname` wrote)."""
+    """A line in /etc/hosts (which `init_hostname` wrote)."""
     with open("/etc/hosts", "a") as f:
         f.write(f"{address}\t{name}\n")
 
@@ -163,7 +164,9 @@ def replace_host(name: str, address: str) -> None:
     os.replace("/etc/hosts.boxpark", "/etc/hosts")
 
 
-def set_hostname(name: str) -> None:
+def init_hostname(name: str) -> None:
+    """The boot's hostname: the kernel's, /etc/hostname, and a fresh /etc/hosts naming it (the API's
+    `Hostname` call sets only the kernel's: `system.set_hostname`)."""
     libc.sethostname(name)
     try:
         with open("/etc/hostname", "w") as f:
@@ -177,7 +180,8 @@ def set_hostname(name: str) -> None:
 def configure(settings: Settings) -> Result:
     """Bring the network up as the settings say; the result has a one-line summary for the log.
 
-    resolv.conf gets the upstream resolvers here; `use_forwarder` points it at the forwarder once that runs.
+    resolv.conf gets the upstream resolvers here; the init's `start_dns` points it at the forwarder once that
+    runs.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -201,7 +205,7 @@ def configure(settings: Settings) -> Result:
         set_address(sock, "eth0", static.address, static.prefix)
         if static.gateway:
             default_route(sock, static.gateway)
-            add_host(HOST_NAME, static.gateway)
+            add_host(HOST_ALIAS, static.gateway)
         if settings.sandbox:
             _route_containers()
         write_resolv_conf(static.dns)
@@ -236,7 +240,7 @@ def apply_lease(interface: str, old: Lease | None, new: Lease | None) -> None:
                 default_route(sock, new.router)
             except FileExistsError:
                 pass
-            replace_host(HOST_NAME, new.router)
+            replace_host(HOST_ALIAS, new.router)
     finally:
         sock.close()
 

@@ -27,13 +27,6 @@ def mountinfo() -> list[tuple[int, int, str, str, str]]:
     return result
 
 
-def is_mountpoint(path: str) -> bool:
-    try:
-        return any(point == path for _, _, point, _, _ in mountinfo())
-    except OSError:
-        return os.path.ismount(path)
-
-
 def ensure_proc() -> None:
     if not os.path.exists("/proc/self/mountinfo"):
         libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)

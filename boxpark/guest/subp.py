@@ -1,7 +1,7 @@
 """The guest's one door for running helper commands (resize2fs, sfdisk, mkswap, ...).
 
 Not for the processes the API runs on a caller's behalf: those belong to the supervisor. Every internal
-command goes through `run`, which raises one `CommandError` carrying argv, exit code, stdout and stderr.
+command goes through `run`, which raises one `HelperError` carrying argv, exit code, stdout and stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from . import reaper
 
 
 @dataclass
-class CommandError(Exception):
+class HelperError(Exception):
     """A helper command failed to start, timed out or exited non-zero."""
 
     argv: list[str]
@@ -31,22 +31,22 @@ class CommandError(Exception):
 
 def run(argv: list[str], *, timeout: float = 120.0, input: bytes | None = None,
         env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion and return its result; raise `CommandError` unless it exits 0 (with `check`)."""
+    """Run argv to completion and return its result; raise `HelperError` unless it exits 0 (with `check`)."""
     try:
         with reaper.LOCK:  # so that PID 1's orphan reaper never takes this child's exit status
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, env=env, close_fds=True, start_new_session=True)
             reaper.own(process.pid)
     except FileNotFoundError:
-        raise CommandError(list(argv), None, "", "", reason="is not installed") from None
+        raise HelperError(list(argv), None, "", "", reason="is not installed") from None
     except PermissionError:
-        raise CommandError(list(argv), None, "", "", reason="is not executable") from None
+        raise HelperError(list(argv), None, "", "", reason="is not executable") from None
     try:
         out, err = process.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         out, err = process.communicate()
-        raise CommandError(list(argv), None, out.decode(errors="replace"), err.decode(errors="replace"),
+        raise HelperError(list(argv), None, out.decode(errors="replace"), err.decode(errors="replace"),
                            reason=f"timed out after {timeout:.0f} s") from None
     finally:
         if process.returncode is None:
@@ -56,5 +56,5 @@ def run(argv: list[str], *, timeout: float = 120.0, input: bytes | None = None,
     result = subprocess.CompletedProcess(argv, process.returncode, out.decode(errors="replace"),
                                          err.decode(errors="replace"))
     if check and result.returncode != 0:
-        raise CommandError(list(argv), result.returncode, result.stdout, result.stderr)
+        raise HelperError(list(argv), result.returncode, result.stdout, result.stderr)
     return result

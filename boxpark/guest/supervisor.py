@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import reaper
 
 
-class Child:
+class Process:
     """One spawned process: its pid, and a future that completes with `(code, signal)` once it is reaped."""
 
     __slots__ = ("pid", "argv", "group", "exited", "code", "signal", "_pidfd", "_popen")
@@ -62,20 +62,20 @@ class Child:
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"code={self.code} signal={self.signal}"
-        return f"<Child {self.pid} {self.argv[0]!r} {state}>"
+        return f"<Process {self.pid} {self.argv[0]!r} {state}>"
 
 
 class Supervisor:
     """Spawns children and reaps each one through its pidfd; `stop_all` ends them all."""
 
     def __init__(self) -> None:
-        self.children: set[Child] = set()  # the running ones
+        self.children: set[Process] = set()  # the running ones
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
               stdin: int = subprocess.DEVNULL, stdout: int = subprocess.DEVNULL,
               stderr: int = subprocess.DEVNULL, new_session: bool = True,
-              preexec_fn: Callable[[], Any] | None = None) -> Child:
+              preexec_fn: Callable[[], Any] | None = None) -> Process:
         """Start argv (never through a shell) with the given fds as its stdio; raise OSError if it cannot.
 
         `new_session` puts the child in a new session and process group of its own, so that it and its
@@ -96,12 +96,12 @@ class Supervisor:
                 popen.kill()
                 popen.wait()
                 raise
-        child = Child(popen, argv, pidfd, new_session)
+        child = Process(popen, argv, pidfd, new_session)
         self.children.add(child)
         loop.add_reader(pidfd, self._reap, child)
         return child
 
-    def _reap(self, child: Child) -> None:
+    def _reap(self, child: Process) -> None:
         with reaper.LOCK:  # no spawn may reuse the pid between the reap and the disown
             try:
                 info = os.waitid(os.P_PIDFD, child._pidfd, os.WEXITED | os.WNOHANG)

@@ -6,6 +6,6 @@ never imports this package.
 """
 
 from .build import build_image, cache_dir, default_image_dir
-from .subp import ImageError
+from .subp import BuildError  # noqa: F401
 
-__all__ = ["ImageError", "build_image", "cache_dir", "default_image_dir"]
+__all__ = ["BuildError", "build_image", "cache_dir", "default_image_dir"]

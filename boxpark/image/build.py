@@ -1,8 +1,8 @@
 """`boxpark image build`: the guest image — vmlinuz, initrd.img, root.squashfs, manifest.json.
 
-Puts the pieces together in the order of their cost: resolve every input first (apt lists, our own
-source, msgspec's version — no network), and if the inputs' hash equals the one in the output's manifest,
-stop: nothing to do. Otherwise fetch the kernel, reuse or build the cached Debian base (rootfs), write the
+Puts the pieces together in the order of their cost: resolve every input first (apt lists, the part of our
+source the guest runs, msgspec's version — no network; host code is no input), and if the inputs' hash
+equals the one in the output's manifest, stop: nothing to do. Otherwise fetch the kernel, reuse or build the cached Debian base (rootfs), write the
 initramfs, append boxpark's layer (pylayer) to a copy of the base, and replace the outputs together,
 manifest last. One build at a time per cache (a lock file). Errors reach the user as a sentence with a
 hint, never a traceback (unless --debug).
@@ -30,7 +30,7 @@ from ..dirs import cache_home
 from . import initramfs, kernel, modules, pylayer, rootfs, subp
 from .progress import Progress, to_stderr
 from .sources import read_host_sources
-from .subp import ImageError
+from .subp import BuildError
 
 # Bump when the assembly below changes the outputs' bytes (the base and layer have their own versions).
 BUILDER_VERSION = 1
@@ -120,10 +120,10 @@ def build_image(
     `progress` gets one human-readable line per step (None: silent). `cache` defaults to cache_dir().
     `force` rebuilds even when the inputs are unchanged; `refresh_base` also rebuilds the cached Debian
     base, picking up Debian's updates. `source` is the `boxpark` package directory to install (default:
-    the one running this code).
+    the one running this code); only its guest part goes in (`pylayer.GUEST_MODULES`).
     """
     if arch not in ARCHES:
-        raise ImageError(f"unsupported architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
+        raise BuildError(f"unsupported architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
     out = Path(out_dir).expanduser().absolute()
     cache_root = Path(cache).expanduser().absolute() if cache is not None else cache_dir().absolute()
     p = Progress(progress)
@@ -166,7 +166,7 @@ def _resolve_inputs(
     kpkg, bbpkg = kernel.resolve_cached(arch, cache)
     src = Path(source).absolute() if source is not None else pylayer.package_dir()
     if src.name != "boxpark" or not (src / "__init__.py").is_file():
-        raise ImageError(f"{src} is not a boxpark package directory")
+        raise BuildError(f"{src} is not a boxpark package directory")
     source_hash = pylayer.source_hash(src)
     msgspec_version = pylayer.msgspec_version()
     spec = rootfs.BaseSpec(arch, with_docker, kpkg.name, kpkg.version)
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             force=getattr(args, "force", False),
             refresh_base=getattr(args, "refresh_base", False),
         )
-    except ImageError as exc:
+    except BuildError as exc:
         if getattr(args, "debug", False):
             raise
         print(f"boxpark image build: {exc.message}", file=sys.stderr)

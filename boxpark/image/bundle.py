@@ -39,7 +39,7 @@ from typing import IO, Any, BinaryIO
 from . import subp
 from .build import ARCHES, OUTPUTS, _locked, cache_dir, default_arch, default_image_dir, read_manifest
 from .progress import Progress, to_stderr
-from .subp import ImageError
+from .subp import BuildError
 
 BUNDLE_FORMAT = 1
 KIND = "boxpark-image-bundle"
@@ -85,11 +85,11 @@ def export_bundle(image_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     src = Path(image_dir)
     manifest = read_manifest(src)
     if manifest is None:
-        raise ImageError(f"no image in {src} (no readable manifest.json)",
+        raise BuildError(f"no image in {src} (no readable manifest.json)",
                          hint="build one first: boxpark image build [--arch ARCH]")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(OUTPUTS):
-        raise ImageError(f"the manifest in {src} does not list {', '.join(OUTPUTS)}",
+        raise BuildError(f"the manifest in {src} does not list {', '.join(OUTPUTS)}",
                          hint="rebuild the image: boxpark image build --force")
     target = Path(out)
     with contextlib.ExitStack() as stack:
@@ -98,7 +98,7 @@ def export_bundle(image_dir: str | os.PathLike[str], out: str | os.PathLike[str]
             try:
                 handles[name] = stack.enter_context(open(src / name, "rb"))
             except OSError as exc:
-                raise ImageError(f"cannot read {src / name}: {exc.strerror}",
+                raise BuildError(f"cannot read {src / name}: {exc.strerror}",
                                  hint="rebuild the image: boxpark image build --force") from None
         sums: dict[str, dict[str, Any]] = {}
         with p.step("hash", f"{src}"):
@@ -107,7 +107,7 @@ def export_bundle(image_dir: str | os.PathLike[str], out: str | os.PathLike[str]
                 f.seek(0)
                 sums[name] = {"size": size, "sha256": digest}
                 if name in OUTPUTS and files[name].get("sha256") != digest:
-                    raise ImageError(f"the image in {src} is damaged: {name} does not match its manifest",
+                    raise BuildError(f"the image in {src} is damaged: {name} does not match its manifest",
                                      hint="rebuild it: boxpark image build --force")
         head: dict[str, Any] = {
             "kind": KIND,
@@ -176,7 +176,7 @@ class _Counting(io.RawIOBase):
         try:
             data = self._raw.read(len(buffer))
         except (OSError, http.client.HTTPException) as exc:  # a reset or stalled download, a bad disk
-            raise ImageError(f"reading {self._what.removeprefix('reading ')} failed: {exc or type(exc).__name__}",
+            raise BuildError(f"reading {self._what.removeprefix('reading ')} failed: {exc or type(exc).__name__}",
                              hint="check the network (or the file) and try again") from None
         n = len(data)
         buffer[:n] = data
@@ -208,23 +208,23 @@ def _open_source(source: str) -> Iterator[tuple[IO[bytes], int | None, str]]:
         try:
             response = urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT)  # noqa: S310 (schemes checked)
         except urllib.error.HTTPError as exc:
-            raise ImageError(f"cannot download {source}: the server answered {exc.code} {exc.reason}",
+            raise BuildError(f"cannot download {source}: the server answered {exc.code} {exc.reason}",
                              hint="check the address") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ImageError(f"cannot download {source}: {reason}",
+            raise BuildError(f"cannot download {source}: {reason}",
                              hint="check the address and that this host can reach it") from None
         with response:
             length = response.headers.get("Content-Length")
             yield response, int(length) if length and length.isdigit() else None, source
         return
     if "://" in source:
-        raise ImageError(f"cannot import from {source}: only http, https and file URLs are supported",
+        raise BuildError(f"cannot import from {source}: only http, https and file URLs are supported",
                          hint="download it first, then import the file")
     try:
         f = open(source, "rb")
     except OSError as exc:
-        raise ImageError(f"cannot read the bundle {source}: {exc.strerror}") from None
+        raise BuildError(f"cannot read the bundle {source}: {exc.strerror}") from None
     with f:
         yield f, os.fstat(f.fileno()).st_size, source
 
@@ -244,12 +244,12 @@ def import_bundle(source: str | os.PathLike[str], image_dir: str | os.PathLike[s
         try:
             tar = tarfile.open(fileobj=reader, mode="r|*")
         except tarfile.TarError as exc:
-            raise ImageError(f"{what} is not a boxpark image bundle (not a tar archive: {exc})") from None
+            raise BuildError(f"{what} is not a boxpark image bundle (not a tar archive: {exc})") from None
         with tar:
             members = iter(_members(tar, what))
             first = next(members, None)
             if first is None or first.name != BUNDLE_JSON:
-                raise ImageError(f"{what} is not a boxpark image bundle (it does not start with {BUNDLE_JSON})",
+                raise BuildError(f"{what} is not a boxpark image bundle (it does not start with {BUNDLE_JSON})",
                                  hint="make bundles with: boxpark image export")
             head = _read_head(tar, first, what)
             arch, with_docker = head["arch"], head["with_docker"]
@@ -275,10 +275,10 @@ def _members(tar: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
     try:
         yield from tar
     except tarfile.TarError as exc:
-        raise ImageError(f"{what} is damaged or truncated ({exc})",
+        raise BuildError(f"{what} is damaged or truncated ({exc})",
                          hint="download or export it again") from None
     except (EOFError, OSError) as exc:
-        raise ImageError(f"{what} is damaged or truncated ({exc})",
+        raise BuildError(f"{what} is damaged or truncated ({exc})",
                          hint="download or export it again") from None
 
 
@@ -288,33 +288,33 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> by
     try:
         return f.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ImageError(f"{what} is truncated in {member.name} ({exc})", hint="download or export it again") from None
+        raise BuildError(f"{what} is truncated in {member.name} ({exc})", hint="download or export it again") from None
 
 
 def _read_head(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> dict[str, Any]:
     damaged = f"{what}: {BUNDLE_JSON} is damaged"
     if not member.isreg() or member.size > MAX_JSON:
-        raise ImageError(f"{damaged} (not a small regular file)", hint="download or export it again")
+        raise BuildError(f"{damaged} (not a small regular file)", hint="download or export it again")
     try:
         head = json.loads(_read_member(tar, member, what))
     except (ValueError, UnicodeDecodeError):
-        raise ImageError(f"{damaged} (not valid JSON)", hint="download or export it again") from None
+        raise BuildError(f"{damaged} (not valid JSON)", hint="download or export it again") from None
     if not isinstance(head, dict) or head.get("kind") != KIND:
-        raise ImageError(f"{what} is not a boxpark image bundle ({BUNDLE_JSON} says otherwise)")
+        raise BuildError(f"{what} is not a boxpark image bundle ({BUNDLE_JSON} says otherwise)")
     version = head.get("format")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ImageError(f"{damaged} (no valid format version)", hint="download or export it again")
+        raise BuildError(f"{damaged} (no valid format version)", hint="download or export it again")
     if version > BUNDLE_FORMAT:
-        raise ImageError(f"{what} is bundle format {version}; this boxpark reads format {BUNDLE_FORMAT}",
+        raise BuildError(f"{what} is bundle format {version}; this boxpark reads format {BUNDLE_FORMAT}",
                          hint="upgrade boxpark, or export the image with the boxpark version you have")
     if head.get("sha256") != _self_hash(head):
-        raise ImageError(f"{damaged} (its own checksum does not match)", hint="download or export it again")
+        raise BuildError(f"{damaged} (its own checksum does not match)", hint="download or export it again")
     files = head.get("files")
     if (head.get("arch") not in ARCHES or not isinstance(head.get("with_docker"), bool)
             or not isinstance(files, dict) or set(files) != set(MEMBERS)
             or not all(isinstance(files[n].get("size"), int) and isinstance(files[n].get("sha256"), str)
                        for n in MEMBERS)):
-        raise ImageError(f"{damaged} (arch or the file list is wrong)", hint="download or export it again")
+        raise BuildError(f"{damaged} (arch or the file list is wrong)", hint="download or export it again")
     return head
 
 
@@ -326,15 +326,15 @@ def _unpack(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], head: dict
     for member in members:
         name = member.name
         if name not in MEMBERS:
-            raise ImageError(f"{what} holds an unexpected member {name!r}", hint="make bundles with: boxpark image export")
+            raise BuildError(f"{what} holds an unexpected member {name!r}", hint="make bundles with: boxpark image export")
         if name in seen:
-            raise ImageError(f"{what} holds {name} twice", hint="make bundles with: boxpark image export")
+            raise BuildError(f"{what} holds {name} twice", hint="make bundles with: boxpark image export")
         seen.add(name)
         if not member.isreg():
-            raise ImageError(f"{what}: {name} is not a regular file", hint="make bundles with: boxpark image export")
+            raise BuildError(f"{what}: {name} is not a regular file", hint="make bundles with: boxpark image export")
         declared = files[name]
         if member.size != declared["size"]:
-            raise ImageError(f"{what}: {name} is {member.size} bytes, but {BUNDLE_JSON} says {declared['size']}",
+            raise BuildError(f"{what}: {name} is {member.size} bytes, but {BUNDLE_JSON} says {declared['size']}",
                              hint="the bundle is damaged; download or export it again")
         source = tar.extractfile(member)
         assert source is not None
@@ -345,30 +345,30 @@ def _unpack(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], head: dict
                     digest.update(chunk)
                     out.write(chunk)  # OSError here (disk full) is ours, not the bundle's: it passes
             except (tarfile.TarError, EOFError) as exc:
-                raise ImageError(f"{what} is truncated in {name} ({exc})",
+                raise BuildError(f"{what} is truncated in {name} ({exc})",
                                  hint="download or export it again") from None
         if digest.hexdigest() != declared["sha256"]:
-            raise ImageError(f"{what}: {name} is damaged (its sha256 is {digest.hexdigest()[:16]}…, the bundle "
+            raise BuildError(f"{what}: {name} is damaged (its sha256 is {digest.hexdigest()[:16]}…, the bundle "
                              f"says {declared['sha256'][:16]}…)", hint="download or export it again")
     missing = [n for n in MEMBERS if n not in seen]
     if missing:
-        raise ImageError(f"{what} is incomplete: no {', '.join(missing)}", hint="download or export it again")
+        raise BuildError(f"{what} is incomplete: no {', '.join(missing)}", hint="download or export it again")
 
 
 def _check_image(tmp: Path, head: dict[str, Any], what: str) -> None:
     """The unpacked image agrees with itself: the manifest names the bundle's arch and files."""
     manifest = read_manifest(tmp)
     if manifest is None:
-        raise ImageError(f"{what}: manifest.json is not an image manifest")
+        raise BuildError(f"{what}: manifest.json is not an image manifest")
     files = manifest.get("files")
     if manifest.get("arch") != head["arch"] or not isinstance(files, dict):
-        raise ImageError(f"{what}: manifest.json is for {manifest.get('arch')!r}, the bundle for {head['arch']!r}")
+        raise BuildError(f"{what}: manifest.json is for {manifest.get('arch')!r}, the bundle for {head['arch']!r}")
     for name in OUTPUTS:
         if not isinstance(files.get(name), dict) or files[name].get("sha256") != head["files"][name]["sha256"]:
-            raise ImageError(f"{what}: manifest.json and {BUNDLE_JSON} disagree about {name}")
+            raise BuildError(f"{what}: manifest.json and {BUNDLE_JSON} disagree about {name}")
     size = (tmp / "root.squashfs").stat().st_size
     if size % 512:
-        raise ImageError(f"{what}: root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
+        raise BuildError(f"{what}: root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
 
 
 @contextlib.contextmanager
@@ -445,7 +445,7 @@ def run_import(args: argparse.Namespace) -> int:
 def _cli(command: str, args: argparse.Namespace, go: Callable[[], Path]) -> int:
     try:
         result = go()
-    except ImageError as exc:
+    except BuildError as exc:
         if getattr(args, "debug", False):
             raise
         print(f"boxpark image {command}: {exc.message}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import subp
 from .progress import Progress
-from .subp import ImageError
+from .subp import BuildError
 
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_D = (Path("/usr/lib/binfmt.d"), Path("/lib/binfmt.d"))
@@ -66,21 +66,21 @@ def write_once(path: Path, text: str) -> None:
 
 
 def ensure_can_run(arch: str, host_arch: str, progress: Progress, binfmt: Path = BINFMT_MISC) -> None:
-    """Make sure `arch` programs run on this host (for a chroot), or raise ImageError saying what to do."""
+    """Make sure `arch` programs run on this host (for a chroot), or raise BuildError saying what to do."""
     if arch == host_arch:
         return
     name = QEMU_USER.get(arch)
     if name is None:
-        raise ImageError(f"cannot build an {arch} root on an {host_arch} host", hint=f"build it on an {arch} host")
+        raise BuildError(f"cannot build an {arch} root on an {host_arch} host", hint=f"build it on an {arch} host")
     what = f"building an {arch} root on an {host_arch} host runs {arch} programs through {name}-static"
     conf = next((d / f"{name}.conf" for d in BINFMT_D if (d / f"{name}.conf").is_file()), None)
     if subp.find_tool(f"{name}-static") is None or conf is None:
-        raise ImageError(f"{what}, which is not installed", hint=f"apt-get install {PACKAGE}")
+        raise BuildError(f"{what}, which is not installed", hint=f"apt-get install {PACKAGE}")
     if not (binfmt / "register").exists():
         try:
             subp.run(["mount", "-t", "binfmt_misc", "binfmt_misc", binfmt], timeout=30)
-        except ImageError as exc:
-            raise ImageError(
+        except BuildError as exc:
+            raise BuildError(
                 f"{what}, and binfmt_misc is not mounted (mounting it failed: {exc.message.splitlines()[-1]})",
                 hint=f"mount -t binfmt_misc binfmt_misc {binfmt}",
             ) from None
@@ -91,16 +91,16 @@ def ensure_can_run(arch: str, host_arch: str, progress: Progress, binfmt: Path =
         try:
             write_once(binfmt / "register", line)
         except OSError as exc:
-            raise ImageError(
+            raise BuildError(
                 f"{what}, and registering it with binfmt_misc failed: {exc.strerror}",
                 hint=f"register it yourself: cat {conf} > {binfmt}/register",
             ) from None
         progress.say(f"registered {name} with binfmt_misc (from {conf})")
     handler = parse_handler(entry.read_text(encoding="utf-8"))
     if not handler.enabled:
-        raise ImageError(f"{what}, but its binfmt_misc handler is disabled", hint=f"echo 1 > {entry}")
+        raise BuildError(f"{what}, but its binfmt_misc handler is disabled", hint=f"echo 1 > {entry}")
     if "F" not in handler.flags:
-        raise ImageError(
+        raise BuildError(
             f"{what}, but its binfmt_misc handler ({handler.interpreter}) lacks the F flag, so it cannot "
             "run inside a chroot",
             hint=f"apt-get install {PACKAGE}; then echo -1 > {entry} and build again "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import subp
-from .subp import ImageError
+from .subp import BuildError
 
 KERNEL_META = {"amd64": "linux-image-cloud-amd64", "arm64": "linux-image-cloud-arm64"}
 APT_HINT = "is this host's Debian mirror reachable? try 'apt-get update'"
@@ -99,7 +99,7 @@ def kernel_dependency(depends: str) -> tuple[str, str | None]:
         if name.startswith("linux-image-") and any(ch.isdigit() for ch in name):
             pinned = re.search(r"\(\s*=\s*([^)\s]+)\s*\)", first)
             return name, pinned.group(1) if pinned else None
-    raise ImageError(f"cannot find the kernel image package in: Depends: {depends}")
+    raise BuildError(f"cannot find the kernel image package in: Depends: {depends}")
 
 
 def host_arch() -> str:
@@ -112,7 +112,7 @@ def check_apt_arch(arch: str) -> None:
         return
     foreign = subp.output(["dpkg", "--print-foreign-architectures"]).split()
     if arch not in foreign:
-        raise ImageError(
+        raise BuildError(
             f"this host's apt does not know {arch} packages",
             hint=f"dpkg --add-architecture {arch} && apt-get update",
         )
@@ -123,13 +123,13 @@ def resolve(name: str, arch: str) -> DebPackage:
     try:
         text = subp.output(["apt-cache", "show", "--no-all-versions", f"{name}:{arch}"], timeout=120)
     except subp.CommandError as exc:
-        raise ImageError(
+        raise BuildError(
             f"apt knows no package {name} for {arch}",
             hint="run 'apt-get update' (and for a foreign arch: dpkg --add-architecture " + arch + ")",
         ) from exc
     fields = parse_control(text)
     if "Version" not in fields:
-        raise ImageError(f"apt knows no installable version of {name} for {arch}", hint="apt-get update")
+        raise BuildError(f"apt knows no installable version of {name} for {arch}", hint="apt-get update")
     return DebPackage(fields.get("Package", name), fields["Version"], fields.get("Architecture", arch))
 
 
@@ -141,14 +141,14 @@ def resolve_kernel_and_busybox(arch: str) -> tuple[DebPackage, DebPackage]:
     """
     meta = KERNEL_META.get(arch)
     if meta is None:
-        raise ImageError(f"unsupported architecture {arch!r}", hint="use amd64 or arm64")
+        raise BuildError(f"unsupported architecture {arch!r}", hint="use amd64 or arm64")
     try:
         text = subp.output(
             ["apt-cache", "show", "--no-all-versions", f"{meta}:{arch}", f"busybox-static:{arch}"],
             timeout=120,
         )
     except subp.CommandError as exc:
-        raise ImageError(
+        raise BuildError(
             f"apt knows no {meta} or busybox-static for {arch}",
             hint="run 'apt-get update'"
             + (f" (after dpkg --add-architecture {arch})" if arch != "amd64" else ""),
@@ -157,7 +157,7 @@ def resolve_kernel_and_busybox(arch: str) -> tuple[DebPackage, DebPackage]:
     meta_fields = by_name.get(meta, {})
     bb = by_name.get("busybox-static", {})
     if "Version" not in meta_fields or "Version" not in bb:
-        raise ImageError(f"apt has no installable {meta} or busybox-static for {arch}", hint="apt-get update")
+        raise BuildError(f"apt has no installable {meta} or busybox-static for {arch}", hint="apt-get update")
     image, pinned = kernel_dependency(meta_fields.get("Depends", ""))
     kernel = DebPackage(image, pinned, arch) if pinned else resolve(image, arch)
     return kernel, DebPackage("busybox-static", bb["Version"], bb.get("Architecture", arch))
@@ -224,7 +224,7 @@ def download(pkg: DebPackage, debs: Path) -> Path:
         )
         got = sorted(tmp.glob("*.deb"))
         if len(got) != 1:
-            raise ImageError(f"apt-get download {pkg.name} left {len(got)} files, expected one .deb")
+            raise BuildError(f"apt-get download {pkg.name} left {len(got)} files, expected one .deb")
         os.replace(got[0], target)
     finally:
         subp.remove_tree(tmp)
@@ -254,7 +254,7 @@ def fetch_kernel(pkg: DebPackage, cache: Path) -> Kernel:
     extract(deb, tree)
     moddirs = [p for base in ("lib/modules", "usr/lib/modules") for p in sorted((tree / base).glob("*"))]
     if len(moddirs) != 1:
-        raise ImageError(f"{deb.name}: expected one /lib/modules/<release> directory, found {len(moddirs)}")
+        raise BuildError(f"{deb.name}: expected one /lib/modules/<release> directory, found {len(moddirs)}")
     moddir = moddirs[0]
     release = moddir.name
     vmlinuz = next(
@@ -266,7 +266,7 @@ def fetch_kernel(pkg: DebPackage, cache: Path) -> Kernel:
         None,
     )
     if vmlinuz is None:
-        raise ImageError(f"{deb.name} has no vmlinuz-{release}")
+        raise BuildError(f"{deb.name} has no vmlinuz-{release}")
     if fresh or not (moddir / "modules.dep").exists():
         basedir = moddir.parent.parent.parent  # <tree> or <tree>/usr
         subp.run(["depmod", "-b", basedir, release], timeout=300)
@@ -301,12 +301,12 @@ def decompress_kernel(data: bytes) -> bytes:
             return _gunzip(payload)
         if method == "zstd":
             return _unzstd(payload)
-        raise ImageError(f"the kernel is an EFI zboot image compressed with {method!r}, which boxpark cannot unpack")
+        raise BuildError(f"the kernel is an EFI zboot image compressed with {method!r}, which boxpark cannot unpack")
     if kind == "gzip":
         return _gunzip(data)
     if kind == "zstd":
         return _unzstd(data)
-    raise ImageError(f"the kernel is neither a boot image nor gzip/zstd-compressed ({kind})")
+    raise BuildError(f"the kernel is neither a boot image nor gzip/zstd-compressed ({kind})")
 
 
 def _gunzip(data: bytes) -> bytes:
@@ -331,12 +331,12 @@ def bootable_image(vmlinuz: Path, arch: str, dest: Path) -> Path:
     if kind == want:
         return vmlinuz
     if kind in ("arm64-image", "bzimage"):
-        raise ImageError(f"{vmlinuz.name} is a {kind} kernel, not one for {arch}")
+        raise BuildError(f"{vmlinuz.name} is a {kind} kernel, not one for {arch}")
     if dest.exists() and image_format(dest.read_bytes()[:0x240]) == want:
         return dest
     raw = decompress_kernel(vmlinuz.read_bytes())
     if image_format(raw[:0x240]) != want:
-        raise ImageError(
+        raise BuildError(
             f"{vmlinuz.name} unpacks ({kind}) to something that is not an {arch} boot image "
             f"(no {ARM64_MAGIC if arch == 'arm64' else BZIMAGE_MAGIC!r} magic)",
         )
@@ -353,4 +353,4 @@ def fetch_busybox(pkg: DebPackage, cache: Path) -> Path:
     for rel in ("bin/busybox", "usr/bin/busybox"):
         if (tree / rel).is_file():
             return tree / rel
-    raise ImageError(f"{deb.name} has no busybox binary")
+    raise BuildError(f"{deb.name} has no busybox binary")

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .subp import ImageError
+from .subp import BuildError
 
 # Loaded by the initramfs, before the root is mounted: what booting and the init's first steps need.
 # (name, required) — an optional module may be missing (e.g. virtio_mmio on a kernel that builds it in).
@@ -115,7 +115,7 @@ class ModuleIndex:
         try:
             deps = parse_modules_dep((moddir / "modules.dep").read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ImageError(f"cannot read the kernel's module list: {exc}") from None
+            raise BuildError(f"cannot read the kernel's module list: {exc}") from None
         builtin_file = moddir / "modules.builtin"
         builtin = parse_builtin(builtin_file.read_text(encoding="utf-8")) if builtin_file.exists() else set()
         return cls(deps, builtin)
@@ -143,7 +143,7 @@ class ModuleIndex:
             if path in done:
                 return
             if path in visiting:
-                raise ImageError(f"kernel modules depend on each other in a cycle at {path}")
+                raise BuildError(f"kernel modules depend on each other in a cycle at {path}")
             visiting.add(path)
             for dep in self.deps.get(path, []):
                 visit(dep)
@@ -164,7 +164,7 @@ class ModuleIndex:
                 continue
             visit(path)
         if missing:
-            raise ImageError(
+            raise BuildError(
                 f"the kernel has no module (and no built-in driver) named: {', '.join(missing)}",
                 hint="is this a Debian cloud kernel? the image builder expects its module set",
             )

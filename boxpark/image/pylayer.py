@@ -1,4 +1,9 @@
-"""Boxpark's own layer of the root: this repo's `boxpark` package and msgspec, byte-compiled.
+"""Boxpark's own layer of the root: the part of the `boxpark` package the guest runs, and msgspec, compiled.
+
+Only what the guest runs goes in (`GUEST_MODULES`: the contract, the transport, the relay and `guest/`), and
+only that is hashed into the image's inputs: an edit to host code (the CLI, the agent, this builder)
+rebuilds nothing. The guest never imports anything else of the package; a unit test imports every shipped
+module from a staged copy to prove it.
 
 This is the layer that changes with every edit, so it is kept out of the Debian base and *appended* to a
 copy of the base squashfs (`mksquashfs LAYER IMAGE` without -noappend): only the new files get
@@ -24,10 +29,13 @@ from pathlib import Path
 
 from . import subp
 from .rootfs import LAYER_DIR, PYTHON_DIR
-from .subp import ImageError
+from .subp import BuildError
 
 # Bump when the staging below changes the layer's bytes.
-LAYER_RECIPE_VERSION = 1
+LAYER_RECIPE_VERSION = 2
+
+GUEST_MODULES = ("__init__", "protocol", "transport", "relay", "guest")
+"""The top-level modules of `boxpark` the guest runs; each ships as `NAME.py` or as the package `NAME/`."""
 
 WHEEL_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache"}
@@ -41,21 +49,31 @@ def package_dir() -> Path:
     return Path(boxpark.__file__).resolve().parent
 
 
+def _shipped(path: Path) -> bool:
+    """Whether a top-level entry of the package is one of the `GUEST_MODULES`."""
+    if path.is_dir():
+        return path.name in GUEST_MODULES
+    return path.suffix == ".py" and path.stem in GUEST_MODULES
+
+
 def source_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative path, path) of every file of the package, sorted; no caches or editor leftovers."""
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in filenames:
-            if name.endswith(SKIP_SUFFIXES) or name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root.parent).as_posix(), path))
-    return sorted(found)
+    """(relative path, path) of every file the guest gets from the package, sorted; no caches or leftovers."""
+    found: list[Path] = []
+    for top in root.iterdir():
+        if not _shipped(top):
+            continue
+        if top.is_file():
+            found.append(top)
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
+            found += [Path(dirpath) / name for name in filenames
+                      if not (name.endswith(SKIP_SUFFIXES) or name.startswith("."))]
+    return sorted((path.relative_to(root.parent).as_posix(), path) for path in found)
 
 
 def source_hash(root: Path) -> str:
-    """sha256 over the package's file names, modes' exec bit and contents."""
+    """sha256 over the shipped files' names, exec bits and contents (`source_files`: nothing else)."""
     digest = hashlib.sha256()
     for rel, path in source_files(root):
         data = path.read_bytes()
@@ -69,7 +87,7 @@ def msgspec_version() -> str:
     try:
         return importlib.metadata.version("msgspec")
     except importlib.metadata.PackageNotFoundError:
-        raise ImageError("msgspec is not installed for this Python", hint="pip install msgspec") from None
+        raise BuildError("msgspec is not installed for this Python", hint="pip install msgspec") from None
 
 
 def fetch_msgspec_wheel(version: str, python: str, arch: str, wheels: Path) -> Path:
@@ -94,12 +112,12 @@ def fetch_msgspec_wheel(version: str, python: str, arch: str, wheels: Path) -> P
         subp.run(argv, timeout=600, hint=f"PyPI must be reachable (or put {pattern} in {wheels})")
         got = sorted(tmp.glob("*.whl"))
         if len(got) != 1:
-            raise ImageError(f"pip downloaded {len(got)} msgspec wheels, expected one")
+            raise BuildError(f"pip downloaded {len(got)} msgspec wheels, expected one")
         os.replace(got[0], wheels / got[0].name)
         return wheels / got[0].name
     except subp.CommandError as exc:
         if "No module named pip" in exc.stderr:
-            raise ImageError(
+            raise BuildError(
                 f"{sys.executable} has no pip (needed once, to fetch the guest's msgspec wheel)",
                 hint="apt-get install python3-pip, or run the build with a Python that has pip",
             ) from None
@@ -157,7 +175,7 @@ def _compile(target: Path) -> None:
                 invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
             )
         except py_compile.PyCompileError as exc:
-            raise ImageError(f"{rel} does not compile: {exc.msg.strip()}") from None
+            raise BuildError(f"{rel} does not compile: {exc.msg.strip()}") from None
         os.chmod(cfile, 0o644)
 
 
@@ -172,7 +190,7 @@ def append(base: Path, layer_root: Path, out: Path) -> None:
         )
         size = tmp.stat().st_size
         if size % 512:
-            raise ImageError(f"root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
+            raise BuildError(f"root.squashfs is {size} bytes, not a multiple of 512 (VZ refuses it)")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

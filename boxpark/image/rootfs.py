@@ -22,7 +22,7 @@ from . import foreign, modules, subp
 from .kernel import Kernel
 from .progress import Progress
 from .sources import AptSource, guest_sources_list, pick_mirror
-from .subp import ImageError
+from .subp import BuildError
 
 # Bump when the steps below change the base's bytes (package and module lists are hashed into the key already).
 BASE_RECIPE_VERSION = 1
@@ -115,7 +115,7 @@ def parse_dpkg_status(text: str) -> dict[str, str]:
 def check_can_build_base(arch: str, host_arch: str, progress: Progress) -> None:
     """Root, the tools, and for a foreign arch qemu-user through binfmt_misc (set up here if it can be)."""
     if os.geteuid() != 0:
-        raise ImageError(
+        raise BuildError(
             "building the Debian base of the image needs root (debootstrap, chroot)",
             hint="run the build as root, e.g. sudo boxpark image build",
         )
@@ -211,7 +211,7 @@ def apt_config(tree: Path, arch: str, methods: str) -> str:
     unpacking, asks nothing when non-interactive and took over a minute under qemu-user.
     """
     if any(c in str(tree) + methods for c in '"\n'):
-        raise ImageError(f"cannot use {tree} as a build directory (a quote or newline in its path)")
+        raise BuildError(f"cannot use {tree} as a build directory (a quote or newline in its path)")
     return "".join(
         line + "\n"
         for line in (
@@ -237,7 +237,7 @@ def host_apt_methods() -> str:
     out = subp.output(["apt-config", "shell", "M", "Dir::Bin::methods/d"]).strip()
     path = out.partition("=")[2].strip("'\"")
     if not path or not os.path.isdir(path):
-        raise ImageError("cannot find the host apt's methods directory (apt-config: Dir::Bin::methods)",
+        raise BuildError("cannot find the host apt's methods directory (apt-config: Dir::Bin::methods)",
                          hint="is apt installed? apt-get install apt")
     return path
 
@@ -286,7 +286,7 @@ def _python_version(tree: Path) -> str:
         if re.fullmatch(r"python3\.\d+", p.name) and (p / "os.py").exists()
     )
     if not found:
-        raise ImageError("the root has no python3 standard library")
+        raise BuildError("the root has no python3 standard library")
     return found[-1]
 
 

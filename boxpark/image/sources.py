@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .subp import ImageError
+from .subp import BuildError
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def pick_mirror(sources: list[AptSource], suite: str) -> str:
     for source in sources:
         if source.type == "deb" and suite in source.suites and source.uri.startswith(("http:", "https:")):
             return source.uri
-    raise ImageError(
+    raise BuildError(
         f"no Debian mirror for '{suite}' in this host's apt sources",
         hint=f"add a 'deb' entry for suite {suite} to /etc/apt/sources.list.d/debian.sources "
         "(URIs: your Debian mirror)",

@@ -35,14 +35,17 @@ TOOL_PACKAGES: dict[str, str] = {
 }
 
 
-class ImageError(BoxparkError):
-    """The image could not be built. `str()` is a sentence for the user; `hint` (if any) says what to do."""
+class BuildError(BoxparkError):
+    """The image could not be built (or exported, or imported). `str()` is a sentence for the user; `hint`
+    (if any) says what to do. Not `host.spec`'s error for an image that is missing."""
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
 
-class CommandError(ImageError):
+
+
+class CommandError(BuildError):
     """A command exited non-zero (or timed out: `returncode` is None). Carries argv, exit code and output."""
 
     def __init__(
@@ -65,7 +68,7 @@ class CommandError(ImageError):
         super().__init__(message, hint)
 
 
-class MissingToolError(ImageError):
+class MissingToolError(BuildError):
     """A program the builder needs is not installed; the hint names the Debian package that provides it."""
 
 
@@ -126,7 +129,7 @@ def run(
             start_new_session=True,
         )
     except OSError as exc:
-        raise ImageError(f"cannot run {args[0]}: {exc.strerror}", hint) from None
+        raise BuildError(f"cannot run {args[0]}: {exc.strerror}", hint) from None
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -189,10 +192,10 @@ def remove_tree(path: Path) -> None:
     for mnt in mounts_under(path):
         try:
             run(["umount", mnt], timeout=60)
-        except ImageError:
+        except BuildError:
             run(["umount", "-l", mnt], timeout=60)
     if mounts_under(path):
-        raise ImageError(f"cannot remove {path}: something is still mounted under it")
+        raise BuildError(f"cannot remove {path}: something is still mounted under it")
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
@@ -206,7 +209,7 @@ def _remove_dir(path: Path, device: int) -> None:
             st = entry.stat(follow_symlinks=False)
             if entry.is_dir(follow_symlinks=False):
                 if st.st_dev != device:
-                    raise ImageError(f"refusing to delete across a mount point: {entry.path}")
+                    raise BuildError(f"refusing to delete across a mount point: {entry.path}")
                 _remove_dir(Path(entry.path), device)
             else:
                 os.unlink(entry.path)

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import pytest
 
 from boxpark import protocol
-from boxpark.guest import processes, reaper
+from boxpark.guest import capture, reaper
 from boxpark.host.client import GuestClient, RemoteError
 from boxpark.protocol import ErrorCode, Exit, LogBatch, LogRecord
 from boxpark.transport import dial
@@ -153,7 +153,7 @@ def test_exec_output_past_the_frame_limit_is_cut_and_flagged(guest: RunningServe
     size = protocol.MAX_FRAME + 4 * 1024 * 1024
     result = talk(guest, lambda client: client.exec(["head", "-c", str(size), "/dev/zero"]))
     assert result.code == 0 and result.truncated
-    assert len(result.stdout) == processes.OUTPUT_CAP and not result.stdout.strip(b"\0")
+    assert len(result.stdout) == capture.OUTPUT_CAP and not result.stdout.strip(b"\0")
 
 
 def test_exec_does_not_wait_forever_for_a_daemon_holding_its_pipe(guest: RunningServer, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from boxpark import protocol
-from boxpark.guest import storage
+from boxpark.guest import filesystems, swap
 from boxpark.guest.errors import GuestError
 from boxpark.guest.server import GuestServer
 from boxpark.host.client import GuestClient, RemoteError
@@ -311,7 +311,7 @@ def swap_file(path: str, size: int = 4 * MiB) -> str:
 def test_swap_checks_refuse_before_any_syscall(tmp_path) -> None:
     def reason(path: str) -> tuple[ErrorCode, str]:
         with pytest.raises(GuestError) as info:
-            storage.check_swap(path)
+            swap.check_swap(path)
         return info.value.code, info.value.message
 
     assert reason(f"{tmp_path}/missing")[0] == ErrorCode.NOT_FOUND
@@ -325,13 +325,13 @@ def test_swap_checks_refuse_before_any_syscall(tmp_path) -> None:
         f.truncate(4 * MiB)
     assert "holes" in reason(f"{tmp_path}/sparse")[1]
     assert reason("/dev/null")[0] == ErrorCode.INVALID_ARGUMENT
-    assert storage.check_swap(swap_file(f"{tmp_path}/swap")) == "file"  # a good one passes the checks only
+    assert swap.check_swap(swap_file(f"{tmp_path}/swap")) == "file"  # a good one passes the checks only
     with pytest.raises(GuestError, match="priority"):
-        storage.swapon(protocol.Swapon(path=f"{tmp_path}/swap", priority=40000))
+        swap.swapon(protocol.Swapon(path=f"{tmp_path}/swap", priority=40000))
     with pytest.raises(GuestError, match="not in use as swap"):
-        storage.swapoff(protocol.Swapoff(path=f"{tmp_path}/swap"))
+        swap.swapoff(protocol.Swapoff(path=f"{tmp_path}/swap"))
     with pytest.raises(GuestError) as info:
-        storage.swapoff(protocol.Swapoff(path=f"{tmp_path}/missing"))
+        swap.swapoff(protocol.Swapoff(path=f"{tmp_path}/missing"))
     assert info.value.code == ErrorCode.NOT_FOUND
 
 
@@ -356,10 +356,10 @@ def test_probe_recognises_filesystems(tmp_path) -> None:
     for fstype in ("ext2", "ext3", "ext4", "xfs"):
         image = make_image(f"{tmp_path}/{fstype}.img", 320 * MiB if fstype == "xfs" else 8 * MiB)
         mkfs(image, fstype)
-        assert storage._probe(image) == fstype
+        assert filesystems.probe(image) == fstype
         os.unlink(image)
-    assert storage._probe(swap_file(f"{tmp_path}/swap")) == "swap"
-    assert storage._probe(make_image(f"{tmp_path}/blank", MiB)) == ""
+    assert filesystems.probe(swap_file(f"{tmp_path}/swap")) == "swap"
+    assert filesystems.probe(make_image(f"{tmp_path}/blank", MiB)) == ""
 
 
 @requires_root

@@ -93,14 +93,14 @@ def test_an_error_is_a_sentence_a_hint_and_an_exit_code(capsys: pytest.CaptureFi
 def test_the_error_base_carries_hint_and_code() -> None:
     from boxpark.cli.machine import CommandFailed
     from boxpark.host.vzsign import SignError
-    from boxpark.image import ImageError
+    from boxpark.image import BuildError
 
     assert BoxparkError("x").code == 1 and BoxparkError("x").hint == ""
     assert CommandFailed("not running", "start it", 3).code == 3
     assert StateError("bad").code == 2
     assert SignError("no codesign", "install it").hint == "install it"
-    assert str(ImageError("broken", hint="rebuild")) == "broken\n  hint: rebuild"  # its own str, the base's fields
-    assert ImageError("broken", hint="rebuild").message == "broken"
+    assert str(BuildError("broken", hint="rebuild")) == "broken\n  hint: rebuild"  # its own str, the base's fields
+    assert BuildError("broken", hint="rebuild").message == "broken"
 
 
 def test_a_transport_failure_is_a_sentence(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from boxpark.image import bundle
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 FILES = {"vmlinuz": b"K" * 3000, "initrd.img": b"I" * 700, "root.squashfs": bytes(range(256)) * 8}
 
@@ -143,10 +143,10 @@ def test_an_http_url_with_progress(image: Path, exported: Path, tmp_path: Path, 
 
 
 def test_an_http_error_is_a_sentence(http_server: str, tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="the server answered 404") as info:
+    with pytest.raises(BuildError, match="the server answered 404") as info:
         bundle.import_bundle(f"{http_server}/missing.tar", tmp_path / "x")
     assert info.value.hint
-    with pytest.raises(ImageError, match="only http, https and file URLs"):
+    with pytest.raises(BuildError, match="only http, https and file URLs"):
         bundle.import_bundle("ftp://127.0.0.1/x.tar", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -154,7 +154,7 @@ def test_an_http_error_is_a_sentence(http_server: str, tmp_path: Path) -> None:
 def test_a_truncated_bundle_is_refused(exported: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.tar"
     cut.write_bytes(exported.read_bytes()[: member_offset(exported, "root.squashfs") + 100])
-    with pytest.raises(ImageError, match="truncated in root.squashfs|incomplete"):
+    with pytest.raises(BuildError, match="truncated in root.squashfs|incomplete"):
         bundle.import_bundle(cut, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -178,7 +178,7 @@ def test_a_download_cut_short_is_a_sentence(exported: Path, tmp_path: Path) -> N
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        with pytest.raises(ImageError, match="reading http://127.0.0.1:.* failed|truncated") as info:
+        with pytest.raises(BuildError, match="reading http://127.0.0.1:.* failed|truncated") as info:
             bundle.import_bundle(f"http://127.0.0.1:{server.server_address[1]}/b.tar", tmp_path / "x")
         assert info.value.hint
     finally:
@@ -214,7 +214,7 @@ def test_a_flipped_byte_is_refused_naming_the_file(exported: Path, tmp_path: Pat
     target = make_image(tmp_path / "installed", "amd64")  # an image already there stays untouched
     before = image_bytes(target)
     damaged = flipped(exported, member_offset(exported, name) + 10, tmp_path / "damaged.tar")
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(BuildError) as info:
         bundle.import_bundle(damaged, target)
     assert name in info.value.message and "damaged" in info.value.message, info.value.message
     assert info.value.hint == "download or export it again"
@@ -223,7 +223,7 @@ def test_a_flipped_byte_is_refused_naming_the_file(exported: Path, tmp_path: Pat
 
 
 def test_every_single_byte_flip_is_refused_or_harmless(image: Path, exported: Path, tmp_path: Path) -> None:
-    """The invariant: a flipped byte either makes import fail with an ImageError, or (in tar padding) changes
+    """The invariant: a flipped byte either makes import fail with an BuildError, or (in tar padding) changes
     nothing that gets installed. Every byte of bundle.json (header and data), which decides how the rest is
     read; every 11th elsewhere (the payloads are hashed whole), up to the end-of-archive blocks."""
     data = exported.read_bytes()
@@ -240,7 +240,7 @@ def test_every_single_byte_flip_is_refused_or_harmless(image: Path, exported: Pa
         target = tmp_path / "t"
         try:
             bundle.import_bundle(damaged, target)
-        except ImageError:
+        except BuildError:
             refused += 1
             assert not target.exists()
             continue
@@ -252,7 +252,7 @@ def test_every_single_byte_flip_is_refused_or_harmless(image: Path, exported: Pa
 def test_a_newer_format_is_refused(exported: Path, tmp_path: Path) -> None:
     entries = members(exported)
     head = {**head_of(exported), "format": bundle.BUNDLE_FORMAT + 1}
-    with pytest.raises(ImageError, match=r"bundle format 2; this boxpark reads format 1") as info:
+    with pytest.raises(BuildError, match=r"bundle format 2; this boxpark reads format 1") as info:
         bundle.import_bundle(write_tar(tmp_path / "new.tar", entries, head), tmp_path / "x")
     assert "upgrade boxpark" in str(info.value.hint)
 
@@ -266,7 +266,7 @@ def test_a_newer_format_is_refused(exported: Path, tmp_path: Path) -> None:
 ])
 def test_a_bundle_not_made_by_export_is_refused(exported: Path, tmp_path: Path, entries, message: str) -> None:  # type: ignore[no-untyped-def]
     tar = write_tar(tmp_path / "odd.tar", entries(members(exported)))
-    with pytest.raises(ImageError, match=message):
+    with pytest.raises(BuildError, match=message):
         bundle.import_bundle(tar, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -281,25 +281,25 @@ def test_a_link_member_is_refused(exported: Path, tmp_path: Path) -> None:
                 tar.addfile(link)
             else:
                 tar.addfile(member, src.extractfile(member))
-    with pytest.raises(ImageError, match="vmlinuz is not a regular file"):
+    with pytest.raises(BuildError, match="vmlinuz is not a regular file"):
         bundle.import_bundle(odd, tmp_path / "x")
 
 
 def test_not_a_bundle_at_all(tmp_path: Path) -> None:
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
-    with pytest.raises(ImageError, match="not a boxpark image bundle"):
+    with pytest.raises(BuildError, match="not a boxpark image bundle"):
         bundle.import_bundle(junk, tmp_path / "x")
-    with pytest.raises(ImageError, match="cannot read the bundle .*: No such file"):
+    with pytest.raises(BuildError, match="cannot read the bundle .*: No such file"):
         bundle.import_bundle(tmp_path / "nope.tar", tmp_path / "x")
 
 
 def test_a_damaged_image_is_not_exported(image: Path, tmp_path: Path) -> None:
     (image / "root.squashfs").write_bytes(b"\x00" * 2048)
-    with pytest.raises(ImageError, match="root.squashfs does not match its manifest"):
+    with pytest.raises(BuildError, match="root.squashfs does not match its manifest"):
         bundle.export_bundle(image, tmp_path / "out.tar")
     assert not (tmp_path / "out.tar").exists() and not (tmp_path / "out.tar.tmp").exists()
-    with pytest.raises(ImageError, match="no image in"):
+    with pytest.raises(BuildError, match="no image in"):
         bundle.export_bundle(tmp_path / "empty", tmp_path / "out.tar")
 
 
@@ -340,5 +340,5 @@ def test_cli_errors_are_a_sentence_and_a_hint(exported: Path, tmp_path: Path,
     assert err == (f"boxpark image export: no image in {tmp_path / 'none'} (no readable manifest.json)\n"
                    "hint: build one first: boxpark image build [--arch ARCH]\n")
     args.debug = True
-    with pytest.raises(ImageError):
+    with pytest.raises(BuildError):
         bundle.run_export(args)

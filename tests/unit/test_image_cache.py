@@ -11,7 +11,7 @@ import pytest
 from boxpark.image import build, pylayer, rootfs
 from boxpark.image.kernel import DebPackage, kernel_dependency, parse_control_stanzas
 from boxpark.image.rootfs import BaseSpec, parse_dpkg_status
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 SPEC = BaseSpec("amd64", True, "linux-image-6.1.0-57-cloud-amd64", "6.1.192-3")
 
@@ -96,11 +96,11 @@ def test_stage_refuses_code_that_does_not_compile(tmp_path: Path) -> None:
     import zipfile
 
     pkg = make_package(tmp_path)
-    (pkg / "broken.py").write_text("def (:\n")
+    (pkg / "guest" / "broken.py").write_text("def (:\n")
     wheel = tmp_path / "w.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("msgspec/__init__.py", "")
-    with pytest.raises(ImageError, match="broken.py"):
+    with pytest.raises(BuildError, match="broken.py"):
         pylayer.stage(tmp_path / "layer", pkg, wheel, f"{sys.version_info[0]}.{sys.version_info[1]}")
 
 
@@ -137,7 +137,7 @@ def test_default_image_dir_follows_boxpark_cache(monkeypatch: pytest.MonkeyPatch
 
 
 def test_unknown_arch_is_refused_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="riscv64"):
+    with pytest.raises(BuildError, match="riscv64"):
         build.build_image(tmp_path, arch="riscv64")
 
 
@@ -145,7 +145,7 @@ def test_kernel_dependency_takes_the_pinned_image_package() -> None:
     depends = "linux-image-6.1.0-57-cloud-amd64 (= 6.1.192-3), something-else"
     assert kernel_dependency(depends) == ("linux-image-6.1.0-57-cloud-amd64", "6.1.192-3")
     assert kernel_dependency("linux-image-6.1.0-9-cloud-arm64") == ("linux-image-6.1.0-9-cloud-arm64", None)
-    with pytest.raises(ImageError):
+    with pytest.raises(BuildError):
         kernel_dependency("linux-base, initramfs-tools")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from boxpark.image import foreign, subp
 from boxpark.image.progress import Progress
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 CONF = ":qemu-aarch64:M::\\x7f\\x45\\x4c\\x46:\\xff\\xff\\xff\\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OPF\n"
 
@@ -61,7 +61,7 @@ def test_registers_the_handler_from_qemu_user_static(host: Path, monkeypatch: py
 
 def test_an_existing_handler_without_the_f_flag_is_explained(host: Path) -> None:
     (host / "qemu-aarch64").write_text("enabled\ninterpreter /usr/bin/qemu-aarch64\nflags: P\n")
-    with pytest.raises(ImageError, match="lacks the F flag") as info:
+    with pytest.raises(BuildError, match="lacks the F flag") as info:
         foreign.ensure_can_run("arm64", "amd64", Progress(None), binfmt=host)
     assert "apt-get install qemu-user-static" in str(info.value.hint)
     assert (host / "register").read_text() == ""
@@ -69,13 +69,13 @@ def test_an_existing_handler_without_the_f_flag_is_explained(host: Path) -> None
 
 def test_a_disabled_handler_is_explained(host: Path) -> None:
     (host / "qemu-aarch64").write_text("disabled\ninterpreter /x\nflags: F\n")
-    with pytest.raises(ImageError, match="disabled") as info:
+    with pytest.raises(BuildError, match="disabled") as info:
         foreign.ensure_can_run("arm64", "amd64", Progress(None), binfmt=host)
     assert info.value.hint == f"echo 1 > {host / 'qemu-aarch64'}"
 
 
 def test_no_qemu_user_static_names_the_package(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subp, "find_tool", lambda name: None)
-    with pytest.raises(ImageError, match="through qemu-aarch64-static, which is not installed") as info:
+    with pytest.raises(BuildError, match="through qemu-aarch64-static, which is not installed") as info:
         foreign.ensure_can_run("arm64", "amd64", Progress(None), binfmt=host)
     assert info.value.hint == "apt-get install qemu-user-static"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from boxpark.image import kernel
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 
 def arm64_image(size: int = 4096) -> bytes:
@@ -81,19 +81,19 @@ def test_an_efi_zboot_kernel_is_unpacked(tmp_path: Path) -> None:
     vmlinuz.write_bytes(zboot(gzip.compress(arm64_image())))
     assert kernel.bootable_image(vmlinuz, "arm64", tmp_path / "Image").read_bytes() == arm64_image()
     vmlinuz.write_bytes(zboot(b"whatever", b"lzma"))
-    with pytest.raises(ImageError, match="compressed with 'lzma'"):
+    with pytest.raises(BuildError, match="compressed with 'lzma'"):
         kernel.bootable_image(vmlinuz, "arm64", tmp_path / "Image3")
 
 
 def test_what_is_not_a_kernel_for_the_arch_is_refused(tmp_path: Path) -> None:
     vmlinuz = tmp_path / "vmlinuz"
     vmlinuz.write_bytes(bzimage())
-    with pytest.raises(ImageError, match="is a bzimage kernel, not one for arm64"):
+    with pytest.raises(BuildError, match="is a bzimage kernel, not one for arm64"):
         kernel.bootable_image(vmlinuz, "arm64", tmp_path / "Image")
     vmlinuz.write_bytes(gzip.compress(b"not a kernel" * 100))
-    with pytest.raises(ImageError, match=r"unpacks \(gzip\) to something that is not an arm64 boot image"):
+    with pytest.raises(BuildError, match=r"unpacks \(gzip\) to something that is not an arm64 boot image"):
         kernel.bootable_image(vmlinuz, "arm64", tmp_path / "Image")
     assert not (tmp_path / "Image").exists()
     vmlinuz.write_bytes(b"\x7fELF" + bytes(1000))
-    with pytest.raises(ImageError, match="neither a boot image nor gzip/zstd"):
+    with pytest.raises(BuildError, match="neither a boot image nor gzip/zstd"):
         kernel.bootable_image(vmlinuz, "arm64", tmp_path / "Image")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from boxpark.image.modules import ModuleIndex, module_name, parse_builtin, parse_modules_dep
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 DEP = """\
 kernel/drivers/virtio/virtio.ko:
@@ -73,13 +73,13 @@ def test_builtin_modules_are_skipped_and_dashes_accepted() -> None:
 
 def test_missing_required_module_is_an_error_optional_is_skipped() -> None:
     assert index().load_order([("virtio_mmio", False), ("llc", True)]) == ["kernel/net/llc/llc.ko"]
-    with pytest.raises(ImageError, match="virtio_mmio"):
+    with pytest.raises(BuildError, match="virtio_mmio"):
         index().load_order([("virtio_mmio", True)])
 
 
 def test_cycle_is_reported() -> None:
     idx = ModuleIndex({"a.ko": ["b.ko"], "b.ko": ["a.ko"]})
-    with pytest.raises(ImageError, match="cycle"):
+    with pytest.raises(BuildError, match="cycle"):
         idx.load_order(["a"])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from boxpark.image import rootfs
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 
 def test_apt_config_points_everything_at_the_tree() -> None:
@@ -26,7 +26,7 @@ def test_apt_config_points_everything_at_the_tree() -> None:
 
 
 def test_apt_config_refuses_a_path_it_cannot_quote() -> None:
-    with pytest.raises(ImageError, match="quote or newline"):
+    with pytest.raises(BuildError, match="quote or newline"):
         rootfs.apt_config(Path('/tmp/a"b/root'), "amd64", "/usr/lib/apt/methods/")
 
 

@@ -14,7 +14,7 @@ from boxpark.image.sources import (
     pick_mirror,
     read_host_sources,
 )
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 
 DEB822 = """\
 Types: deb
@@ -91,7 +91,7 @@ def test_pick_mirror_takes_the_suite_itself_not_updates_or_security() -> None:
 
 
 def test_pick_mirror_without_a_match_says_what_to_do() -> None:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(BuildError) as info:
         pick_mirror(parse_deb822(DEB822), "sid")
     assert "sid" in str(info.value) and info.value.hint
 

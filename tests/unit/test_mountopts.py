@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boxpark.guest import libc
-from boxpark.guest.storage import MountOptions, parse_options, split_options
+from boxpark.guest.mountopts import MountOptions, parse_options, split_options
 
 
 def test_nothing() -> None:

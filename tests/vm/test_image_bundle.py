@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from boxpark.image import bundle
-from boxpark.image.subp import ImageError
+from boxpark.image.subp import BuildError
 from tests.machines import Machines, image_dir
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(os.geteuid() != 0, reason="the image and sandbox need root")]
@@ -98,5 +98,5 @@ def test_a_flipped_byte_in_the_root_is_refused(exported: Path, tmp_path: Path) -
     assert proc.stderr.startswith(f"boxpark image import: {damaged}: root.squashfs is damaged"), proc.stderr
     assert proc.stderr.endswith("hint: download or export it again\n") and "Traceback" not in proc.stderr
     assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged.tar"]
-    with pytest.raises(ImageError, match="root.squashfs is damaged"):
+    with pytest.raises(BuildError, match="root.squashfs is damaged"):
         bundle.import_bundle(damaged, target)
