@@ -251,9 +251,9 @@ def test_the_sandbox_refuses_what_it_cannot_do(machines: Machines, tmp_path: Pat
         with pytest.raises(SpecError) as info:
             backend.check(spec)
         assert info.value.field == key, info.value
-    if "memory" not in Path(f"{cgroup2_mount()}/cgroup.controllers").read_text().split():
-        with pytest.raises(SpecError, match="memory: .*cgroup2"):
-            backend.check(machines.spec("sandbox", memory=512))
+    # memory and cpus always have a value: a host that cannot limit them runs the sandbox and says so
+    # (tests/sandbox/test_up.py checks the cgroup's limits or the warning), it does not refuse
+    backend.check(machines.spec("sandbox", memory=512, cpus=1))
 
 
 def _squashfs(tmp_path: Path, init: bytes | None) -> str:
