@@ -16,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-import queue
 import socket
 import struct
 import threading
@@ -230,31 +229,44 @@ def _copy(src: int, dst: int) -> int:
 # -------------------------------------------------------------------------------------- thread pool
 
 
+class _Idle:
+    """Where an idle thread waits for its next job."""
+
+    __slots__ = ("job", "ready")
+
+    def __init__(self) -> None:
+        self.job: Callable[[], None] | None = None
+        self.ready = threading.Event()
+
+
 class _Pool:
     """Threads that run relay directions; up to `max_idle` idle ones wait for the next job `idle_seconds`,
     then exit, closing their pipe.
 
     Unlike a fixed-size executor it never queues a job behind a long-lived connection: when no thread is
     idle it starts one (a relay direction lives as long as its connection; bounding connections is the
-    listeners' job).
+    listeners' job). The thread idle the shortest takes the next job, so under a trickle of connections
+    one thread does the work and the rest of a burst's threads time out (with a shared queue any of them
+    could take each job and none would ever be idle long enough to exit).
     """
 
     def __init__(self, idle_seconds: float = IDLE_SECONDS, max_idle: int = MAX_IDLE) -> None:
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle = 0
+        self._idle: list[_Idle] = []  # a stack
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
-            if self._idle > 0:
-                self._idle -= 1
-                self._jobs.put(job)
+            if self._idle:
+                slot = self._idle.pop()
+                slot.job = job
+                slot.ready.set()
                 return
         threading.Thread(target=self._worker, args=(job,), name="relay", daemon=True).start()
 
     def _worker(self, job: Callable[[], None]) -> None:
+        slot = _Idle()
         try:
             while True:
                 try:
@@ -262,19 +274,18 @@ class _Pool:
                 except Exception:  # a relay bug must not kill the thread silently
                     log.exception("relay failed")
                 with self._lock:
-                    if self._idle >= self.max_idle:
+                    if len(self._idle) >= self.max_idle:
                         return
-                    self._idle += 1
-                try:
-                    job = self._jobs.get(timeout=self.idle_seconds)
-                except queue.Empty:
+                    slot.job = None
+                    slot.ready.clear()
+                    self._idle.append(slot)
+                if not slot.ready.wait(self.idle_seconds):
                     with self._lock:
-                        # a job may have been handed to us between the timeout and the lock
-                        try:
-                            job = self._jobs.get_nowait()
-                        except queue.Empty:
-                            self._idle -= 1
+                        if slot in self._idle:  # else a job was handed over between the timeout and the lock
+                            self._idle.remove(slot)
                             return
+                assert slot.job is not None
+                job = slot.job
         finally:
             _drop_pipe()
 

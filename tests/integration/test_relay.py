@@ -115,3 +115,16 @@ def test_a_burst_leaves_at_most_max_idle_threads_and_their_pipes(monkeypatch) ->
     assert wait_until(lambda: pipe_fds() <= before_pipes + 2 * 4), \
         f"{pipe_fds() - before_pipes} pipe fds kept after the burst (at most 8)"
     burst(20)  # the kept threads still work
+
+
+def test_a_trickle_of_connections_lets_the_rest_of_a_bursts_threads_exit(monkeypatch) -> None:
+    before_pipes, before_threads = pipe_fds(), relay_threads()
+    use_pool(monkeypatch, idle_seconds=2.0, max_idle=16)
+    burst(40)
+    end = time.monotonic() + DEADLINE
+    while relay_threads() > before_threads + 4 and time.monotonic() < end:
+        burst(1)  # a connection every 0.1 s: if any idle thread took it, each would be busy every 0.8 s
+        time.sleep(0.1)
+    assert relay_threads() <= before_threads + 4, \
+        f"{relay_threads() - before_threads} relay threads kept under a trickle of connections"
+    assert wait_until(lambda: pipe_fds() <= before_pipes + 2 * 4)
