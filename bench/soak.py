@@ -110,7 +110,7 @@ class Usage:
 
 @dataclasses.dataclass
 class Tally:
-    """What one load did: units that went through, units that failed (and the last reason)."""
+    """What one load did: units that went through, units that failed (when, and why)."""
 
     ok: int = 0
     failures: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (monotonic, why)
@@ -135,7 +135,7 @@ class Result:
     probe_failures: list[str]  # probes outside that window that got no answer: "time reason"
     baseline: dict[str, Usage]
     end: dict[str, Usage]
-    settled: bool  # both came back within 5% of the baseline before the deadline
+    settled: bool  # both came back within the tolerance of the baseline before the deadline
     lines: int
     dropped: int  # what the ring reported dropped (within bounds)
     lost: int  # lines missing and not reported dropped, or not what seq printed
@@ -144,6 +144,13 @@ class Result:
     agent_window: list[tuple[float, float]]  # from the agent's SIGKILL to just after `up` returned
     dockerd_windows: list[tuple[float, float]]
     logs: str
+
+    def summary(self) -> str:
+        """What a failed test prints: everything but the probe's samples, then the machine's logs."""
+        tallies = {name: (t.ok, len(t.failures), t.failures[-1:]) for name, t in self.tallies.items()}
+        return (f"probes answered {len(self.probe_ms)}, failed {self.probe_failures[:5]}; lines {self.lines}, "
+                f"dropped {self.dropped}, lost {self.lost}; docker working {self.docker_working}\n"
+                f"baseline {self.baseline}\nend {self.end} (settled {self.settled})\nloads {tallies}\n{self.logs}")
 
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.probe_ms)

@@ -22,9 +22,9 @@ pytestmark = [pytest.mark.sandbox,
 
 def test_a_short_soak_leaves_the_machine_as_it_found_it() -> None:
     result = soak.run(75, tolerance=0.05, slack=2)
-    context = f"{result}\n{result.logs}"
+    context = result.summary()
     assert result.docker_working, context
     assert result.lines > 0 and result.lost == 0, context
-    assert result.settled, f"baseline {result.baseline}, end {result.end}\n{result.logs}"
+    assert result.settled, context
     assert result.probe_ms and not result.probe_failures, context
-    assert all(tally.since_up > 0 for tally in result.tallies.values()), result.tallies
+    assert all(tally.since_up > 0 for tally in result.tallies.values()), context
