@@ -1,4 +1,5 @@
-"""Run benchmarks: `python -m bench` runs them all, `python -m bench NAME…` some (file names in bench/).
+"""Run benchmarks: `python -m bench` runs them all but the long ones, `python -m bench NAME…` some (file
+names in bench/). The long ones (`soak`: 10 minutes of load) run only when named.
 
 Every figure is one JSON line on stdout — name, value, unit, reference, ratio, goal — measured against a
 reference taken in the same run; people-readable progress goes to stderr. Never a CI gate.
@@ -13,13 +14,16 @@ import time
 from pathlib import Path
 
 
+LONG = {"soak"}
+
+
 def available() -> list[str]:
     here = Path(__file__).parent
     return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_"))
 
 
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    names = argv or [n for n in available() if n not in LONG]
     unknown = [n for n in names if n not in available()]
     if unknown:
         print(f"bench: no benchmark named {', '.join(unknown)}; available: {', '.join(available())}",

@@ -4,7 +4,9 @@ Shared by guest and host (like `protocol` and `transport`). Each direction is on
 socket → pipe → socket, so the bytes never enter Python (measured 0.5–0.7× a direct copy here; asyncio's
 non-blocking splice 0.3–0.55×); where there is no splice (macOS) a plain copy. When one side ends its
 stream only that direction is shut down: half-close, which `docker run -i` and `docker attach` rely on.
-Threads come from a pool that keeps idle ones a while, so a new connection does not pay for starting one.
+Threads come from a pool that keeps a few idle ones a while, so a new connection does not pay for starting
+one; a thread owns its splice pipe and closes it when it exits, so what a burst leaves behind is at most
+`MAX_IDLE` threads and their pipes, and nothing once they have been idle `IDLE_SECONDS`.
 `DatagramRelay` carries a UDP socket's datagrams over a stream, each behind a 2-byte length (`DATAGRAM`).
 """
 
@@ -14,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-import queue
 import socket
 import struct
 import threading
@@ -26,7 +27,8 @@ PIPE_SIZE = 1024 * 1024  # the largest pipe an unprivileged process may ask for 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _HAS_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
-_IDLE_SECONDS = 60.0
+IDLE_SECONDS = 60.0  # an idle pooled thread exits after this long without a job
+MAX_IDLE = 16  # idle threads kept beyond this exit at once: a burst of 500 connections leaves 16, not 1,000
 
 
 class _Joined:
@@ -202,11 +204,12 @@ def pump(src: int, dst: int) -> int:
 
 
 def _drop_pipe() -> None:
-    """After a failure mid-splice the pipe may still hold bytes for a dead peer: this thread gets a new one."""
-    if _pipes.pair is not None:
-        for fd in _pipes.pair:
+    """Close this thread's pipe: after a failure mid-splice (it may still hold bytes for a dead peer: the
+    next job gets a new one) and when the thread exits (a thread-local's fds are not closed with it)."""
+    pair, _pipes.pair = _pipes.pair, None
+    if pair is not None:
+        for fd in pair:
             os.close(fd)
-        _pipes.pair = None
 
 
 def _copy(src: int, dst: int) -> int:
@@ -226,44 +229,65 @@ def _copy(src: int, dst: int) -> int:
 # -------------------------------------------------------------------------------------- thread pool
 
 
-class _Pool:
-    """Threads that run relay directions; idle ones wait for the next job a while, then exit.
+class _Idle:
+    """Where an idle thread waits for its next job."""
 
-    Unlike a fixed-size executor it never queues a job behind a long-lived connection: when no thread is
-    idle it starts one (a relay direction lives as long as its connection).
-    """
+    __slots__ = ("job", "ready")
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle = 0
+        self.job: Callable[[], None] | None = None
+        self.ready = threading.Event()
+
+
+class _Pool:
+    """Threads that run relay directions; up to `max_idle` idle ones wait for the next job `idle_seconds`,
+    then exit, closing their pipe.
+
+    Unlike a fixed-size executor it never queues a job behind a long-lived connection: when no thread is
+    idle it starts one (a relay direction lives as long as its connection; bounding connections is the
+    listeners' job). The thread idle the shortest takes the next job, so under a trickle of connections
+    one thread does the work and the rest of a burst's threads time out (with a shared queue any of them
+    could take each job and none would ever be idle long enough to exit).
+    """
+
+    def __init__(self, idle_seconds: float = IDLE_SECONDS, max_idle: int = MAX_IDLE) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle
+        self._idle: list[_Idle] = []  # a stack
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
-            if self._idle > 0:
-                self._idle -= 1
-                self._jobs.put(job)
+            if self._idle:
+                slot = self._idle.pop()
+                slot.job = job
+                slot.ready.set()
                 return
         threading.Thread(target=self._worker, args=(job,), name="relay", daemon=True).start()
 
     def _worker(self, job: Callable[[], None]) -> None:
-        while True:
-            try:
-                job()
-            except Exception:  # a relay bug must not kill the thread silently
-                log.exception("relay failed")
-            with self._lock:
-                self._idle += 1
-            try:
-                job = self._jobs.get(timeout=_IDLE_SECONDS)
-            except queue.Empty:
+        slot = _Idle()
+        try:
+            while True:
+                try:
+                    job()
+                except Exception:  # a relay bug must not kill the thread silently
+                    log.exception("relay failed")
                 with self._lock:
-                    # a job may have been handed to us between the timeout and the lock
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        self._idle -= 1
+                    if len(self._idle) >= self.max_idle:
                         return
+                    slot.job = None
+                    slot.ready.clear()
+                    self._idle.append(slot)
+                if not slot.ready.wait(self.idle_seconds):
+                    with self._lock:
+                        if slot in self._idle:  # else a job was handed over between the timeout and the lock
+                            self._idle.remove(slot)
+                            return
+                assert slot.job is not None
+                job = slot.job
+        finally:
+            _drop_pipe()
 
 
 _POOL = _Pool()
