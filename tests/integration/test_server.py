@@ -349,9 +349,9 @@ def test_cli_serve_and_call(tmp_path) -> None:
 
 
 def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypatch) -> None:
-    import boxpark.transport
+    import boxpark.transport.handshake
 
-    monkeypatch.setattr(boxpark.transport, "HANDSHAKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(boxpark.transport.handshake, "HANDSHAKE_TIMEOUT", 0.3)
     with running_server(tmp_path) as srv:
         with raw_connect(srv.address) as sock:
             reply = recv_frame(sock)  # we never say Hello
