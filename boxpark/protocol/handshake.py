@@ -101,8 +101,8 @@ class ServerHandshake:
         self.hello: Hello | None = None
         self.done = False
         self._welcome = welcome
-        self._secret = secret
-        self._nonce = nonce if nonce is not None else secrets.token_bytes(32)
+        self._secret = secret or None
+        self._nonce = None if self._secret is None else nonce or secrets.token_bytes(32)
         self._out = b""
 
     @staticmethod
@@ -126,10 +126,10 @@ class ServerHandshake:
                 raise ProtocolError(f"protocol {message.version} is not supported; this side speaks "
                                     f"{PROTOCOL_VERSION}", ErrorCode.VERSION_MISMATCH)
             self.hello = message
-            if self._secret:
+            if self._secret is not None and self._nonce is not None:
                 self._out += encode(Challenge(nonce=self._nonce))
                 return
-        elif (not isinstance(message, Proof) or self._secret is None
+        elif (not isinstance(message, Proof) or self._secret is None or self._nonce is None
               or not hmac.compare_digest(message.hmac, proof(self._secret, self._nonce))):
             raise ProtocolError("wrong or missing token proof", ErrorCode.UNAUTHENTICATED)
         self.done = True
