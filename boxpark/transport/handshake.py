@@ -17,6 +17,7 @@ from .channel import Channel
 from .sockets import dial_socket
 
 HANDSHAKE_TIMEOUT = 10.0
+"""Seconds either side gives the other to complete the handshake."""
 
 
 def handshake_failure(address: Address, exc: ProtocolError | RemoteError) -> TransportError:
