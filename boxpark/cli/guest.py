@@ -134,22 +134,18 @@ def _guest_call(args: argparse.Namespace) -> int:
     async def call() -> int:
         client = await GuestClient.open(args.address, secret=secret, timeout=args.timeout)
         async with client:
-            if isinstance(request, protocol.Connect):
-                return await _bridge_stdio(await client.connect(path=request.path, port=request.port,
-                                                                host=request.host, timeout=request.timeout))
-            if isinstance(request, protocol.Exec) and request.interactive:
+            spec = protocol.call_spec(request)
+            if spec.raw:
+                return await _bridge_stdio(await client.open_raw(request))
+            if spec.kind is protocol.CallKind.UPGRADE:
                 return await _interactive(client, request)
-            streaming = (isinstance(request, (protocol.Attach, protocol.NotifyListen, protocol.Events))
-                         or (isinstance(request, protocol.Launch) and request.connect))
-            if streaming:
-                channel, first = await client._owning_call(request, protocol.Ok, protocol.Launched)
-                _print_message(first)
-                from ..host.client import Stream
-
-                async for frame in Stream(channel, first, (protocol.Exit, protocol.EndOfStream)):
-                    _print_message(frame)
+            if spec.kind is protocol.CallKind.STREAM:
+                async with await client.stream(request) as stream:
+                    _print_message(stream.first)
+                    async for frame in stream:
+                        _print_message(frame)
                 return 0
-            reply = await client.call(request, *(t for t in protocol.MESSAGE_TYPES if t is not protocol.Error))
+            reply = await client.call(request)
             _print_message(reply)
             return 0
 

@@ -1,9 +1,11 @@
 """The Guest API server: accepts connections, dispatches each call to the module of its concern.
 
-This is the only place that turns exceptions into wire errors (`_reply_for`): handlers raise `GuestError`
-or let an `OSError` through, and a bug becomes an INTERNAL reply with a log line — never a dead server.
-A connection is a sequence of unary calls, or ends with one streaming or upgrade call (the handler then
-returns None and owns the connection until it is done).
+Handlers are registered by request type, one for each call of `protocol.CALLS` (checked when the server is
+made). This is the only place that turns exceptions into wire errors (`_reply_for`): handlers raise
+`GuestError` or let an `OSError` through, and a bug becomes an INTERNAL reply with a log line — never a dead
+server. A connection is a sequence of unary calls, or ends with one streaming or upgrade call (the table
+says which): the handler of a unary call returns its reply, one that owns the connection returns None once
+it is done with it (or an `Error` if it refused before taking it over).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from types import ModuleType
 from typing import Any, Awaitable, Callable, Collection
 
 from .. import __version__, protocol
@@ -58,23 +61,23 @@ class GuestServer:
         self._notify: Any = None  # the NotifyHub, made on first use (its import is not on the boot path)
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[Any]] = set()
-        # Quick calls run synchronously, straight from the connection's data callback when it is idle.
-        self._sync: dict[type, Callable[[Any], Message]] = {
+        # Quick unary calls run synchronously, straight from the connection's data callback when it is idle.
+        self._sync: dict[type[Message], Callable[[Any], Message]] = {
             protocol.Info: self._info,
             protocol.ReadFile: files.read_file,
             protocol.WriteFile: files.write_file,
             protocol.Mkdir: files.mkdir,
             protocol.Stat: files.stat,
-            protocol.Mount: _lazy("storage", "mount"),
-            protocol.Umount: _lazy("storage", "umount"),
-            protocol.Swapon: self._machine_wide(_lazy("storage", "swapon"), swap=True),
-            protocol.Swapoff: self._machine_wide(_lazy("storage", "swapoff"), swap=True),
+            protocol.Mount: lambda message: _storage().mount(message),
+            protocol.Umount: lambda message: _storage().umount(message),
+            protocol.Swapon: self._machine_wide(lambda message: _storage().swapon(message), swap=True),
+            protocol.Swapoff: self._machine_wide(lambda message: _storage().swapoff(message), swap=True),
             protocol.SetTime: self._machine_wide(self.clock.set_from_host),
             protocol.Hostname: self._hostname,
             protocol.Reboot: self._machine_wide(self._power),
             protocol.Poweroff: self._machine_wide(self._power),
         }
-        self._handlers: dict[type, Handler] = {
+        self._handlers: dict[type[Message], Handler] = {
             **{kind: _sync(function) for kind, function in self._sync.items()},
             protocol.Exec: self.processes.exec,
             protocol.Launch: self.processes.launch,
@@ -82,12 +85,13 @@ class GuestServer:
             protocol.Wait: self.processes.wait,
             protocol.Signal: self.processes.signal,
             protocol.ListProcesses: self.processes.list,
-            protocol.ResizeDisk: _threaded(_lazy("storage", "resize_disk")),
+            protocol.ResizeDisk: _threaded(lambda message: _storage().resize_disk(message)),
             protocol.NotifyListen: self._notify_listen,
-            protocol.Connect: _lazy_async("proxy", "connect"),
+            protocol.Connect: lambda channel, message: _proxy().connect(channel, message),
             protocol.Events: self.events.stream,
             protocol.Sync: _threaded(system.sync),
         }
+        _check_registry(self._handlers, self._sync)
 
     def welcome(self) -> protocol.Welcome:
         return protocol.Welcome(server=f"boxpark-guest {__version__}", boot_id=self.boot_id)
@@ -133,7 +137,7 @@ class GuestServer:
                     continue
                 reply = await self._call(handler, channel, message)
                 if reply is None:
-                    return
+                    return  # a call that owned the connection is done with it
                 channel.send(reply)
         except (ConnectionError, asyncio.CancelledError):
             return
@@ -156,17 +160,20 @@ class GuestServer:
         if function is None:
             return False
         try:
-            reply = function(message)
+            reply: Message | None = function(message)
         except Exception as exc:
             reply = _reply_for(exc, message)
-        channel.send(reply)
+        checked = _as_specified(reply, message)
+        if checked is not None:  # always, for a unary call
+            channel.send(checked)
         return True
 
     async def _call(self, handler: Handler, channel: Channel, message: Message) -> Message | None:
         try:
-            return await handler(channel, message)
+            reply = await handler(channel, message)
         except Exception as exc:  # the one edge where every failure becomes a reply
             return _reply_for(exc, message)
+        return _as_specified(reply, message)
 
     # -------------------------------------------------------------- calls that belong to the server
 
@@ -209,26 +216,45 @@ class GuestServer:
         return guarded
 
 
-def _lazy(module: str, name: str) -> Callable[[Any], Message]:
-    """A call whose module is imported on its first use, to keep the boot path's imports small."""
-
-    def call(message: Any) -> Message:
-        import importlib
-
-        function: Callable[[Any], Message] = getattr(importlib.import_module(f"{__package__}.{module}"), name)
-        return function(message)
-
-    return call
+# Imported on a call's first use, not on the boot path (storage brings mount options, resize and swap; the
+# proxy its relay).
 
 
-def _lazy_async(module: str, name: str) -> Handler:
-    async def call(channel: Channel, message: Any) -> Message | None:
-        import importlib
+def _storage() -> ModuleType:
+    from . import storage
 
-        function: Handler = getattr(importlib.import_module(f"{__package__}.{module}"), name)
-        return await function(channel, message)
+    return storage
 
-    return call
+
+def _proxy() -> ModuleType:
+    from . import proxy
+
+    return proxy
+
+
+def _check_registry(handlers: dict[type[Message], Handler],
+                    sync: dict[type[Message], Callable[[Any], Message]]) -> None:
+    """The server takes exactly the contract's calls, and answers on the fast path only unary ones."""
+    if handlers.keys() != protocol.CALLS.keys():
+        names = sorted(t.__name__ for t in handlers.keys() ^ protocol.CALLS.keys())
+        raise TypeError(f"the server's handlers and protocol.CALLS differ in {', '.join(names)}")
+    for kind in sync:
+        spec = protocol.CALLS[kind]
+        if spec.owns_connection or spec.switched is not None:
+            raise TypeError(f"{kind.__name__} is not always unary and cannot be answered on the fast path")
+
+
+def _as_specified(reply: Message | None, message: Message) -> Message | None:
+    """`reply` if the call table allows it: a unary call's reply or an `Error`; None or an `Error` from a call
+    that owned the connection. Anything else is a bug in its handler, answered as one."""
+    spec = protocol.call_spec(message)
+    allowed = reply is None if spec.owns_connection else isinstance(reply, spec.replies)
+    if allowed or isinstance(reply, protocol.Error):
+        return reply
+    name = type(message).__name__
+    what = "no reply" if reply is None else type(reply).__name__
+    log.error("internal error in %s: its handler returned %s", name, what)
+    return protocol.error(ErrorCode.INTERNAL, f"internal error in {name}: the server answered it with {what}")
 
 
 def _sync(function: Callable[[Any], Message]) -> Handler:

@@ -1,19 +1,20 @@
-"""The host's Guest API client: one async method per call.
+"""The host's Guest API client: one async method per call, and one per kind of call for any request.
 
-Unary calls share one connection, one call at a time. A streaming or upgrade call owns its connection, so
-each one dials its own: `launch_connect`, `attach`, `notify_listen` and `events` return a `Stream` of
-frames; `exec_interactive` returns an `Interactive`; `connect` returns a raw socket. A failed call raises
-`RemoteError` carrying the wire `ErrorCode` and the guest's sentence.
+What a call answers and whether it owns its connection come from the contract's table (`protocol.CALLS`).
+Unary calls (`call`) share one connection, one call at a time. A streaming or upgrade call owns its
+connection, so each one dials its own: `stream` (and `launch_connect`, `attach`, `notify_listen`, `events`)
+returns a `Stream` of frames; `exec_interactive` returns an `Interactive`; `open_raw` (and `connect`) a raw
+socket. A failed call raises `RemoteError` carrying the wire `ErrorCode` and the guest's sentence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import AsyncIterator, Generic, Iterable, TypeVar
+from typing import Any, AsyncIterator, Generic, Iterable, TypeVar
 
 from .. import __version__, protocol
-from ..protocol import Message
+from ..protocol import CallKind, Message, call_spec
 from ..transport import Address, Channel, RemoteError, TransportError, dial, open_raw, parse_address
 
 __all__ = ["GuestClient", "RemoteError", "TransportError", "Stream", "Interactive"]
@@ -58,22 +59,35 @@ class GuestClient:
 
     # ------------------------------------------------------------------------------- plumbing
 
-    async def call(self, request: Message, *expect: type[M]) -> M:
-        """Send one unary request and return its reply (which must be one of `expect`)."""
+    async def call(self, request: Message, *expect: type[Message]) -> Any:
+        """Send one unary request and return its reply: of a type the call table allows (narrowed to `expect`
+        if given); an `Error` raises `RemoteError`."""
+        spec = _kind(request, CallKind.UNARY)
         async with self._lock:
             channel = self._channel
             channel.send(request)
-            reply = await channel.recv_expect(*expect)
-            return reply  # type: ignore[return-value]
+            return await channel.recv_expect(*(expect or spec.replies))
 
-    async def _owning_call(self, request: Message, *expect: type[Message]) -> tuple[Channel, Message]:
-        """Dial a fresh connection for a call that will own it; return it with the first reply.
+    async def stream(self, request: Message) -> Stream[Any]:
+        """Open any streaming call on a connection of its own: its first reply is `first`, then its frames."""
+        spec = _kind(request, CallKind.STREAM)
+        channel, reply = await self._open(request)
+        return Stream(channel, reply, spec.final)
+
+    async def open_raw(self, request: Message, *, timeout: float | None = None) -> socket.socket:
+        """Make a raw upgrade call (`Connect`) on a connection of its own; return its socket after the go-ahead."""
+        _kind(request, CallKind.UPGRADE)
+        return await open_raw(self.address, request, secret=self.secret, timeout=timeout or self._timeout,
+                              hello=protocol.Hello(client=f"boxpark-host {__version__}"))
+
+    async def _open(self, request: Message) -> tuple[Channel, Message]:
+        """Dial a fresh connection for a call that will own it; return it with the call's first reply.
 
         The request goes out right behind the handshake: one round trip for a new connection, not two.
         """
         channel, _ = await self._dial(self.address, self.secret, self._timeout, then=request)
         try:
-            reply = await channel.recv_expect(*expect)
+            reply = await channel.recv_expect(*call_spec(request).replies)
         except BaseException:
             channel.abort()
             raise
@@ -82,33 +96,31 @@ class GuestClient:
     # ------------------------------------------------------------------------------- unary calls
 
     async def info(self) -> protocol.InfoReply:
-        return await self.call(protocol.Info(), protocol.InfoReply)
+        return await self.call(protocol.Info())
 
     async def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                    stdin: bytes = b"", timeout: float | None = None) -> protocol.ExecResult:
-        return await self.call(protocol.Exec(argv=list(argv), env=env, cwd=cwd, stdin=stdin, timeout=timeout),
-                               protocol.ExecResult)
+        return await self.call(protocol.Exec(argv=list(argv), env=env, cwd=cwd, stdin=stdin, timeout=timeout))
 
     async def launch(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
                      cwd: str | None = None, notify_socket: str | None = None, replace: bool = False,
                      **ring: int) -> protocol.Launched:
         """Start a named service without following its logs (see `launch_connect`)."""
         return await self.call(protocol.Launch(name=name, argv=list(argv), env=env, cwd=cwd,
-                                               notify_socket=notify_socket, replace=replace, **ring),
-                               protocol.Launched)
+                                               notify_socket=notify_socket, replace=replace, **ring))
 
     async def wait(self, name: str, timeout: float | None = None) -> protocol.Exit:
-        return await self.call(protocol.Wait(name=name, timeout=timeout), protocol.Exit)
+        return await self.call(protocol.Wait(name=name, timeout=timeout))
 
     async def signal(self, name: str, signum: int, group: bool = False) -> None:
-        await self.call(protocol.Signal(name=name, signal=int(signum), group=group), protocol.Ok)
+        await self.call(protocol.Signal(name=name, signal=int(signum), group=group))
 
     async def list_processes(self) -> list[protocol.ProcessInfo]:
-        return (await self.call(protocol.ListProcesses(), protocol.ProcessList)).processes
+        return (await self.call(protocol.ListProcesses())).processes  # type: ignore[no-any-return]
 
     async def read_file(self, path: str, offset: int = 0,
                         length: int = protocol.MAX_FILE_CHUNK) -> protocol.FileData:
-        return await self.call(protocol.ReadFile(path=path, offset=offset, length=length), protocol.FileData)
+        return await self.call(protocol.ReadFile(path=path, offset=offset, length=length))
 
     async def read_all(self, path: str) -> bytes:
         """A whole file, however large, in chunks."""
@@ -124,52 +136,50 @@ class GuestClient:
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False,
                          parents: bool = False) -> None:
         if len(data) <= protocol.MAX_FILE_CHUNK:
-            await self.call(protocol.WriteFile(path=path, data=data, mode=mode, append=append, parents=parents),
-                            protocol.Ok)
+            await self.call(protocol.WriteFile(path=path, data=data, mode=mode, append=append, parents=parents))
             return
         # Larger than one frame: write the first chunk, append the rest (not atomic, said so in the docs).
         for start in range(0, len(data), protocol.MAX_FILE_CHUNK):
             await self.call(protocol.WriteFile(path=path, data=data[start:start + protocol.MAX_FILE_CHUNK],
-                                               mode=mode, append=append or start > 0, parents=parents),
-                            protocol.Ok)
+                                               mode=mode, append=append or start > 0, parents=parents))
 
     async def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
-        await self.call(protocol.Mkdir(path=path, mode=mode, parents=parents), protocol.Ok)
+        await self.call(protocol.Mkdir(path=path, mode=mode, parents=parents))
 
     async def stat(self, path: str, follow: bool = True) -> protocol.StatReply:
-        return await self.call(protocol.Stat(path=path, follow=follow), protocol.StatReply)
+        return await self.call(protocol.Stat(path=path, follow=follow))
 
     async def mount(self, source: str, target: str, fstype: str = "", options: Iterable[str] = (),
                     mkdir: bool = False) -> None:
         await self.call(protocol.Mount(source=source, target=target, fstype=fstype, options=list(options),
-                                       mkdir=mkdir), protocol.Ok)
+                                       mkdir=mkdir))
 
     async def umount(self, target: str, *, lazy: bool = False, force: bool = False) -> None:
-        await self.call(protocol.Umount(target=target, lazy=lazy, force=force), protocol.Ok)
+        await self.call(protocol.Umount(target=target, lazy=lazy, force=force))
 
     async def swapon(self, path: str, priority: int | None = None) -> None:
-        await self.call(protocol.Swapon(path=path, priority=priority), protocol.Ok)
+        await self.call(protocol.Swapon(path=path, priority=priority))
 
     async def swapoff(self, path: str) -> None:
-        await self.call(protocol.Swapoff(path=path), protocol.Ok)
+        await self.call(protocol.Swapoff(path=path))
 
     async def resize_disk(self, device: str, partition: int | None = None) -> protocol.ResizeResult:
-        return await self.call(protocol.ResizeDisk(device=device, partition=partition), protocol.ResizeResult)
+        return await self.call(protocol.ResizeDisk(device=device, partition=partition))
 
     async def set_time(self, time_ns: int, threshold_ns: int = 1_000_000) -> protocol.TimeSet:
-        return await self.call(protocol.SetTime(time_ns=time_ns, threshold_ns=threshold_ns), protocol.TimeSet)
+        return await self.call(protocol.SetTime(time_ns=time_ns, threshold_ns=threshold_ns))
 
     async def sync(self) -> None:
-        await self.call(protocol.Sync(), protocol.Ok)
+        await self.call(protocol.Sync())
 
     async def hostname(self, name: str | None = None) -> str:
-        return (await self.call(protocol.Hostname(name=name), protocol.HostnameReply)).name
+        return (await self.call(protocol.Hostname(name=name))).name  # type: ignore[no-any-return]
 
     async def reboot(self) -> None:
-        await self.call(protocol.Reboot(), protocol.Ok)
+        await self.call(protocol.Reboot())
 
     async def poweroff(self) -> None:
-        await self.call(protocol.Poweroff(), protocol.Ok)
+        await self.call(protocol.Poweroff())
 
     # ----------------------------------------------------------------------------- streaming calls
 
@@ -179,23 +189,19 @@ class GuestClient:
         """Start a named service and follow its logs: `LogBatch`es, then its `Exit`."""
         request = protocol.Launch(name=name, argv=list(argv), env=env, cwd=cwd, notify_socket=notify_socket,
                                   replace=replace, connect=True, **ring)
-        channel, reply = await self._owning_call(request, protocol.Launched)
-        return Stream(channel, reply, (protocol.Exit, protocol.EndOfStream))
+        return await self.stream(request)
 
     async def attach(self, name: str, since: int = 0,
                      follow: bool = True) -> Stream[protocol.LogBatch | protocol.Exit]:
         """Resume a launched process's logs after sequence number `since`."""
-        channel, reply = await self._owning_call(protocol.Attach(name=name, since=since, follow=follow), protocol.Ok)
-        return Stream(channel, reply, (protocol.Exit, protocol.EndOfStream))
+        return await self.stream(protocol.Attach(name=name, since=since, follow=follow))
 
     async def notify_listen(self, path: str, since: int = 0) -> Stream[protocol.NotifyMessage]:
         """Bind (or re-attach to) an sd_notify socket in the guest and follow its messages."""
-        channel, reply = await self._owning_call(protocol.NotifyListen(path=path, since=since), protocol.Ok)
-        return Stream(channel, reply, ())
+        return await self.stream(protocol.NotifyListen(path=path, since=since))
 
     async def events(self, since: int = 0) -> Stream[protocol.EventFrame]:
-        channel, reply = await self._owning_call(protocol.Events(since=since), protocol.Ok)
-        return Stream(channel, reply, ())
+        return await self.stream(protocol.Events(since=since))
 
     # ------------------------------------------------------------------------------- upgrade calls
 
@@ -205,7 +211,8 @@ class GuestClient:
         """Start a process whose stdin/output travel as frames on its own connection."""
         request = protocol.Exec(argv=list(argv), env=env, cwd=cwd, interactive=True, tty=tty, rows=rows,
                                 cols=cols, name=name)
-        channel, reply = await self._owning_call(request, protocol.Started)
+        _kind(request, CallKind.UPGRADE)
+        channel, reply = await self._open(request)
         assert isinstance(reply, protocol.Started)
         return Interactive(channel, reply.pid)
 
@@ -214,10 +221,15 @@ class GuestClient:
         """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket.
 
         With `udp`, a stream of framed datagrams (`relay.frame_datagram`) to a UDP port."""
-        return await open_raw(self.address, protocol.Connect(path=path, port=port, host=host, timeout=timeout,
-                                                             udp=udp),
-                              secret=self.secret, timeout=max(timeout, self._timeout),
-                              hello=protocol.Hello(client=f"boxpark-host {__version__}"))
+        return await self.open_raw(protocol.Connect(path=path, port=port, host=host, timeout=timeout, udp=udp),
+                                   timeout=max(timeout, self._timeout))
+
+
+def _kind(request: Message, kind: CallKind) -> protocol.CallSpec:
+    spec = call_spec(request)
+    if spec.kind is not kind:
+        raise ValueError(f"{type(request).__name__} here is a {spec.kind.value} call, not {kind.value}")
+    return spec
 
 
 class Stream(Generic[M]):

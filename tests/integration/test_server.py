@@ -349,9 +349,9 @@ def test_cli_serve_and_call(tmp_path) -> None:
 
 
 def test_a_silent_client_is_cut_off_at_the_handshake_timeout(tmp_path, monkeypatch) -> None:
-    import boxpark.transport
+    import boxpark.transport.handshake
 
-    monkeypatch.setattr(boxpark.transport, "HANDSHAKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(boxpark.transport.handshake, "HANDSHAKE_TIMEOUT", 0.3)
     with running_server(tmp_path) as srv:
         with raw_connect(srv.address) as sock:
             reply = recv_frame(sock)  # we never say Hello
@@ -460,3 +460,70 @@ def test_out_of_fds_the_server_backs_off_instead_of_spinning_and_serves_again(tm
             for sock in held:
                 sock.close()
         serving_again(address)
+
+
+def first_calls(tmp_path) -> list[protocol.Message]:
+    """One request of every call in the contract, harmless on a server that is not PID 1."""
+    return [
+        protocol.Info(), protocol.Exec(argv=["true"]), protocol.Exec(argv=["true"], interactive=True),
+        protocol.Launch(name="c1", argv=["true"]), protocol.Launch(name="c2", argv=["true"], connect=True),
+        protocol.Attach(name="c1"), protocol.Wait(name="nope"), protocol.Signal(name="nope", signal=0),
+        protocol.ListProcesses(), protocol.ReadFile(path="/nonexistent"),
+        protocol.WriteFile(path=f"{tmp_path}/w", data=b"x"), protocol.Mkdir(path=f"{tmp_path}/d"),
+        protocol.Stat(path="/"), protocol.Mount(source="none", target=f"{tmp_path}/nope/m", fstype="tmpfs"),
+        protocol.Umount(target=f"{tmp_path}/nope"), protocol.Swapon(path="/nonexistent"),
+        protocol.Swapoff(path="/nonexistent"), protocol.ResizeDisk(device="/nonexistent"),
+        protocol.NotifyListen(path=f"{tmp_path}/notify"), protocol.Connect(path=f"{tmp_path}/nobody.sock"),
+        protocol.Events(), protocol.SetTime(time_ns=time.time_ns()), protocol.Sync(), protocol.Hostname(),
+        protocol.Reboot(), protocol.Poweroff(),
+    ]
+
+
+def test_every_call_reaches_its_handler_and_answers_as_the_table_says(tmp_path) -> None:
+    requests = first_calls(tmp_path)
+    assert {type(r) for r in requests} == set(protocol.CALLS)
+    with running_server(tmp_path) as srv:
+        for request in requests:
+            with raw_connect(srv.address) as sock:
+                hello(sock)
+                send_frame(sock, request)
+                reply = recv_frame(sock)
+            spec = protocol.call_spec(request)
+            name = type(request).__name__
+            if isinstance(reply, protocol.Error):
+                assert reply.code != protocol.ErrorCode.UNSUPPORTED, (name, reply)
+                assert reply.code != protocol.ErrorCode.INTERNAL, (name, reply)
+            else:
+                assert isinstance(reply, spec.replies), (name, reply)
+        still_serving(srv.address)
+
+
+def test_a_reply_the_table_does_not_allow_is_an_internal_error(tmp_path, monkeypatch) -> None:
+    from boxpark.guest import files
+
+    monkeypatch.setattr(files, "stat", lambda message: protocol.Ok())  # a buggy handler: Stat answers StatReply
+    with running_server(tmp_path) as srv:
+        async def scenario() -> None:
+            async with await GuestClient.open(srv.address) as client:
+                with pytest.raises(RemoteError, match="answered it with Ok") as info:
+                    await client.stat("/")
+                assert info.value.code == protocol.ErrorCode.INTERNAL
+                assert (await client.info()).pid1 is False  # the connection goes on
+
+        asyncio.run(scenario())
+
+
+def test_the_client_refuses_to_make_a_call_of_another_kind(tmp_path) -> None:
+    with running_server(tmp_path) as srv:
+        async def scenario() -> None:
+            async with await GuestClient.open(srv.address) as client:
+                with pytest.raises(ValueError, match="stream call, not unary"):
+                    await client.call(protocol.Events())
+                with pytest.raises(ValueError, match="unary call, not stream"):
+                    await client.stream(protocol.Launch(name="x", argv=["true"]))
+                async with await client.stream(protocol.Attach(name="nope-yet")) as stream:
+                    raise AssertionError(f"attached to a process that does not exist: {stream.first}")
+
+        with pytest.raises(RemoteError) as info:
+            asyncio.run(scenario())
+        assert info.value.code == protocol.ErrorCode.NOT_FOUND

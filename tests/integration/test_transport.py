@@ -228,3 +228,17 @@ def test_dial_socket_waits_out_a_full_backlog_and_times_out_if_it_stays_full(tmp
         listener.close()
         for probe in held:
             probe.close()
+
+
+def test_a_client_with_a_secret_gets_its_first_request_answered_where_no_proof_is_asked(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with server(parse_address(f"unix:{tmp_path}/api.sock")) as address:
+            request = protocol.Info()
+            channel, _ = await dial(address, secret=SECRET, timeout=30, then=request)
+            try:  # was: the request waited for a Challenge that never came, and was never sent
+                reply = await asyncio.wait_for(channel.recv(), 30)
+            finally:
+                channel.close()
+            assert isinstance(reply, protocol.Error) and reply.message == str(len(protocol.encode(request)))
+
+    asyncio.run(scenario())

@@ -118,3 +118,51 @@ def test_committed_schema_is_fresh() -> None:
 
     committed = Path(__file__).resolve().parents[2] / "docs" / "protocol.schema.json"
     assert committed.read_text() == schema.render(), "run: python -m boxpark.schema"
+
+
+# ------------------------------------------------------------------------------------- the call table
+
+
+def test_the_call_table_has_every_request_and_only_requests() -> None:
+    assert set(protocol.CALLS) == set(protocol.REQUEST_TYPES)
+    requests = set(protocol.REQUEST_TYPES)
+    for request, spec in protocol.CALLS.items():
+        for variant in (spec, spec.switched):
+            if variant is None:
+                continue
+            answers = variant.replies + variant.frames + variant.final + variant.sends
+            assert variant.replies and not requests & set(answers), request.__name__
+            assert set(answers) <= set(protocol.MESSAGE_TYPES) and protocol.Error not in answers, request.__name__
+            assert set(variant.final) <= set(variant.frames), request.__name__
+            assert variant.kind is protocol.CallKind.UPGRADE or not (variant.sends or variant.raw), request.__name__
+            assert variant.kind is not protocol.CallKind.UNARY or not variant.frames, request.__name__
+        if spec.switched is not None:
+            assert {f.name: f.type for f in msgspec.structs.fields(request)}[spec.switch] is bool, request.__name__
+
+
+@pytest.mark.parametrize("request_, kind, replies", [
+    (protocol.Exec(argv=["true"]), protocol.CallKind.UNARY, (protocol.ExecResult,)),
+    (protocol.Exec(argv=["sh"], interactive=True), protocol.CallKind.UPGRADE, (protocol.Started,)),
+    (protocol.Launch(name="s", argv=["x"]), protocol.CallKind.UNARY, (protocol.Launched,)),
+    (protocol.Launch(name="s", argv=["x"], connect=True), protocol.CallKind.STREAM, (protocol.Launched,)),
+    (protocol.Connect(path="/run/docker.sock"), protocol.CallKind.UPGRADE, (protocol.Ok,)),
+    (protocol.Events(), protocol.CallKind.STREAM, (protocol.Ok,)),
+], ids=lambda v: v.__class__.__name__ if isinstance(v, protocol.Message) else None)
+def test_call_spec_applies_the_flag_that_changes_a_calls_kind(request_: protocol.Message, kind: protocol.CallKind,
+                                                              replies: tuple[type, ...]) -> None:
+    spec = protocol.call_spec(request_)
+    assert spec.kind is kind and spec.replies == replies
+    assert spec.owns_connection is (kind is not protocol.CallKind.UNARY)
+
+
+def test_call_spec_refuses_a_message_that_is_not_a_call() -> None:
+    with pytest.raises(ProtocolError, match="Ok is not a call") as info:
+        protocol.call_spec(protocol.Ok())
+    assert info.value.code == protocol.ErrorCode.UNSUPPORTED
+
+
+def test_the_schema_carries_the_call_table() -> None:
+    calls = protocol.json_schema()["x-calls"]
+    assert set(calls) == {cls.__struct_config__.tag for cls in protocol.REQUEST_TYPES}
+    assert calls["connect"] == {"kind": "upgrade", "replies": ["ok"], "raw": True}
+    assert calls["exec"]["when"]["interactive"]["kind"] == "upgrade"

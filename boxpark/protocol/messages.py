@@ -1,30 +1,26 @@
-"""The Boxpark Guest API: the whole host↔guest contract, and its sans-IO frame codec.
+"""Every message of the Guest API, its error codes and its limits: the whole contract as `msgspec.Struct`s.
 
-Every message is a `msgspec.Struct` in this one module, so a reader learns the API in one sitting. A frame
-is a 4-byte big-endian length followed by a msgpack body that decodes into one tagged message. This module
-never touches a socket or a file: bytes go in through `FrameDecoder.feed`, messages come out of
-`FrameDecoder.next_message`, and `encode` turns a message back into frame bytes. Any input either decodes
-or raises `ProtocolError`, nothing else; that is the invariant the fuzz tests hold it to.
-
-A connection (see DESIGN.md §3):
-1. the client sends `Hello`; on tcp the server answers `Challenge` and the client sends `Proof`; the
-   server answers `Welcome` (or `Error`, then closes);
-2. then either unary calls (request → reply or `Error`), one after the other; or one streaming call
-   (`Attach`, `NotifyListen`, `Events`, `Launch` with connect) whose frames follow the reply until the
-   stream ends; or one upgrade call (`Connect`, interactive `Exec`) that owns the connection from then on.
-
-The guest also dials the host's event stream: there the guest is the client, sends `Hello`, and after
-`Welcome` the host sends `Resume` with the last event sequence number it has seen; the guest then sends
-`EventFrame`s.
+One module, so a reader learns the API in one sitting; what each call answers and whether it owns its
+connection is in `calls.CALLS`, next door. Nothing here does I/O or knows a socket.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import msgspec
+
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME", "MAX_HANDSHAKE_FRAME", "MAX_FILE_CHUNK", "MAX_RING_RECORDS",
+           "MAX_RING_BYTES", "ErrorCode", "ProtocolError", "RemoteError", "Message", "Hello", "Challenge", "Proof",
+           "Welcome", "Error", "Ok", "Info", "InfoReply", "Exec", "ExecResult", "Launch", "Launched", "Started",
+           "Attach", "Wait", "Signal", "ListProcesses", "ProcessInfo", "ProcessList", "Exit", "LogRecord",
+           "LogBatch", "EndOfStream", "Stdin", "Output", "ResizeTty", "SendSignal", "ReadFile", "FileData",
+           "WriteFile", "Mkdir", "Stat", "StatReply", "Mount", "Umount", "Swapon", "Swapoff", "ResizeDisk",
+           "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Events", "Resume", "BootStep", "Ready",
+           "ProcessExited", "ClockStepped", "ShuttingDown", "Log", "Event", "EventFrame", "SetTime", "TimeSet",
+           "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "Request", "AnyMessage", "REQUEST_TYPES",
+           "MESSAGE_TYPES"]
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; `Hello` and `Welcome` carry it and a mismatch is refused."""
@@ -42,8 +38,6 @@ MAX_FILE_CHUNK = 8 * 1024 * 1024
 MAX_RING_RECORDS = 1_000_000
 MAX_RING_BYTES = 64 * 1024 * 1024
 """The largest log ring a `Launch` may ask for, in records and in bytes of data; a larger one is refused."""
-
-HEADER = struct.Struct(">I")
 
 
 class ErrorCode(enum.IntEnum):
@@ -69,6 +63,21 @@ class ProtocolError(Exception):
     def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME) -> None:
         super().__init__(message)
         self.code = code
+
+
+class RemoteError(Exception):
+    """The other side answered a call with an `Error`: `code` says why, the text says what to do."""
+
+    def __init__(self, code: ErrorCode | int, message: str) -> None:
+        super().__init__(message)
+        try:
+            self.code = ErrorCode(code)
+        except ValueError:
+            self.code = ErrorCode.INTERNAL
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ---------------------------------------------------------------------------------------------- base
@@ -609,87 +618,3 @@ AnyMessage = Union[
 
 REQUEST_TYPES: tuple[type[Message], ...] = Request.__args__  # type: ignore[attr-defined]
 MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
-
-
-# ------------------------------------------------------------------------------------------ codec
-
-
-def encode(message: Message) -> bytes:
-    """One frame: the 4-byte big-endian body length, then the msgpack body."""
-    body = _encoder.encode(message)
-    if len(body) > MAX_FRAME:
-        raise ValueError(f"{type(message).__name__} encodes to {len(body)} bytes, over the {MAX_FRAME} limit")
-    return HEADER.pack(len(body)) + body
-
-
-def decode_body(body: bytes | memoryview) -> Message:
-    """Decode one frame body, or raise `ProtocolError` saying why it is not a message."""
-    try:
-        message: Message = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid message: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable frame body: {exc}") from None
-    return message
-
-
-class FrameDecoder:
-    """Turns a byte stream into messages: `feed(data)`, then `next_message()` until it returns None.
-
-    After a `ProtocolError` the stream is out of step and the connection should be closed. `detach()`
-    hands back the bytes buffered past the last frame, for a connection that upgrades to raw bytes.
-    """
-
-    __slots__ = ("_buffer", "_max_frame")
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buffer = bytearray()
-        self._max_frame = max_frame
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def set_max_frame(self, max_frame: int) -> None:
-        """Change the frame limit from the next frame on (a server raises it once the peer is authenticated)."""
-        self._max_frame = max_frame
-
-    def next_message(self) -> Message | None:
-        buffer = self._buffer
-        if len(buffer) < 4:
-            return None
-        (length,) = HEADER.unpack_from(buffer)
-        if length > self._max_frame:
-            raise ProtocolError(f"frame of {length} bytes is over the {self._max_frame} byte limit")
-        end = 4 + length
-        if len(buffer) < end:
-            return None
-        body = bytes(buffer[4:end])
-        del buffer[:end]
-        return decode_body(body)
-
-    def wanted(self) -> int:
-        """How many more bytes complete the frame in progress (at least 1 when nothing is buffered)."""
-        if len(self._buffer) < 4:
-            return 4 - len(self._buffer)
-        (length,) = HEADER.unpack_from(self._buffer)
-        return max(1, 4 + length - len(self._buffer))
-
-    def detach(self) -> bytes:
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
-
-
-def error(code: ErrorCode, message: str) -> Error:
-    """Shorthand for an `Error` reply."""
-    return Error(code=code, message=message)
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of every message (committed as docs/protocol.schema.json; a test keeps it fresh)."""
-    (schema,), components = msgspec.json.schema_components([AnyMessage])
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Boxpark Guest API",
-            "version": PROTOCOL_VERSION, **schema, "$defs": components}
