@@ -650,11 +650,14 @@ async def server_handshake(channel: Channel, *, require_proof: bool, secret: byt
 
 
 async def dial(address: Address | str, *, secret: bytes | None = None, hello: Hello | None = None,
-               timeout: float = 10.0, then: Message | None = None) -> tuple[Channel, Welcome]:
-    """Connect to a Boxpark endpoint and complete the handshake (sending `then` right behind it)."""
+               timeout: float = 10.0, then: Message | None = None,
+               sock: socket.socket | None = None) -> tuple[Channel, Welcome]:
+    """Connect to a Boxpark endpoint and complete the handshake (sending `then` right behind it).
+
+    `sock`: a connection to `address` made already (a backend's dial); `address` then only names it."""
     if isinstance(address, str):
         address = parse_address(address)
-    sock = await dial_socket(address, timeout)
+    sock = sock if sock is not None else await dial_socket(address, timeout)
     channel = await Channel.from_socket(sock, str(address))
     try:
         welcome = await client_handshake(channel, address, secret, hello, then)
@@ -711,7 +714,8 @@ def _raw_failure(address: Address, exc: BaseException, expired: bool, timeout: f
 
 
 async def open_raw(address: Address | str, request: Message, *, secret: bytes | None = None,
-                   hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
+                   hello: Hello | None = None, timeout: float = 10.0,
+                   sock: socket.socket | None = None) -> socket.socket:
     """One connection that makes one upgrade call (e.g. `Connect`) and returns the raw socket after its `Ok`.
 
     The lean path for asyncio code: no channel or protocol objects, the request right behind the handshake.
@@ -719,7 +723,8 @@ async def open_raw(address: Address | str, request: Message, *, secret: bytes | 
     if isinstance(address, str):
         address = parse_address(address)
     loop = asyncio.get_running_loop()
-    sock = await dial_socket(address, timeout)
+    sock = sock if sock is not None else await dial_socket(address, timeout)  # `sock`: as for `dial`
+    sock.setblocking(False)
     expired = False
 
     def expire() -> None:  # a timer, not wait_for: no extra task per call
@@ -754,7 +759,8 @@ async def open_raw(address: Address | str, request: Message, *, secret: bytes | 
 
 
 def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes | None = None,
-                      hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
+                      hello: Hello | None = None, timeout: float = 10.0,
+                      sock: socket.socket | None = None) -> socket.socket:
     """`open_raw` for a thread: the same call with blocking sockets, returning a blocking socket.
 
     What the proxies use: a pooled relay thread opens the guest's side itself and goes straight on to move
@@ -763,7 +769,7 @@ def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes
     if isinstance(address, str):
         address = parse_address(address)
     deadline = time.monotonic() + timeout
-    sock = dial_blocking(address, timeout)
+    sock = sock if sock is not None else dial_blocking(address, timeout)  # `sock`: as for `dial`
     try:
         call = _raw_call(address, request, secret, hello)
         step = next(call)
