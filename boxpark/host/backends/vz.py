@@ -39,7 +39,7 @@ from ..gcdbridge import Completion, Inbox, KeptSocket
 from ..spec import MachineSpec
 from .base import API_PORT, Backend, BackendError
 from .logs import with_logs
-from .vzplan import (ROSETTA_DIR, ROSETTA_TAG, RosettaChoice, VzLimits, VzPlan, make_plan,
+from .vzplan import (EVENTS_PORT, ROSETTA_DIR, ROSETTA_TAG, RosettaChoice, VzLimits, VzPlan, make_plan,
                      rosetta_setup_argv)
 
 log = logging.getLogger("boxpark.host.vz")
@@ -447,7 +447,7 @@ class VzBackend(Backend):
         for port in plan.console:
             Path(port.path).write_bytes(b"")
         # no listening socket: VZ's listener takes the guest's dials and hands each to the stream
-        self.events = EventStream(Address("vsock", cid=2, port=plan.socket.events_port),
+        self.events = EventStream(Address("vsock", cid=2, port=EVENTS_PORT),
                                   logs=f"{state}/init.log and {state}/console.log")
         stack.push_async_callback(self.events.close)
         await self._new_machine(stack)
