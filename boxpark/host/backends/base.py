@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 from ... import __version__, protocol
 from ...protocol import Message, Ready
-from ...transport import DEFAULT_PORT, Address, dial
+from ...transport import DEFAULT_PORT, Address, TransportError, dial
 from ..eventstream import EventStream
 from ..spec import MachineSpec, SpecError
 from .logs import with_logs
@@ -94,7 +94,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def dial(self, port: int, timeout: float = 10.0) -> socket.socket:
-        """A new connection to the guest's `port` (a non-blocking socket), or `OSError`/`BackendError`."""
+        """A new connection to the guest's `port` (a non-blocking socket), or `TransportError` saying why."""
 
     @abc.abstractmethod
     def address(self, port: int) -> Address:
@@ -115,7 +115,7 @@ class Backend(abc.ABC):
             sock = future.result(timeout + 1.0)
         except TimeoutError:
             future.cancel()  # a connection that still comes is closed where it lands
-            raise BackendError(f"no connection to the guest's port {port} within {timeout:g} s") from None
+            raise TransportError(f"no connection to the guest's port {port} within {timeout:g} s") from None
         sock.setblocking(True)
         return sock
 
