@@ -33,6 +33,7 @@ import pytest
 
 from boxpark.host.backends import Backend, get_backend
 from boxpark.host.client import GuestClient
+from boxpark.host.guestlink import guest_client
 from boxpark.host.spec import MachineSpec, spec_from_image
 from boxpark import protocol
 from boxpark.protocol import Ready
@@ -88,7 +89,7 @@ class Machine:
     def api(self, call: Callable[[GuestClient], Awaitable[T]], timeout: float = 120.0) -> T:
         """Dial the Guest API, make `call(client)`, close: `machine.api(lambda c: c.info())`."""
         async def go() -> T:
-            client = await self.backend.dial_api()
+            client = await guest_client(self.backend)
             async with client:
                 return await call(client)
 
@@ -105,7 +106,7 @@ class Machine:
         self.api(lambda c: c.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True))
 
         async def start() -> protocol.NotifyMessage:
-            client = await self.backend.dial_api()
+            client = await guest_client(self.backend)
             async with client:
                 stream = await client.notify_listen("/run/docker.notify")
                 await client.launch("dockerd", ["dockerd", "--host=unix:///run/docker.sock", "--iptables=false",

@@ -4,7 +4,9 @@
 initialization phase, supervises dockerd, serves the Guest Proxy, pushes the time, and answers the other
 commands on its control socket (`agent.sock`, mode 0600, JSON lines). It also forwards `api.sock` to the
 guest's API, so `exec`, `shell` and `guest call` work the same on every backend (on VZ only this process
-can dial the guest's vsock ports). `down`, SIGTERM and SIGINT stop it gracefully: dockerd, then the guest,
+can dial the guest's vsock ports). Every stream into the guest is a dial of the backend (`guestlink`):
+the agent never dials an address of its own. `_bring_up` reads as the host's list of phases, in the
+seed's order, as `guest/init.py` does the guest's. `down`, SIGTERM and SIGINT stop it gracefully: dockerd, then the guest,
 then the sockets and the pid file.
 
 Control requests, one JSON object a line: {"op": "status"} → one reply; {"op": "follow"} → every progress
@@ -29,16 +31,20 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import __version__, protocol
-from ..transport import Address, dial_blocking, listen_socket, open_raw, open_raw_blocking, parse_address
+from ..transport import listen_socket, parse_address
 from . import initphase
+from .backends.base import Backend
 from .client import GuestClient
 from .config import Config, proxy_env
+from .guestlink import GuestLink
 from .guestproxy import GuestProxy
+from .machinespec import spec_from_config
 from .ports import PortForwards
 from .service import DockerService, ServiceStatus, daemon_config
+from .spec import MachineSpec, SpecError
 from .state import Machine
 from .timesync import TimePusher
 
@@ -70,11 +76,10 @@ class Agent:
         self._controls = 0
         self.failure = ""  # why the machine ended under the agent, once it did
         self._stop = asyncio.Event()
-        self.backend: Any = None
+        self.backend: Backend | None = None
+        self._link: GuestLink | None = None  # the guest's API through the backend, once it started
         self.ready_event: protocol.Ready | None = None
         self.ready_ms: float | None = None  # the machine's start to Ready, by the guest's clock
-        self.api_address: Address | None = None
-        self.secret: bytes | None = None
         self.service: DockerService | None = None
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
@@ -187,24 +192,25 @@ class Agent:
 
     # ------------------------------------------------------------------------------- guest access
 
+    @property
+    def link(self) -> GuestLink:
+        assert self._link is not None, "the machine was not started"
+        return self._link
+
     async def dial(self) -> GuestClient:
-        assert self.api_address is not None
-        return await GuestClient.open(self.api_address, secret=self.secret)
+        return await self.link.client()
 
     async def open_docker(self) -> socket.socket:
-        assert self.api_address is not None
-        return await open_raw(self.api_address, protocol.Connect(path="/var/run/docker.sock"), secret=self.secret)
+        return await self.link.connect(protocol.Connect(path="/var/run/docker.sock"))
 
     def open_docker_blocking(self) -> socket.socket:
         return self.open_connect_blocking(protocol.Connect(path="/var/run/docker.sock"))
 
     def open_connect_blocking(self, request: protocol.Connect, timeout: float = 10.0) -> socket.socket:
-        assert self.api_address is not None
-        return open_raw_blocking(self.api_address, request, secret=self.secret, timeout=timeout)
+        return self.link.connect_blocking(request, timeout)
 
     def open_api_blocking(self) -> socket.socket:
-        assert self.api_address is not None
-        return dial_blocking(self.api_address)
+        return self.link.api_blocking()
 
     # ------------------------------------------------------------------------------- the run
 
@@ -256,100 +262,147 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    async def _bring_up(self, stack: contextlib.AsyncExitStack) -> None:
-        from . import backends
+    # ------------------------------------------------------------------------------- the bring-up
 
-        machine, config = self.machine, self.config
+    async def _bring_up(self, stack: contextlib.AsyncExitStack) -> None:
+        """The host's list, in the seed's order, one phase a line; whatever a phase starts is on `stack`."""
+        disk, spec = self._prepare()
+        await self._boot(spec, stack)
+        await self._forward_api(stack)
+        self._push_time(stack)
+        self.progress("initializing", phase="initialize", state="initializing")
+        client = await self._client(stack)
+        with _fails_as("initialization failed"):  # InitError, or a call the guest refused: `up` says which
+            client = await self._data_disk(client, disk, stack)
+            await self._swap(client, disk)
+            await self._mounts(client, spec)
+            await self._certificates(client)
+        daemon = self._docker_config(disk)
+        await self._launch_docker(daemon, stack)  # the service listens for dockerd's notify, then launches it
+        await self._proxy_docker(stack)
+        self._forward_ports(stack)
+        self.progress(f"docker is ready: DOCKER_HOST=unix://{self.machine.docker_socket}", phase="running",
+                      state="ready")
+        self._watch(stack)
+
+    def _prepare(self) -> tuple[initphase.DiskPlan | None, MachineSpec]:
+        """Before boot: the data disk (created, or its resize recorded) and the machine's spec."""
         self.progress("preparing", phase="prepare", state="starting")
-        plan = initphase.prepare_data_disk(machine, config) if config.backend != "sandbox" else None
+        config = self.config
+        disk = initphase.prepare_data_disk(self.machine, config) if config.backend != "sandbox" else None
         try:
-            spec = backends.spec_from_config(config, machine, data_disk=plan.path if plan else None)
-        except backends.SpecError as exc:
+            return disk, spec_from_config(config, self.machine, data_disk=disk.path if disk else None)
+        except SpecError as exc:
             raise AgentFailure(f"cannot boot this configuration: {exc}") from None
 
-        self.progress(f"booting ({config.backend})", phase="boot", state="booting")
+    async def _boot(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
+        """Start the backend, wait for the guest's Ready, record its timeline."""
+        from .backends import BackendError, EventStreamError, open_backend
+
+        self.progress(f"booting ({self.config.backend})", phase="boot", state="booting")
         try:
-            self.backend = await stack.enter_async_context(backends.open_backend(config.backend, spec))
-            self.ready_event = await self.backend.wait_ready(timeout=120)
-            self.ready_ms = self.backend.since_start_ns(self.ready_event.monotonic_ns) / 1e6
-        except (backends.BackendError, backends.EventStreamError, backends.SpecError) as exc:
+            self.backend = backend = await stack.enter_async_context(open_backend(self.config.backend, spec))
+            self._link = GuestLink(backend)
+            self.ready_event = ready = await backend.wait_ready(timeout=120)
+            self.ready_ms = backend.since_start_ns(ready.monotonic_ns) / 1e6
+        except (BackendError, EventStreamError, SpecError) as exc:
             raise AgentFailure(str(exc)) from None
-        self.api_address = parse_address(self.backend.api_address)
-        self.secret = self.backend.secret
-        ready = self.ready_event
-        machine.write_json(machine.timeline_file, {"boot_id": ready.boot_id, "kernel": ready.kernel,
-                                                   "monotonic_ms": self.ready_ms,
-                                                   "steps": [[s.name, s.duration_ns / 1e6, s.error]
-                                                             for s in ready.timeline]})
-        for warning in self.backend.warnings:
+        self.machine.write_json(self.machine.timeline_file, {
+            "boot_id": ready.boot_id, "kernel": ready.kernel, "monotonic_ms": self.ready_ms,
+            "steps": [[s.name, s.duration_ns / 1e6, s.error] for s in ready.timeline]})
+        for warning in backend.warnings:
             self.progress(f"warning: {warning}")
-        spawned = getattr(self.backend, "spawned_at", None)
-        took = f" in {time.monotonic() - spawned:.2f} s" if spawned else ""
+        took = f" in {time.monotonic() - backend.spawned_at:.2f} s" if backend.spawned_at is not None else ""
         self.progress(f"guest ready{took} (kernel {ready.kernel}, init steps "
                       f"{sum(s.duration_ns for s in ready.timeline) / 1e6:.0f} ms)")
 
-        api = GuestProxy(str(machine.api_socket), self.open_api_blocking, refusal=lambda reason: b"")
+    async def _forward_api(self, stack: contextlib.AsyncExitStack) -> None:
+        """api.sock: `exec`, `shell` and `guest call` reach the guest's API the same way on every backend."""
+        api = GuestProxy(str(self.machine.api_socket), self.open_api_blocking, refusal=lambda reason: b"")
         await api.start()
         stack.callback(api.close)
 
-        self.time = TimePusher(self.dial, config.time.push_interval)
+    def _push_time(self, stack: contextlib.AsyncExitStack) -> None:
+        """The host's time into the guest, now and at every interval (and, on a Mac, at once on wake)."""
+        from .wake import watch_wake  # a no-op off macOS
+
+        self.time = TimePusher(self.dial, self.config.time.push_interval)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.time.run()))
-        from .wake import watch_wake  # macOS: push the time at once when the Mac wakes (a no-op elsewhere)
         stack.callback(watch_wake(self.time.poke).close)
 
-        self.progress("initializing", phase="initialize", state="initializing")
+    async def _client(self, stack: contextlib.AsyncExitStack) -> GuestClient:
         client = await self.dial()
         stack.push_async_callback(client.close)
-        try:
-            data_root = ""
-            if plan is not None:
-                if plan.note:
-                    self.progress(plan.note)
-                rebooted = await initphase.data_disk(client, machine, plan, self.progress, self.backend,
-                                                     self._reboot_guest)
-                if rebooted is not client:
-                    client = rebooted
-                    stack.push_async_callback(client.close)
-                data_root = f"{initphase.DATA_MOUNT}/docker"
-                if config.swap_bytes:
-                    self.progress(await initphase.swap(client, config.swap_bytes, self.progress))
-            else:
-                # the sandbox: no disk; dockerd's data on a tmpfs (overlay2 cannot stack on the root overlay)
-                await client.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True)
-            await initphase.mounts(client, config.all_mounts(), getattr(self.backend, "share_sources", {}),
-                                    self.progress)
-            await initphase.trust_certificates(client, config.certificates.ca, self.progress)
-        except Exception as exc:  # InitError, or a call the guest refused: `up` says which
-            raise AgentFailure(f"initialization failed: {exc}") from None
+        return client
 
+    async def _data_disk(self, client: GuestClient, disk: initphase.DiskPlan | None,
+                         stack: contextlib.AsyncExitStack) -> GuestClient:
+        """Format, grow (rebooting the guest where the backend must) and mount the data disk; the client to go
+        on with. The sandbox has none: dockerd's data goes on a tmpfs (overlay2 cannot stack on its root)."""
+        if disk is None:
+            await client.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True)
+            return client
+        if disk.note:
+            self.progress(disk.note)
+        assert self.backend is not None
+        rebooted = await initphase.data_disk(client, self.machine, disk, self.progress, self.backend,
+                                             self._reboot_guest)
+        if rebooted is not client:
+            stack.push_async_callback(rebooted.close)
+        return rebooted
+
+    async def _swap(self, client: GuestClient, disk: initphase.DiskPlan | None) -> None:
+        if disk is not None and self.config.swap_bytes:
+            self.progress(await initphase.swap(client, self.config.swap_bytes, self.progress))
+
+    async def _mounts(self, client: GuestClient, spec: MachineSpec) -> None:
+        assert self.backend is not None
+        await initphase.mounts(client, self.config.all_mounts(),
+                               initphase.share_sources(spec, self.backend.binds_shares), self.progress)
+
+    async def _certificates(self, client: GuestClient) -> None:
+        await initphase.trust_certificates(client, self.config.certificates.ca, self.progress)
+
+    def _docker_config(self, disk: initphase.DiskPlan | None) -> dict[str, Any]:
+        """dockerd's daemon.json: the user's, with what Boxpark owns on this backend."""
         self.progress("starting dockerd", phase="service", state="starting docker")
-        extra = {"bridge": "none", "iptables": False} if config.backend == "sandbox" else {}
-        try:
-            daemon = daemon_config(config.docker.daemon_json, data_root, extra)
-        except Exception as exc:
-            raise AgentFailure(str(exc)) from None
-        self.service = DockerService(self.dial, machine.docker_log, daemon,
-                                     restart_delay=config.docker.restart_delay,
-                                     restart_delay_max=config.docker.restart_delay_max,
-                                     ready_timeout=config.docker.ready_timeout,
-                                     log_size=config.docker_log_bytes, log_files=config.docker.log_files,
-                                     on_change=self._docker_changed, env=proxy_env(config.proxy))
-        service_task = asyncio.ensure_future(self.service.run())
-        stack.push_async_callback(_cancel, service_task)
+        data_root = f"{initphase.DATA_MOUNT}/docker" if disk is not None else ""
+        extra: dict[str, Any] = {"bridge": "none", "iptables": False} if self.config.backend == "sandbox" else {}
+        with _fails_as(""):
+            return daemon_config(self.config.docker.daemon_json, data_root, extra)
+
+    async def _launch_docker(self, daemon: dict[str, Any], stack: contextlib.AsyncExitStack) -> None:
+        """dockerd as a supervised service (its sd_notify socket first, then the launch), until READY=1."""
+        docker = self.config.docker
+        self.service = DockerService(self.dial, self.machine.docker_log, daemon,
+                                     restart_delay=docker.restart_delay, restart_delay_max=docker.restart_delay_max,
+                                     ready_timeout=docker.ready_timeout, log_size=self.config.docker_log_bytes,
+                                     log_files=docker.log_files, on_change=self._docker_changed,
+                                     env=proxy_env(self.config.proxy))
+        stack.push_async_callback(_cancel, asyncio.ensure_future(self.service.run()))
         stack.push_async_callback(self.service.stop)
-        await self._docker_ready(config.docker.ready_timeout)
-        proxy = GuestProxy(str(machine.docker_socket), self.open_docker_blocking,
+        await self._docker_ready(docker.ready_timeout)
+
+    async def _proxy_docker(self, stack: contextlib.AsyncExitStack) -> None:
+        """docker.sock on the host: each connection its own `Connect` to the guest's dockerd."""
+        assert self.service is not None
+        proxy = GuestProxy(str(self.machine.docker_socket), self.open_docker_blocking,
                            unavailable=self.service.unavailable)
         await proxy.start()
         self.proxies.append(proxy)
         stack.callback(proxy.close)
-        if config.ports.forward:
-            # a client of a published port waits as for a slow server, not 10 s (a burst on a TCG guest)
-            self.ports = PortForwards(self.open_docker, lambda request: self.open_connect_blocking(request, 60),
-                                      all_interfaces=config.ports.all_interfaces)
-            stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
-        self.progress(f"docker is ready: DOCKER_HOST=unix://{machine.docker_socket}", phase="running",
-                      state="ready")
+
+    def _forward_ports(self, stack: contextlib.AsyncExitStack) -> None:
+        """Containers' published ports on the host, from dockerd's events."""
+        if not self.config.ports.forward:
+            return
+        # a client of a published port waits as for a slow server, not 10 s (a burst on a TCG guest)
+        self.ports = PortForwards(self.open_docker, lambda request: self.open_connect_blocking(request, 60),
+                                  all_interfaces=self.config.ports.all_interfaces)
+        stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
+
+    def _watch(self, stack: contextlib.AsyncExitStack) -> None:
+        assert self.ready_event is not None
         stack.push_async_callback(_cancel, asyncio.ensure_future(self._watch_machine(self.ready_event.boot_id)))
 
     def _docker_changed(self, status: ServiceStatus) -> None:
@@ -410,12 +463,12 @@ class Agent:
         """Reboot the guest in the bring-up (a disk it can see grown only after one); a client of the new boot."""
         from .backends import BackendError, EventStreamError
 
+        assert self.backend is not None
         self.progress(why)
         try:
             self.ready_event = await self.backend.reboot(timeout=120)
         except (BackendError, EventStreamError) as exc:
             raise initphase.InitError(f"the guest did not come back from its reboot: {exc}") from None
-        self.api_address = parse_address(self.backend.api_address)
         self.progress(f"guest ready again after its reboot (boot {self.ready_event.boot_id})")
         return await self.dial()
 
@@ -427,6 +480,17 @@ class Agent:
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.stop(timeout=30)
+
+
+@contextlib.contextmanager
+def _fails_as(what: str) -> Iterator[None]:
+    """A phase's failure as the sentence `up` shows: `what: why` (or only why)."""
+    try:
+        yield
+    except AgentFailure:
+        raise
+    except Exception as exc:
+        raise AgentFailure(f"{what}: {exc}" if what else str(exc)) from None
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

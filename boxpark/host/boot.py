@@ -71,7 +71,7 @@ def boot_shares(backend: Backend, ready: Ready) -> tuple[float, list[Share]]:
 def format_timeline(backend: Backend, ready: Ready) -> str:
     total, shares = boot_shares(backend, ready)
     lines = [f"the guest is ready: {total * 1000:.0f} ms from start ({backend.name}"
-             + (f", {getattr(backend, 'plan').accel}" if getattr(backend, "plan", None) else "") + ")"]
+             + (f", {backend.describe()['accel']}" if backend.describe().get("accel") else "") + ")"]
     for share in shares:
         lines.append(f"  {share.label:<40} {share.seconds * 1000:8.0f} ms  {share.seconds / total:5.0%}")
     for step in ready.timeline:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _boot(backend_name: str, spec: object, timeout: float) -> int:
-    from .backends import BackendError, get_backend
+    from .backends import API_PORT, BackendError, get_backend
     from .eventstream import EventStreamError
     from .spec import MachineSpec
 
@@ -157,8 +157,9 @@ async def _boot(backend_name: str, spec: object, timeout: float) -> int:
             return 1
         print(format_timeline(backend, ready), flush=True)
         secret = f" --secret-file {backend.secret_file}" if backend.secret_file else ""
-        print(f"API: {backend.api_address}" + (f"  (secret: {backend.secret_file})" if backend.secret_file else ""))
-        print(f"try: boxpark guest call {backend.api_address}{secret} info")
+        api = backend.address(API_PORT)
+        print(f"API: {api}" + (f"  (secret: {backend.secret_file})" if backend.secret_file else ""))
+        print(f"try: boxpark guest call {api}{secret} info")
         print("Ctrl-C stops the machine", flush=True)
         ended = asyncio.ensure_future(backend.wait())
         stopping = asyncio.ensure_future(stop.wait())

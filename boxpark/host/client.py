@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, AsyncIterator, Generic, Iterable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Iterable, TypeVar
 
 from .. import __version__, protocol
 from ..protocol import CallKind, Message, call_spec
@@ -20,14 +20,16 @@ from ..transport import Address, Channel, RemoteError, TransportError, dial, ope
 __all__ = ["GuestClient", "RemoteError", "TransportError", "Stream", "Interactive"]
 
 M = TypeVar("M", bound=Message)
+Dialer = Callable[[float], Awaitable[socket.socket]]  # a new connection to the guest's API (a backend's dial)
 
 
 class GuestClient:
     """A connection to one guest's API: `async with await GuestClient.open(address) as client:`."""
 
     def __init__(self, address: Address, secret: bytes | None, channel: Channel,
-                 welcome: protocol.Welcome, timeout: float) -> None:
-        self.address = address
+                 welcome: protocol.Welcome, timeout: float, dialer: Dialer | None = None) -> None:
+        self.address = address  # with a `dialer`, only its name: each new connection comes from the dialer
+        self.dialer = dialer
         self.secret = secret
         self.welcome = welcome
         self._channel = channel
@@ -36,17 +38,18 @@ class GuestClient:
 
     @classmethod
     async def open(cls, address: Address | str, *, secret: bytes | None = None,
-                      timeout: float = 10.0) -> GuestClient:
+                      timeout: float = 10.0, dialer: Dialer | None = None) -> GuestClient:
         if isinstance(address, str):
             address = parse_address(address)
-        channel, welcome = await cls._dial(address, secret, timeout)
-        return cls(address, secret, channel, welcome, timeout)
+        channel, welcome = await cls._dial(address, secret, timeout, dialer=dialer)
+        return cls(address, secret, channel, welcome, timeout, dialer)
 
     @staticmethod
     async def _dial(address: Address, secret: bytes | None, timeout: float,
-                    then: Message | None = None) -> tuple[Channel, protocol.Welcome]:
+                    then: Message | None = None, dialer: Dialer | None = None) -> tuple[Channel, protocol.Welcome]:
         return await dial(address, secret=secret, timeout=timeout, then=then,
-                          hello=protocol.Hello(client=f"boxpark-host {__version__}"))
+                          hello=protocol.Hello(client=f"boxpark-host {__version__}"),
+                          sock=await dialer(timeout) if dialer is not None else None)
 
     async def __aenter__(self) -> GuestClient:
         return self
@@ -77,15 +80,17 @@ class GuestClient:
     async def open_raw(self, request: Message, *, timeout: float | None = None) -> socket.socket:
         """Make a raw upgrade call (`Connect`) on a connection of its own; return its socket after the go-ahead."""
         _kind(request, CallKind.UPGRADE)
-        return await open_raw(self.address, request, secret=self.secret, timeout=timeout or self._timeout,
-                              hello=protocol.Hello(client=f"boxpark-host {__version__}"))
+        timeout = timeout or self._timeout
+        return await open_raw(self.address, request, secret=self.secret, timeout=timeout,
+                              hello=protocol.Hello(client=f"boxpark-host {__version__}"),
+                              sock=await self.dialer(timeout) if self.dialer is not None else None)
 
     async def _open(self, request: Message) -> tuple[Channel, Message]:
         """Dial a fresh connection for a call that will own it; return it with the call's first reply.
 
         The request goes out right behind the handshake: one round trip for a new connection, not two.
         """
-        channel, _ = await self._dial(self.address, self.secret, self._timeout, then=request)
+        channel, _ = await self._dial(self.address, self.secret, self._timeout, then=request, dialer=self.dialer)
         try:
             reply = await channel.recv_expect(*call_spec(request).replies)
         except BaseException:

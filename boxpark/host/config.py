@@ -18,9 +18,11 @@ import msgspec
 from ..errors import BoxparkError
 from .spec import host_arch
 
-DEFAULT_TOML = """\
+DEFAULT_BACKEND = "vz" if sys.platform == "darwin" else "qemu"
+
+DEFAULT_TOML = f"""\
 # boxpark.toml: every key is optional; these are the defaults.
-backend = "qemu"        # qemu (Linux, macOS), vz (macOS), sandbox (Linux, no VM: for development)
+backend = "{DEFAULT_BACKEND}"{' ' * (12 - len(DEFAULT_BACKEND))}# qemu (Linux), vz (macOS), sandbox (Linux, no VM: for development)
 # arch = "amd64"        # the guest's architecture: amd64 or arm64 (default: the host's)
 cpus = 2
 memory = "2GiB"
@@ -163,7 +165,7 @@ class Certificates(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
-    backend: Literal["qemu", "vz", "sandbox"] = "qemu"
+    backend: Literal["qemu", "vz", "sandbox"] = DEFAULT_BACKEND  # type: ignore[assignment]
     arch: Literal["amd64", "arm64", ""] = ""
     cpus: int = 2
     memory: str | int = "2GiB"
@@ -249,6 +251,8 @@ def validate(config: Config, path: str = "") -> Config:
         fail("disk.size", f"at least 64MiB is needed, not {config.disk.size}")
     if config.backend == "vz" and sys.platform != "darwin":
         fail("backend", "vz needs macOS; use qemu (or sandbox for development) here")
+    if config.backend == "qemu" and sys.platform == "darwin":  # its backend watches QEMU with Linux's pidfds
+        fail("backend", "qemu is not offered on macOS; use vz (Apple's Virtualization.framework) here")
     if config.docker.restart_delay <= 0 or config.docker.restart_delay_max < config.docker.restart_delay:
         fail("docker.restart_delay", "must be positive and not above docker.restart_delay_max")
     if not config.docker.ready_timeout > 0:

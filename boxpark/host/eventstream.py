@@ -8,7 +8,9 @@ resumes with no gap and no duplicate; a new boot id starts the count again (and 
 frames). A boot has one Ready: a replayed one (a redial that resumes too early, a second Ready frame) is
 dropped, so nothing keyed on Ready runs twice. Whatever a peer sends — garbage, frames of another boot —
 costs it its connection at worst, never the listener. It never dials anything and knows nothing of
-backends: `wait_ready` only waits, and a backend races it against the machine's exit.
+backends: `wait_ready` only waits, and a backend races it against the machine's exit. A backend whose
+guest's dials arrive as sockets, not on a listener of ours (VZ's listener delegate), hands each to `take`:
+the same handshake and stream, with no relay in between, and at most MAX_TAKEN of them at once.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Callable, TypeVar
 
 from .. import __version__, protocol
 from ..protocol import EventFrame, Ready
-from ..transport import Address, Channel, parse_address, serve
+from ..transport import Address, Channel, parse_address, serve, server_handshake
 
 log = logging.getLogger("boxpark.host.events")
 
 E = TypeVar("E")
+MAX_TAKEN = 8  # connections handed in by `take` at once: the guest keeps one, a redial overlaps it briefly
 
 
 class EventStreamError(TimeoutError):
@@ -57,6 +60,8 @@ class EventStream:
         self._sock = sock
         self._server: asyncio.AbstractServer | None = None
         self._changed: asyncio.Future[None] | None = None
+        self._taken: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -64,17 +69,50 @@ class EventStream:
         """Start answering (again, after `close`: on the same address, resuming where it stopped)."""
         if self._server is not None:
             return self
+        self._closed = False
         self._server = await serve(self.address, self._handle, secret=self.secret, sock=self._sock,
-                                   welcome=lambda: protocol.Welcome(server=f"boxpark-host {__version__}"))
+                                   welcome=self._welcome)
         self._sock = None  # the server owns it now; a restart makes a new one
         return self
 
+    @staticmethod
+    def _welcome() -> protocol.Welcome:
+        return protocol.Welcome(server=f"boxpark-host {__version__}")
+
+    def take(self, sock: socket.socket) -> None:
+        """Serve a guest's connection that a backend accepted itself (non-blocking), as if accepted here."""
+        if self._closed or len(self._taken) >= MAX_TAKEN:
+            log.warning("event stream: a connection handed in %s; closed",
+                        "after the stream closed" if self._closed else f"beyond {MAX_TAKEN} at once")
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._serve_taken(sock))
+        self._taken.add(task)
+        task.add_done_callback(self._taken.discard)
+
+    async def _serve_taken(self, sock: socket.socket) -> None:
+        proof = self.address.needs_secret
+        try:
+            channel = await Channel.from_socket(sock, str(self.address), handshake_frames=2 if proof else 1)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            if await server_handshake(channel, require_proof=proof, secret=self.secret,
+                                      welcome=self._welcome()) is not None:
+                await self._handle(channel)
+        finally:
+            channel.close()
+
     async def close(self) -> None:
         """Stop listening and drop the guest's connections (the guest redials until we are back)."""
+        self._closed = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
             server.close_clients()
+        for task in list(self._taken):
+            task.cancel()
 
     @property
     def listening(self) -> bool:

@@ -24,10 +24,11 @@ from .. import protocol
 from ..transport import RemoteError
 from .client import GuestClient
 from .config import Config, Mount, expand, pem_certificates, sorted_mounts
+from .spec import SHARES_DIR, MachineSpec
 from .state import Machine
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from .backends.base import Backend
 
 log = logging.getLogger("boxpark.agent.init")
 
@@ -42,7 +43,7 @@ class InitError(Exception):
     """A step of the initialization phase failed; the message names it and says what to do."""
 
 
-DATA_DISK = "data"  # the data disk's name in the machine spec (backends.spec_from_config)
+DATA_DISK = "data"  # the data disk's name in the machine spec (machinespec.spec_from_config)
 SECTOR = 512  # an image's size is a whole number of sectors (VZ refuses anything else)
 
 
@@ -171,11 +172,18 @@ async def swap(client: GuestClient, size: int, progress: Callable[[str], None]) 
     return f"{size >> 20} MiB swap on"
 
 
+def share_sources(spec: MachineSpec, binds: bool) -> dict[str, tuple[str, str, list[str]]]:
+    """Guest mount point -> (source, fstype, options) of the guest's Mount call for each share of `spec`:
+    its virtiofs tag, or, where the backend `binds_shares` (the sandbox), the directory its preinit bound."""
+    return {target: ((f"{SHARES_DIR}/{tag}", "", ["bind"]) if binds else (tag, "virtiofs", []))
+            for target, tag in spec.share_targets.items()}
+
+
 async def mounts(client: GuestClient, mounts_: list[Mount], shares: dict[str, tuple[str, str, list[str]]],
                  progress: Callable[[str], None]) -> list[str]:
     """Mount parent-first; a failure stops `up` with the mount named, unless the mount is optional.
 
-    `shares` says how the guest mounts each virtiofs share (by target): the backend's `share_sources`.
+    `shares` says how the guest mounts each virtiofs share (by target): `share_sources`.
     """
     done = []
     for mount in sorted_mounts(mounts_):

@@ -1,4 +1,4 @@
-"""The machine spec: one description of a guest that every backend takes (qemu, sandbox, later vz).
+"""The machine spec: one description of a guest that every backend takes (qemu, sandbox, vz).
 
 A spec says what to boot (kernel, initramfs, root image, disks, shares), how big (cpus, memory), how it
 talks (console, addresses) and where its files go (the state directory). It never starts anything;
@@ -26,6 +26,7 @@ ARCHES = ("amd64", "arm64")
 DEFAULT_KERNEL_ARGS = "root=/dev/vda rootfstype=squashfs"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 SOCKET_NAMES = ("events.sock", "api.sock", "qmp.sock")  # the longest name a backend puts in the state dir
+SHARES_DIR = "/run/boxpark/shares"  # where a backend that binds shares (the sandbox) shows the guest each, by tag
 
 _SETTING_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,35}$")  # virtiofs tags are at most 36 bytes

@@ -8,6 +8,7 @@ their messages and bytes, bounds the handshake in time, and turns what the peer 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from .. import protocol
 from ..protocol import (ClientHandshake, ErrorCode, Hello, Message, ProtocolError, RemoteError, ServerHandshake,
@@ -80,11 +81,14 @@ async def server_handshake(channel: Channel, *, require_proof: bool, secret: byt
 
 
 async def dial(address: Address | str, *, secret: bytes | None = None, hello: Hello | None = None,
-               timeout: float = 10.0, then: Message | None = None) -> tuple[Channel, Welcome]:
-    """Connect to a Boxpark endpoint and complete the handshake (sending `then` right behind it)."""
+               timeout: float = 10.0, then: Message | None = None,
+               sock: socket.socket | None = None) -> tuple[Channel, Welcome]:
+    """Connect to a Boxpark endpoint and complete the handshake (sending `then` right behind it).
+
+    `sock`: a connection to `address` made already (a backend's dial); `address` then only names it."""
     if isinstance(address, str):
         address = parse_address(address)
-    sock = await dial_socket(address, timeout)
+    sock = sock if sock is not None else await dial_socket(address, timeout)
     channel = await Channel.from_socket(sock, str(address))
     try:
         welcome = await client_handshake(channel, address, secret, hello, then)

@@ -39,13 +39,17 @@ def _closed(address: Address) -> TransportError:
 
 
 async def open_raw(address: Address | str, request: Message, *, secret: bytes | None = None,
-                   hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
-    """Make the upgrade call `request` on a connection of its own; return the socket after its go-ahead."""
+                   hello: Hello | None = None, timeout: float = 10.0,
+                   sock: socket.socket | None = None) -> socket.socket:
+    """Make the upgrade call `request` on a connection of its own; return the socket after its go-ahead.
+
+    `sock`: a connection to `address` made already (a backend's dial); `address` then only names it."""
     if isinstance(address, str):
         address = parse_address(address)
     loop = asyncio.get_running_loop()
     call = RawCall(request, hello=hello, secret=secret)
-    sock = await dial_socket(address, timeout)
+    sock = sock if sock is not None else await dial_socket(address, timeout)
+    sock.setblocking(False)
     expired = False
 
     def expire() -> None:  # a timer, not wait_for: no extra task per call
@@ -73,7 +77,8 @@ async def open_raw(address: Address | str, request: Message, *, secret: bytes | 
 
 
 def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes | None = None,
-                      hello: Hello | None = None, timeout: float = 10.0) -> socket.socket:
+                      hello: Hello | None = None, timeout: float = 10.0,
+                      sock: socket.socket | None = None) -> socket.socket:
     """`open_raw` for a thread: the same call with blocking sockets, returning a blocking socket.
 
     What the proxies use: a pooled relay thread opens the guest's side itself and goes straight on to move
@@ -83,7 +88,7 @@ def open_raw_blocking(address: Address | str, request: Message, *, secret: bytes
         address = parse_address(address)
     call = RawCall(request, hello=hello, secret=secret)
     deadline = time.monotonic() + timeout
-    sock = dial_blocking(address, timeout)
+    sock = sock if sock is not None else dial_blocking(address, timeout)  # `sock`: as for `open_raw`
     try:
         while True:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))

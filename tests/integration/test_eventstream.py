@@ -134,3 +134,56 @@ def test_another_boot_starts_the_count_again_and_forgets_the_old_frames(tmp_path
         new.close()
 
     run(tmp_path, scenario)
+
+
+def test_a_connection_handed_in_is_served_as_one_accepted_and_bounded(tmp_path: Path) -> None:
+    """`take` (VZ's listener hands the guest's dials over as sockets): the same handshake and resume as a
+    listener's; at most MAX_TAKEN at once, the rest closed; closing the stream ends them all."""
+    from boxpark.host.eventstream import MAX_TAKEN
+    from boxpark.transport import client_handshake, parse_address
+
+    async def main() -> None:
+        events = EventStream(parse_address("vsock:2:1025"))  # a name only: nothing listens
+
+        async def dial_in(boot_id: str) -> tuple[Channel, int]:
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            events.take(ours)
+            channel = await Channel.from_socket(theirs, "guest")
+            await client_handshake(channel, parse_address("unix:/events"), None,
+                                   hello=protocol.Hello(client="test", boot_id=boot_id))
+            resume = await channel.recv_expect(protocol.Resume)
+            assert isinstance(resume, protocol.Resume)
+            return channel, resume.since
+
+        channel, since = await dial_in("b1")
+        assert since == 0
+        channel.send(frame(1, ready("b1")))
+        assert (await events.wait_ready(30)).boot_id == "b1"
+        channel.close()
+        deadline = time.monotonic() + 30
+        while events._taken:  # that connection's end reaches the stream
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        channel, since = await dial_in("b1")  # a redial resumes after what was seen
+        assert since == 1
+        idle = []
+        for _ in range(MAX_TAKEN + 4):  # peers that never say Hello: each holds a slot until its timeout
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            events.take(ours)
+            idle.append(theirs)
+
+        def closed(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                return False
+
+        assert [closed(sock) for sock in idle] == [False] * (MAX_TAKEN - 1) + [True] * 5  # one slot is the stream's
+        await events.close()
+        assert await channel.recv() is None  # the stream's end ends the connections it took
+        for sock in idle:
+            sock.close()
+
+    asyncio.run(main())

@@ -2,21 +2,23 @@
 
 `FakeVzMachine` stands in for `VzMachine` (the PyObjC layer): its "vsock" dials reach a real Guest API
 server on a unix socket, and the "guest" dials the event stream with socketpairs delivered from a foreign
-thread, as VZ's listener delegate does. Everything else is the backend's own code: the EventStream on its
-unix socket, the relays joining each connection, the api.sock forward, KeptSocket's release of VZ's
-connection objects once our copy closes, and the clean-up of every socket file.
+thread, as VZ's listener delegate does. Everything else is the backend's own code: the guest's dials taken
+straight into the EventStream, each `dial` a connectToPort whose socket goes straight to the caller (no
+relay, no socket file), KeptSocket's release of VZ's connection objects once our copy closes, and the
+agent's blocking `Connect` path (its Docker proxy's) through the backend's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -24,6 +26,7 @@ from boxpark import protocol
 from boxpark.host.backends.vz import VmEnd, VzBackend
 from boxpark.host.backends.vzplan import VzLimits, VzPlan, make_plan
 from boxpark.host.gcdbridge import Inbox, KeptSocket
+from boxpark.host.guestlink import GuestLink, guest_client
 from boxpark.host.spec import MachineSpec
 from boxpark.transport import Channel, client_handshake, parse_address
 from tests.guestserver import running_server
@@ -123,11 +126,11 @@ async def guest_sends_ready(guest: socket.socket, boot_id: str) -> Channel:
     return channel
 
 
-def test_events_and_api_through_the_forwards(short_tmp: str) -> None:
+def test_events_and_api_straight_from_the_backend(short_tmp: str) -> None:
     directory = Path(short_tmp)
     spec = fake_spec(directory)
     (directory / "api").mkdir()
-    with running_server(directory / "api") as server:
+    with running_server(directory / "api") as server, echo_server(directory / "echo.sock") as echo:
         FakeVzMachine.api_path = server.address.removeprefix("unix:")
 
         async def main() -> None:
@@ -135,26 +138,37 @@ def test_events_and_api_through_the_forwards(short_tmp: str) -> None:
             async with backend:
                 await backend.start(spec)
                 machine: Any = backend.machine
-                assert backend.api_address == f"unix:{directory}/s/api.sock"
-                assert os.path.exists(f"{directory}/s/events.sock")
+                assert backend.address(1024) == parse_address("vsock:3:1024")
+                assert not os.path.exists(f"{directory}/s/api.sock")  # nothing to forward: dial is straight
+                assert not os.path.exists(f"{directory}/s/events.sock")
                 channel = await guest_sends_ready(machine.guest_dials(), "boot-1")
                 ready = await backend.wait_ready(10)
                 assert ready.boot_id == "boot-1" and backend.events is not None
                 assert backend.events.connections == 1
 
-                for _ in range(3):  # each dial is a new connectToPort, joined by its own relay
-                    client = await backend.dial_api()
+                for _ in range(3):  # each client is a new connectToPort, its socket ours
+                    client = await guest_client(backend)
                     info = await client.info()
-                    result = await client.exec(["echo", "through the forward"])
-                    assert result.stdout == b"through the forward\n" and info.boot_id is not None
+                    result = await client.exec(["echo", "straight from the backend"])
+                    assert result.stdout == b"straight from the backend\n" and info.boot_id is not None
                     await client.close()
                 api_connections = [c for c in machine.connections if c not in (machine.connections[0],)]
                 assert len(api_connections) == 3
+
+                # the Docker proxy's path: a relay thread opens a Connect through the backend's loop
+                link = GuestLink(backend)
+                sock = await asyncio.to_thread(link.connect_blocking, protocol.Connect(path=echo))
+                try:
+                    await asyncio.to_thread(sock.sendall, b"GET /_ping HTTP/1.1\r\n\r\n")
+                    assert await asyncio.to_thread(sock.recv, 100) == b"GET /_ping HTTP/1.1\r\n\r\n"
+                finally:
+                    sock.close()
+                assert len(machine.connections) == 5
                 for _ in range(50):  # our copy closed: VZ's object is released, once each
-                    if len(machine.released) == 3:
+                    if len(machine.released) == 4:
                         break
                     await asyncio.sleep(0.02)
-                assert sorted(map(id, machine.released)) == sorted(map(id, api_connections))
+                assert sorted(map(id, machine.released)) == sorted(map(id, machine.connections[1:]))
 
                 channel.close()  # the guest drops the stream and dials again: resumes after #1
                 channel2 = await Channel.from_socket(machine.guest_dials(), "guest")
@@ -166,8 +180,6 @@ def test_events_and_api_through_the_forwards(short_tmp: str) -> None:
 
                 await machine.stop()  # the VM ended (as VZ's delegate would say)
                 assert await backend.stop(5) == 2
-            assert not os.path.exists(f"{directory}/s/api.sock")
-            assert not os.path.exists(f"{directory}/s/events.sock")
             for _ in range(50):
                 if all(c.closed for c in machine.connections):
                     break
@@ -175,6 +187,29 @@ def test_events_and_api_through_the_forwards(short_tmp: str) -> None:
             assert all(c.closed for c in machine.connections)
 
         asyncio.run(main())
+
+
+@contextlib.contextmanager
+def echo_server(path: Path) -> Iterator[str]:
+    """A unix socket in the "guest" that echoes one connection's bytes (a stand-in for docker.sock)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield str(path)
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 def test_vz_end_before_ready_names_the_reason(short_tmp: str) -> None:

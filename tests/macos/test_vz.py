@@ -18,6 +18,7 @@ import pytest
 from boxpark.host.backends import BackendError, get_backend
 from boxpark.host.backends.vz import VzBackend, VzError, VzMachine, read_limits
 from boxpark.host.backends.vzplan import make_plan
+from boxpark.host.guestlink import guest_client
 from boxpark.host.spec import ImageError, spec_from_image
 
 
@@ -76,7 +77,7 @@ def test_boot_to_ready_exec_and_stop(state: Path) -> None:
                 raise
             ready = await backend.wait_ready(120)
             assert ready.boot_id
-            client = await backend.dial_api()
+            client = await guest_client(backend)
             try:
                 result = await client.exec(["uname", "-m"])
                 assert result.stdout == b"aarch64\n"

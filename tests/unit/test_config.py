@@ -226,3 +226,13 @@ def test_bad_docker_service_values_name_the_key(text: str, key: str) -> None:
     with pytest.raises(cfg.ConfigError) as info:
         cfg.loads(text)
     assert info.value.key == key, str(info.value)
+
+
+def test_qemu_is_not_offered_on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its backend needs Linux's pidfds and prctl: on a Mac `up` says so in one sentence, and vz is the way."""
+    monkeypatch.setattr(cfg.sys, "platform", "darwin")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.loads('backend = "qemu"', "boxpark.toml")
+    assert info.value.key == "backend"
+    assert str(info.value) == ("boxpark.toml: backend: qemu is not offered on macOS; use vz (Apple's "
+                               "Virtualization.framework) here")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from boxpark import dirs
-from boxpark.host import backends, boot, state
+from boxpark.host import boot, machinespec, state
 from boxpark.image import build
 
 VARIABLES = ("BOXPARK_HOME", "BOXPARK_CACHE", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME")
@@ -36,7 +36,7 @@ def test_the_xdg_variables_move_each_directory(home: Path, monkeypatch: pytest.M
     assert build.default_image_dir("amd64", True) == tmp_path / "k" / "boxpark" / "images" / "amd64"
     # the fallbacks for a host without the image builder follow the same rule
     assert boot._image_dir("amd64") == str(tmp_path / "k" / "boxpark" / "images" / "amd64")
-    assert backends._default_image_dir("amd64") == str(tmp_path / "k" / "boxpark" / "images" / "amd64")
+    assert machinespec._default_image_dir("amd64") == str(tmp_path / "k" / "boxpark" / "images" / "amd64")
 
 
 def test_boxparks_own_variables_win(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

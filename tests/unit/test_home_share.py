@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from boxpark.host import config as cfg
-from boxpark.host.backends import spec_from_config
+from boxpark.host.machinespec import spec_from_config
 from boxpark.host.backends.sandbox import share_arguments
 from boxpark.host.state import Machine
 

@@ -100,3 +100,18 @@ def test_a_record_for_another_image_or_unreadable_is_ignored(machine: Machine) -
 def test_no_disk_size_means_no_data_disk(machine: Machine) -> None:
     assert initphase.prepare_data_disk(machine, loads('[disk]\nsize = "0"\n')) is None
     assert not machine.data_disk.exists()
+
+
+def test_share_sources_are_virtiofs_tags_or_the_sandboxs_bound_directories(tmp_path: Path) -> None:
+    """How the guest mounts each share of the spec: a VM's virtiofs device by tag; in the sandbox the
+    directory its preinit bound by tag under /run/boxpark/shares."""
+    from boxpark.host.spec import MachineSpec
+
+    spec = MachineSpec(root=str(tmp_path / "root.squashfs"), state_dir=str(tmp_path), kernel=None,
+                       shares={"share0": "/src", "share1": "/home/u"},
+                       share_targets={"/src": "share0", "/home/u": "share1"})
+    assert initphase.share_sources(spec, binds=False) == {"/src": ("share0", "virtiofs", []),
+                                                          "/home/u": ("share1", "virtiofs", [])}
+    assert initphase.share_sources(spec, binds=True) == {
+        "/src": ("/run/boxpark/shares/share0", "", ["bind"]),
+        "/home/u": ("/run/boxpark/shares/share1", "", ["bind"])}

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 
 from boxpark import protocol
-from boxpark.host.backends import BackendError
+from boxpark.host.backends import API_PORT, BackendError
 from boxpark.host.backends.qemu import QemuBackend
 from boxpark.host.client import GuestClient
+from boxpark.host.guestlink import guest_client
 from boxpark.host.eventstream import EventStreamError
 from boxpark.host.spec import Disk, SpecError
 from boxpark.transport import TransportError
@@ -117,7 +118,7 @@ def test_the_secret_stays_off_every_command_line(vm: Machine) -> None:
     assert secret not in Path(f"/proc/{vm.backend.child.pid}/cmdline").read_bytes()  # type: ignore[union-attr]
     assert secret.decode() not in vm.sh("cat /proc/cmdline")
     with pytest.raises(TransportError):  # and tcp without it is refused
-        vm.run(GuestClient.open(vm.backend.api_address, secret=b"0" * 64))
+        vm.run(GuestClient.open(vm.backend.address(API_PORT), secret=b"0" * 64))
 
 
 def guest_clock_error_ns(vm: Machine, expected_at: Any) -> int:
@@ -216,7 +217,7 @@ async def _forward(vm: Machine, host_path: str, guest_path: str) -> asyncio.Abst
             writer.close()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = await vm.backend.dial_api()
+        client = await guest_client(vm.backend)
         try:
             sock = await client.connect(path=guest_path)
         finally:

@@ -5,8 +5,8 @@ device (read-only), makes a cgroup of the sandbox's own, listens on the event so
 directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
 → the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
 which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
-the preinit binds each host directory at /run/boxpark/shares/TAG and the init phase binds that on the
-share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
+the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
+phase binds that on the share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
 owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
 `cpus` and `memory` become the cgroup's cpu.max and memory.max where the host's cgroup2 has those
 controllers; where it has not (they are bound to cgroup v1), the sandbox runs unlimited and says so.
@@ -27,35 +27,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
-import fcntl
 import logging
 import os
-import secrets
 import shutil
 import signal
-import struct
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
-from ...transport import listen_socket, parse_address
+from ...transport import Address, TransportError, dial_blocking, dial_socket, listen_socket, parse_address
 from ..eventstream import EventStream
-from ..spec import MachineSpec, host_arch
-from . import Backend, BackendError, Child, UnsupportedSpec, owner_namespace
+from ..spec import SHARES_DIR, MachineSpec, host_arch
+from .base import API_PORT, Backend, BackendError, UnsupportedSpec
+from .cgroup import Cgroup, cgroup2_controllers, cgroup2_mount, sandbox_cgroup
+from .loopdev import loop_device
+from .process import PidfdProcess, die_with_parent
+from .userns import owner_namespace
+
+__all__ = ["SandboxBackend", "cgroup2_controllers", "cgroup2_mount", "loop_device", "share_arguments"]
 
 log = logging.getLogger("boxpark.host.sandbox")
 
 GUEST_HOST_DIR = "/run/boxpark/host"
-GUEST_SHARES_DIR = "/run/boxpark/shares"  # the preinit binds each shared host directory here, by tag
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
-CGROUP_PARENT = "boxpark"
 SLIRP_NET = "static:10.0.2.100/24,10.0.2.2,10.0.2.3"  # slirp4netns's own default guest address
 SLIRP_ARGS = ("--enable-sandbox", "--enable-seccomp")  # it runs in an empty root, with a syscall filter
-PR_SET_PDEATHSIG = 1
 CLONE_NEWNS = 0x00020000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 
@@ -64,13 +63,15 @@ class SandboxBackend(Backend):
     """`get_backend("sandbox")`: namespaces, a loop-mounted squashfs root, unix-socket transport."""
 
     name = "sandbox"
+    binds_shares = True
 
     def __init__(self) -> None:
         super().__init__()
         self.cgroup: Cgroup | None = None
         self.loop_device: str | None = None
         self.slirp4netns = shutil.which("slirp4netns")
-        self.slirp: Child | None = None
+        self.slirp: PidfdProcess | None = None
+        self.unshare: PidfdProcess | None = None  # the machine's process: unshare, parent of the guest's PID 1
 
     def check(self, spec: MachineSpec) -> None:
         if sys.platform != "linux":
@@ -128,7 +129,6 @@ class SandboxBackend(Backend):
                                   logs=f"{state}/init.log and {state}/console.log")
         await self.events.start()
         stack.push_async_callback(self.events.close)
-        self.api_address = f"unix:{state}/api.sock"
         # a guest that is killed cannot remove its socket: a file that answers nobody must not outlive us
         stack.callback(_remove, state / "api.sock")
 
@@ -148,8 +148,8 @@ class SandboxBackend(Backend):
             raise BackendError(f"cannot start the sandbox ({argv[0]}): {getattr(exc, 'strerror', None) or exc}") from None
         finally:
             os.close(console)
-        self.child = Child(popen, "unshare")
-        self._record_pid(self.child, argv[0])
+        self.child = self.unshare = PidfdProcess(popen, "unshare")
+        self._record_pid(self.unshare, argv[0])
         stack.push_async_callback(self._reap)
         if self.settings(spec)["net"] != "none":
             await self._start_network(state, stack)
@@ -181,10 +181,10 @@ class SandboxBackend(Backend):
         Not in the sandbox's cgroup: the guest owns that tree. It dies with us (PDEATHSIG) and is recorded
         in slirp4netns.pid like every helper.
         """
-        assert self.slirp4netns is not None and self.child is not None
+        assert self.slirp4netns is not None and self.unshare is not None
         deadline = time.monotonic() + 5.0
         while (pid := self.init_pid()) is None:
-            if self.child.returncode is not None or time.monotonic() > deadline:
+            if self.unshare.returncode is not None or time.monotonic() > deadline:
                 log.error("the sandbox's PID 1 did not appear: no network")
                 return
             await asyncio.sleep(0.002)
@@ -198,7 +198,7 @@ class SandboxBackend(Backend):
             return
         finally:
             os.close(output)
-        self.slirp = Child(popen, "slirp4netns")
+        self.slirp = PidfdProcess(popen, "slirp4netns")
         self._record_pid(self.slirp, argv[0])
         stack.push_async_callback(self._stop_network)
 
@@ -220,9 +220,9 @@ class SandboxBackend(Backend):
 
     async def _reap(self) -> None:
         """Kill every process in the sandbox's cgroup and wait until it is empty."""
-        assert self.child is not None and self.cgroup is not None
+        assert self.unshare is not None and self.cgroup is not None
         self.cgroup.kill()
-        await self.child.wait_for(5.0)
+        await self.unshare.wait_for(5.0)
         deadline = time.monotonic() + 5.0
         while self.cgroup.populated():
             if time.monotonic() > deadline:
@@ -230,18 +230,26 @@ class SandboxBackend(Backend):
                 break
             self.cgroup.kill()
             await asyncio.sleep(0.01)
-        self.child.close()
+        self.unshare.close()
 
-    def share_source(self, tag: str) -> tuple[str, str, list[str]]:
-        """The preinit bound the share's host directory at /run/boxpark/shares/TAG: the guest binds that."""
-        return f"{GUEST_SHARES_DIR}/{tag}", "", ["bind"]
+    def address(self, port: int) -> Address:
+        """The guest's API socket in the state directory; the sandbox has no other port for the host."""
+        if port != API_PORT or self.spec is None:
+            raise TransportError(f"the sandbox reaches only the guest's API (port {API_PORT}), by its socket")
+        return parse_address(f"unix:{self.spec.state_dir}/api.sock")
+
+    async def dial(self, port: int, timeout: float = 10.0) -> socket.socket:
+        return await dial_socket(self.address(port), timeout)
+
+    def dial_blocking(self, port: int, timeout: float = 10.0) -> socket.socket:
+        return dial_blocking(self.address(port), timeout)  # from the thread itself: no trip through the loop
 
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
-        if self.child is None or self.child.returncode is not None:
+        if self.unshare is None or self.unshare.returncode is not None:
             return None
         try:
-            with open(f"/proc/{self.child.pid}/task/{self.child.pid}/children") as f:
+            with open(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children") as f:
                 children = f.read().split()
         except OSError:
             return None
@@ -253,7 +261,7 @@ class SandboxBackend(Backend):
             return guest_monotonic_ns
         return guest_monotonic_ns - round(self.spawned_at * 1e9)  # time.monotonic is CLOCK_MONOTONIC
 
-    def _record_extra(self) -> dict[str, object]:
+    def describe(self) -> dict[str, object]:
         return {"loop_device": self.loop_device, "cgroup": self.cgroup.path if self.cgroup else None,
                 "init_pid": self.init_pid()}
 
@@ -271,11 +279,6 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL when our host process dies."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _slirp_preexec() -> None:
     """preexec_fn of slirp4netns: dies with us, and gets a private mount namespace of its own.
 
@@ -283,7 +286,7 @@ def _slirp_preexec() -> None:
     host's shared propagation those unmounts reached the host: `ip netns` mounts under /run/netns vanished
     within two seconds of a sandbox's start (slirp4netns 1.2.0, Debian 12). A private copy keeps them here.
     """
-    _die_with_parent()
+    die_with_parent()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "cannot give slirp4netns a private mount namespace")
@@ -301,227 +304,3 @@ def _unshare() -> list[str]:
         if os.access(f"{directory}/unshare", os.X_OK):
             return [f"{directory}/unshare", *UNSHARE[1:]]
     raise BackendError("the sandbox needs unshare (util-linux): apt-get install util-linux")
-
-
-# ------------------------------------------------------------------------------------ cgroup
-
-
-def cgroup2_mount() -> str:
-    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                return left.split()[4]
-    raise BackendError("this host has no cgroup2 hierarchy mounted; the sandbox needs one "
-                       "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
-
-
-def cgroup2_controllers() -> set[str]:
-    try:
-        with open(f"{cgroup2_mount()}/cgroup.controllers") as f:
-            return set(f.read().split())
-    except (OSError, BackendError):
-        return set()
-
-
-class Cgroup:
-    """A cgroup2 directory of our own; every process of the sandbox ends up in it (or below)."""
-
-    def __init__(self, path: str, joinable: bool = True) -> None:
-        self.path = path
-        # opened beforehand: the preexec_fn that joins it runs in a forked child, where less is safer
-        self._procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) if joinable else -1
-
-    def enter_and_die_with_parent(self) -> None:
-        """Run in the forked child before exec (preexec_fn): join the cgroup, die if our host process dies.
-
-        The cgroup must be joined before `unshare --cgroup`, so the guest's cgroup namespace is rooted here.
-        """
-        os.write(self._procs_fd, b"0")
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    def walk(self) -> list[str]:
-        """This cgroup and its descendants, deepest first."""
-        return [root for root, _, _ in os.walk(self.path, topdown=False)]
-
-    def pids(self) -> list[int]:
-        pids: list[int] = []
-        for directory in self.walk():
-            with contextlib.suppress(OSError), open(f"{directory}/cgroup.procs") as f:
-                pids += [int(p) for p in f.read().split()]
-        return pids
-
-    def populated(self) -> bool:
-        try:
-            with open(f"{self.path}/cgroup.events") as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "populated":
-                        return value.strip() != "0"
-        except FileNotFoundError:
-            return False
-        return bool(self.pids())
-
-    def kill(self) -> None:
-        """SIGKILL everything in it: cgroup.kill (Linux 5.14+), else each listed pid (all are ours)."""
-        try:
-            with open(f"{self.path}/cgroup.kill", "w") as f:
-                f.write("1")
-            return
-        except FileNotFoundError:
-            pass
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def limit(self, cpus: int | None, memory_mib: int | None) -> None:
-        if memory_mib is not None:
-            with open(f"{self.path}/memory.max", "w") as f:
-                f.write(str(memory_mib * 1024 * 1024))
-        if cpus is not None:
-            with open(f"{self.path}/cpu.max", "w") as f:
-                f.write(f"{cpus * 100000} 100000")
-
-    def remove(self) -> None:
-        if self._procs_fd >= 0:
-            os.close(self._procs_fd)
-            self._procs_fd = -1
-        for directory in self.walk():
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error("cannot remove the sandbox's cgroup %s: %s", directory, exc.strerror)
-
-
-@contextlib.contextmanager
-def sandbox_cgroup(name: str, cpus: int | None = None, memory_mib: int | None = None) -> Iterator[Cgroup]:
-    """A fresh cgroup `<cgroup2>/boxpark/<name>-<random>`, removed (after its processes) on exit."""
-    parent = f"{cgroup2_mount()}/{CGROUP_PARENT}"
-    os.makedirs(parent, exist_ok=True)
-    _sweep(parent)
-    if cpus is not None or memory_mib is not None:
-        wanted = [c for c, v in (("cpu", cpus), ("memory", memory_mib)) if v is not None]
-        for directory in (cgroup2_mount(), parent):
-            try:
-                with open(f"{directory}/cgroup.subtree_control", "w") as f:
-                    f.write(" ".join(f"+{c}" for c in wanted))
-            except OSError as exc:
-                raise BackendError(f"cannot enable the {' and '.join(wanted)} controller in {directory}: "
-                                   f"{exc.strerror}; leave cpus and memory at their defaults") from None
-    path = f"{parent}/{name}-{os.getpid()}-{secrets.token_hex(4)}"  # the owner's pid: see _sweep
-    os.mkdir(path, 0o755)
-    try:
-        cgroup = Cgroup(path)
-    except OSError:
-        os.rmdir(path)
-        raise
-    try:
-        cgroup.limit(cpus, memory_mib)
-        yield cgroup
-    finally:
-        if cgroup.populated():
-            cgroup.kill()
-            deadline = time.monotonic() + 5
-            while cgroup.populated() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        cgroup.remove()
-
-
-def _sweep(parent: str, age: float = 300.0) -> None:
-    """Remove the empty cgroups a killed host process left behind (with the guest's own cgroups inside).
-
-    A cgroup goes when nothing runs in it and its owner (the pid in its name) is gone — or, should that pid
-    have been reused, when it is older than `age`. A live owner's empty cgroup may be about to fill: kept.
-    """
-    now = time.time()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(parent):
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            parts = entry.name.rsplit("-", 2)
-            owner = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            owner_gone = owner is not None and not os.path.exists(f"/proc/{owner}")
-            if not (owner_gone or now - entry.stat().st_mtime > age):
-                continue
-            cgroup = Cgroup(entry.path, joinable=False)
-            if not cgroup.populated():
-                cgroup.remove()  # an EBUSY (something moved in meanwhile) is logged and left alone
-
-
-# ------------------------------------------------------------------------------------ loop device
-
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LOOP_CLR_FD = 0x4C01
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4
-_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")  # struct loop_info64
-_LOOP_CONFIG = struct.Struct(f"=II{_LOOP_INFO64.size}s64x")  # struct loop_config
-
-
-@contextlib.contextmanager
-def loop_device(path: str) -> Iterator[str]:
-    """Attach `path` read-only to a free loop device; detach it on exit. Yields /dev/loopN.
-
-    We keep the device open while it is attached, so it cannot be detached and handed to someone else
-    under us; on exit we ask for the detach (the kernel defers it while a mount still holds the device —
-    autoclear — and it happens when the sandbox's mount namespace goes), then wait for it, bounded.
-    """
-    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        device, fd = _attach(backing, path)
-    finally:
-        os.close(backing)
-    try:
-        yield device
-    finally:
-        try:
-            fcntl.ioctl(fd, LOOP_CLR_FD)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:  # ENXIO: already detached
-                log.error("cannot detach %s: %s", device, exc.strerror)
-        os.close(fd)
-        number = device.removeprefix("/dev/loop")
-        deadline = time.monotonic() + 5
-        while _loop_backing(number) is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if _loop_backing(number) is not None:
-            log.error("%s is still attached to %s after the sandbox ended", device, path)
-
-
-def _attach(backing: int, path: str) -> tuple[str, int]:
-    try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BackendError(f"the sandbox needs loop devices: /dev/loop-control: {exc.strerror} "
-                           f"(modprobe loop?)") from None
-    try:
-        for _ in range(16):  # another process may take the free device between our two calls
-            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
-            device = f"/dev/loop{number}"
-            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-            name = os.fsencode(path)[:63]
-            info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, name,
-                                     b"", b"", 0, 0)
-            try:
-                fcntl.ioctl(fd, LOOP_CONFIGURE, _LOOP_CONFIG.pack(backing, 0, info))
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno == errno.EBUSY:
-                    continue
-                raise BackendError(f"cannot attach {path} to {device}: {exc.strerror}") from None
-            return device, fd
-    finally:
-        os.close(control)
-    raise BackendError(f"cannot attach {path} to a loop device: every free one was taken first")
-
-
-def _loop_backing(number: str) -> str | None:
-    try:
-        with open(f"/sys/block/loop{number}/loop/backing_file") as f:
-            return f.read().strip()
-    except OSError:
-        return None

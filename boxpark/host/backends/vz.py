@@ -9,12 +9,12 @@ VZ answers on that queue too (completion handlers, the socket listener's delegat
 the answers reach asyncio only through `gcdbridge` (call_soon_threadsafe, one-shot, late answers closed).
 ObjC holds delegates and listeners weakly: `_keep` holds them for the machine's life.
 
-Connections: the VM lives in this process, so nothing else can dial its vsock. The guest's API is
-forwarded from a unix socket (`api_address` = unix:state/api.sock): each connection there becomes a
-`connectToPort` dial, joined to it by a `relay.Relay`. The guest's event-stream dials are taken by a
-VZVirtioSocketListener on `EVENTS_PORT` and joined to the `EventStream`'s unix socket the same way. A
-connection's fd is duplicated for our side and its VZVirtioSocketConnection kept until our copy closes
-(`gcdbridge.KeptSocket`), then closed on the queue.
+Connections: the VM lives in this process, so nothing else can dial its vsock, and nothing here relays.
+`dial(port)` is a `connectToPort` whose connection's socket goes straight to the caller (the agent's API
+client, its Docker proxy's relay); the guest's event-stream dials, taken by a VZVirtioSocketListener on the
+plan's events port, go straight into the `EventStream` (`take`). A connection's fd is duplicated for our
+side and its VZVirtioSocketConnection kept until our copy closes (`gcdbridge.KeptSocket`, and
+`ReleasingSocket` for a copy handed to code that only knows sockets), then closed on the queue.
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ...relay import Relay
-from ...transport import dial_socket, listen_socket, parse_address
+from ... import protocol
+from ...protocol import Ready
+from ...transport import Address, TransportError
 from ..eventstream import EventStream
 from ..gcdbridge import Completion, Inbox, KeptSocket
 from ..spec import MachineSpec
-from . import Backend, BackendError, summary
-from .vzplan import (ROSETTA_DIR, ROSETTA_TAG, RosettaChoice, VzLimits, VzPlan, make_plan,
+from .base import API_PORT, Backend, BackendError
+from .logs import with_logs
+from .vzplan import (EVENTS_PORT, ROSETTA_DIR, ROSETTA_TAG, RosettaChoice, VzLimits, VzPlan, make_plan,
                      rosetta_setup_argv)
 
 log = logging.getLogger("boxpark.host.vz")
@@ -46,6 +48,7 @@ T = TypeVar("T")
 INSTALL_HINT = "pip install 'boxpark[macos]'"
 SIGN_HINT = "run `boxpark vz sign` and start Boxpark through the signed launcher it prints"
 STOP_TIMEOUT = 10.0
+GUEST_CID = 3  # how VZ numbers its guest: a name for messages, not an address any other process can dial
 
 
 class VzError(BackendError):
@@ -393,6 +396,28 @@ class VzMachine:
 # ------------------------------------------------------------------------------------ the backend
 
 
+class ReleasingSocket(socket.socket):
+    """Our copy of a VZ connection's fd as a plain socket: closing it also releases VZ's connection object.
+
+    asyncio's transports and the relays close sockets, not `KeptSocket`s; this is how a copy handed to
+    them still lets VZ's object go (on the VM's queue) once nobody uses the connection.
+    """
+
+    kept: KeptSocket | None = None
+
+    @classmethod
+    def take(cls, kept: KeptSocket) -> ReleasingSocket:
+        sock = cls(fileno=kept.sock.detach())
+        sock.kept = kept
+        return sock
+
+    def close(self) -> None:
+        super().close()
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            kept.close()  # its own socket is detached: this only releases VZ's object
+
+
 class VzBackend(Backend):
     """`get_backend("vz")`: a VM in this process. `rosetta`: auto (when installed), on (required), off."""
 
@@ -405,8 +430,6 @@ class VzBackend(Backend):
         self.plan: VzPlan | None = None
         self.machine: VzMachine | None = None
         self.rosetta_ready = False
-        self._relays: set[Relay] = set()
-        self._joining: set[asyncio.Future[None]] = set()  # referenced until done (the loop keeps weak ones)
 
     def check(self, spec: MachineSpec) -> None:
         require_macos()
@@ -423,95 +446,60 @@ class VzBackend(Backend):
         state = Path(spec.state_dir)
         for port in plan.console:
             Path(port.path).write_bytes(b"")
-        loop = asyncio.get_running_loop()
-
-        events_address = parse_address(f"unix:{plan.events_socket}")
-        self.events = EventStream(events_address, sock=listen_socket(events_address),
+        # no listening socket: VZ's listener takes the guest's dials and hands each to the stream
+        self.events = EventStream(Address("vsock", cid=2, port=EVENTS_PORT),
                                   logs=f"{state}/init.log and {state}/console.log")
-        await self.events.start()
         stack.push_async_callback(self.events.close)
-        stack.callback(_unlink, plan.events_socket)
-
-        self.machine = self.machine_class(plan, loop, self._guest_dialled)
-        stack.push_async_callback(self.machine.close)
-        stack.callback(self._abort_relays)
-        self.spawned_at = time.monotonic()
-        await self.machine.start()
-        self.child = self.machine.end  # type: ignore[assignment]  # duck-typed: returncode, wait, wait_for
-
-        api = listen_socket(parse_address(f"unix:{plan.api_socket}"))
-        api.setblocking(False)
-        forward = asyncio.ensure_future(self._forward_api(api))
-        stack.callback(_unlink, plan.api_socket)
-        stack.callback(api.close)
-        stack.callback(forward.cancel)
-        self.api_address = f"unix:{plan.api_socket}"
+        await self._new_machine(stack)
 
     async def _restart(self, spec: MachineSpec, stack: contextlib.AsyncExitStack) -> None:
         """A new VZVirtualMachine for the same plan: a Linux guest's reboot stops a VZ machine, and only a
-        new attachment shows a disk image grown meanwhile. The listener and the API forward stay."""
+        new attachment shows a disk image grown meanwhile. The event stream stays."""
         assert self.plan is not None and self.machine is not None
         await self.machine.close()
         disks = tuple(dataclasses.replace(d, size=os.stat(d.path).st_size) for d in self.plan.disks)
         self.plan = dataclasses.replace(self.plan, disks=disks)
+        self.rosetta_ready = False
+        await self._new_machine(stack)
+
+    async def _new_machine(self, stack: contextlib.AsyncExitStack) -> None:
+        assert self.plan is not None
         self.machine = self.machine_class(self.plan, asyncio.get_running_loop(), self._guest_dialled)
         stack.push_async_callback(self.machine.close)
-        self.rosetta_ready = False
         self.spawned_at = time.monotonic()
         await self.machine.start()
-        self.child = self.machine.end  # type: ignore[assignment]
+        self.child = self.machine.end
 
     # ----------------------------------------------------------------------- connections
 
-    def _join(self, ours: socket.socket, kept: KeptSocket) -> None:
-        """Relay `ours` and a vsock connection both ways; both close (and VZ's object goes) when done."""
-        def done() -> None:
-            kept.close()
-            self._relays.discard(relay)
+    def address(self, port: int) -> Address:
+        return Address("vsock", cid=GUEST_CID, port=port)
 
-        relay = Relay(ours, kept.sock, b"", done)
-        self._relays.add(relay)
-        relay.start()
+    async def dial(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """connectToPort, and our copy of the connection's fd: no relay, no socket file."""
+        if self.machine is None:
+            raise BackendError("the machine was not started")
+        try:
+            kept = await self.machine.connect(port, timeout)
+        except (VzError, OSError, asyncio.TimeoutError) as exc:
+            raise TransportError(f"cannot connect to the guest's vsock port {port}: "
+                                 f"{exc or 'timed out'}") from None
+        sock = ReleasingSocket.take(kept)
+        sock.setblocking(False)
+        return sock
 
     def _guest_dialled(self, kept: KeptSocket) -> None:
-        """On the loop: the guest dialled the event-stream port; join it to the EventStream's socket."""
-        async def join() -> None:
-            assert self.plan is not None
-            try:
-                sock = await dial_socket(parse_address(f"unix:{self.plan.events_socket}"), timeout=5.0)
-            except OSError as exc:
-                log.warning("vz: cannot reach the event stream for the guest's dial: %s", exc)
-                kept.close()
-                return
-            sock.setblocking(True)
-            self._join(sock, kept)
-
-        task = asyncio.ensure_future(join())
-        self._joining.add(task)
-        task.add_done_callback(self._joining.discard)
-
-    async def _forward_api(self, listener: socket.socket) -> None:
-        """Each connection to api.sock becomes a connectToPort dial to the guest's API."""
-        loop = asyncio.get_running_loop()
-        assert self.machine is not None and self.plan is not None
-        while True:
-            client, _ = await loop.sock_accept(listener)
-            try:
-                kept = await self.machine.connect(self.plan.socket.api_port)
-            except (BackendError, OSError, asyncio.TimeoutError) as exc:
-                log.warning("vz: a connection to the guest's API failed: %s", exc)
-                client.close()
-                continue
-            client.setblocking(True)
-            self._join(client, kept)
-
-    def _abort_relays(self) -> None:
-        for relay in list(self._relays):
-            relay.abort()
+        """On the loop: the guest dialled the event-stream port; the stream takes the connection itself."""
+        if self.events is None:
+            kept.close()
+            return
+        sock = ReleasingSocket.take(kept)
+        sock.setblocking(False)
+        self.events.take(sock)
 
     # ----------------------------------------------------------------------- lifecycle
 
-    async def wait_ready(self, timeout: float = 60.0) -> Any:
+    async def wait_ready(self, timeout: float = 60.0) -> Ready:
         """The guest's Ready; then Rosetta mounted and registered when the plan shares it."""
         ready = await super().wait_ready(timeout)
         if self.plan is not None and self.plan.rosetta is not None and not self.rosetta_ready:
@@ -520,41 +508,34 @@ class VzBackend(Backend):
 
     async def _setup_rosetta(self) -> None:
         """Mount the Rosetta share and register it for x86_64 ELF; amd64 containers need it, nothing else does."""
-        client = await self.dial_api()
         try:
-            await client.mount(ROSETTA_TAG, ROSETTA_DIR, "virtiofs", ["ro"], mkdir=True)
-            result = await client.exec(rosetta_setup_argv(), timeout=30)
+            mounted = await self._ask_guest(protocol.Mount(source=ROSETTA_TAG, target=ROSETTA_DIR, fstype="virtiofs",
+                                                           options=["ro"], mkdir=True), timeout=10)
+            if not isinstance(mounted, protocol.Ok):
+                raise BackendError(mounted.message if isinstance(mounted, protocol.Error)
+                                   else f"the guest answered {mounted!r}")
+            result = await self._ask_guest(protocol.Exec(argv=rosetta_setup_argv(), timeout=30), timeout=40)
+            if not isinstance(result, protocol.ExecResult):
+                raise BackendError(f"the guest answered {result!r}")
             if result.code != 0:
                 raise BackendError(result.stderr.decode(errors="replace").strip() or f"exit {result.code}")
             self.rosetta_ready = True
         except Exception as exc:
             log.warning("vz: Rosetta could not be set up, amd64 containers will not run: %s", exc)
-        finally:
-            await client.close()
 
     async def _graceful_stop(self) -> None:
         """Poweroff over the Guest API (the init stops its services, syncs, powers off); else stop the VM."""
         assert self.machine is not None
-        if not await self.poweroff_guest():
+        if not await self._poweroff_guest():
             await self.machine.stop()
         await self.machine.end.wait()
 
     def ended_message(self, code: int, when: str) -> str:
-        assert self.spec is not None
         reason = self.machine.end.reason if self.machine is not None else ""
-        parts = [f"the vz machine stopped {when}: {reason or f'code {code}'}"]
-        for label, path in self.log_files():
-            text = summary(path)
-            if text:
-                parts.append(f"--- {label} ({path}), last lines:\n{text}")
-        return "\n".join(parts)
+        return with_logs(f"the vz machine stopped {when}: {reason or f'code {code}'}", self.log_files(),
+                         empty_hint=False)
 
-    def _record_extra(self) -> dict[str, object]:
+    def describe(self) -> dict[str, object]:
         plan = self.plan
         return {"rosetta": plan is not None and plan.rosetta is not None,
                 "mac": plan.network.mac if plan is not None and plan.network is not None else None}
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
