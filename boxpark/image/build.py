@@ -158,7 +158,7 @@ def _locked(cache: Path, progress: Progress) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress.say(f"waiting for another build using {cache} ...")
+            progress.announce(f"waiting for another build using {cache} ...")  # even in `up`: no silent wait
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

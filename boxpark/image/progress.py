@@ -167,11 +167,15 @@ class Progress:
         if self._report is not None:
             self._report(f"[{self.elapsed():6.1f}s] {message}")
 
-    def building(self, reason: str) -> None:
-        """The inputs are resolved and there is something to build, because of `reason`."""
+    def announce(self, message: str) -> None:
+        """Say something the person must see even from a `Console` that holds its lines back."""
         if self._console is not None:
             self._console.release()
-        self.say(f"building: {reason}")
+        self.say(message)
+
+    def building(self, reason: str) -> None:
+        """The inputs are resolved and there is something to build, because of `reason`."""
+        self.announce(f"building: {reason}")
 
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[None]:

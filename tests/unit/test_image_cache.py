@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 
 from boxpark.image import build, pylayer, rootfs
 from boxpark.image.kernel import DebPackage, kernel_dependency, parse_control_stanzas
+from boxpark.image.progress import Console, Progress
 from boxpark.image.rootfs import BaseSpec, parse_dpkg_status
 from boxpark.image.subp import BuildError
 
@@ -252,3 +257,28 @@ def test_the_reason_of_changed_inputs_names_each_change(tmp_path: Path, change: 
 def test_a_manifest_without_inputs_still_gives_a_reason(tmp_path: Path) -> None:
     write_image(tmp_path, "old-hash")  # a manifest from before it recorded its inputs
     assert build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS) == "its inputs changed"
+
+
+def test_waiting_for_another_build_is_said_even_by_ups_held_console(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    entered = threading.Event()
+    with open(tmp_path / ".build.lock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX)
+        with Console(stream, hold=True) as console:
+
+            def locked_build() -> None:
+                with build._locked(tmp_path, Progress(console)):
+                    entered.set()
+
+            thread = threading.Thread(target=locked_build)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while "waiting for another build" not in stream.getvalue():
+                assert time.monotonic() < deadline, "the wait was never said"
+                time.sleep(0.01)
+            assert not entered.is_set()
+            fcntl.flock(other_build, fcntl.LOCK_UN)
+            thread.join(60)
+    assert entered.is_set()
+    assert stream.getvalue().endswith(f"] waiting for another build using {tmp_path} ...\n")
+

@@ -183,3 +183,13 @@ def test_a_failing_step_takes_its_live_line_with_it(terminal: tuple[TextIO, byte
     wait_for(received, "after")
     screen = render(received.decode().replace("\r\n", "\n"))
     assert [re.sub(r"^\[ *\d+\.\ds\] ", "", row) for row in screen] == ["kernel ...", "after"], screen
+
+
+def test_an_announcement_is_shown_even_while_lines_are_held() -> None:
+    stream = io.StringIO()
+    with Console(stream, hold=True) as console:
+        progress = Progress(console)
+        progress.say("a detail")
+        progress.announce("waiting for another build using /c ...")  # `up` must not wait in silence
+        assert re.fullmatch(r"\[ *\d+\.\ds\] a detail\n\[ *\d+\.\ds\] waiting for another build using /c \.\.\.\n",
+                            stream.getvalue()), stream.getvalue()
