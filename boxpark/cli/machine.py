@@ -92,7 +92,7 @@ def up(args: argparse.Namespace) -> int:
             python, env = _vz_launcher()  # says first when this is no Mac
             _ensure_imported_image(config)
         elif not config.image:
-            _ensure_image(config)
+            _ensure_image(config, quiet=args.quiet)
         _start_agent(machine, config_path, python, env)
     last = None
     for event in control(machine, "follow", timeout=None):
@@ -118,15 +118,22 @@ def _wait_gone(machine: Machine, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def _ensure_image(config: Any) -> None:
+def _ensure_image(config: Any, quiet: bool = False) -> None:
+    """Build the default image if it is missing or stale, showing the build's steps as the agent's phases are
+    shown (and why it builds); an up-to-date image costs one line."""
     from ..image import build
+    from ..image.progress import Console
 
     arch = config.guest_arch
     directory = build.default_image_dir(arch, with_docker=True)
     if (directory / "manifest.json").exists() and os.environ.get("BOXPARK_SKIP_IMAGE_CHECK"):
         return
-    print(f"boxpark: checking the guest image ({directory})", file=sys.stderr)
-    build.build_image(directory, arch=arch, with_docker=True)
+    if quiet:
+        build.build_image(directory, arch=arch, with_docker=True)
+        return
+    print(f"boxpark: checking the guest image ({directory})", file=sys.stderr, flush=True)
+    with Console(sys.stderr, prefix=f"  {'image':<10} ", hold=True) as console:
+        build.build_image(directory, arch=arch, with_docker=True, progress=console)
 
 
 def _ensure_imported_image(config: Any) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..dirs import cache_home
 from . import initramfs, kernel, modules, pylayer, rootfs, subp
-from .progress import Progress, to_stderr
+from .progress import Console, Progress
 from .sources import read_host_sources
 from .subp import BuildError
 
@@ -77,19 +77,78 @@ def read_manifest(out_dir: Path) -> dict[str, object] | None:
 
 def is_current(out_dir: Path, inputs_hash: str) -> bool:
     """The output's manifest names these inputs and every file it lists is there, at its size."""
+    return rebuild_reason(out_dir, inputs_hash) is None
+
+
+def rebuild_reason(out_dir: Path, inputs_hash: str, inputs: dict[str, object] | None = None) -> str | None:
+    """Why the image in `out_dir` must be built for these inputs, in words; None if it is up to date.
+
+    With `inputs` (the values `inputs_hash` is made of), a change names the inputs that differ from those
+    the manifest records: the user learns whether a kernel update or a code change costs this build.
+    """
     manifest = read_manifest(out_dir)
-    if manifest is None or manifest.get("inputs_hash") != inputs_hash:
-        return False
+    if manifest is None:
+        if any((out_dir / name).exists() for name in OUTPUTS):
+            return f"the image in {out_dir} has no manifest (an interrupted build?)"
+        return f"first run: no image in {out_dir} yet"
+    if manifest.get("inputs_hash") != inputs_hash:
+        old = manifest.get("inputs")
+        if inputs is None or not isinstance(old, dict):
+            return "its inputs changed"
+        changes = _changed_inputs(old, inputs)
+        return f"inputs changed: {', '.join(changes)}" if changes else "its inputs changed"
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(OUTPUTS):
-        return False
+        return f"the manifest in {out_dir} does not list the image's files"
     for name, meta in files.items():
         try:
             if (out_dir / name).stat().st_size != meta["size"]:
-                return False
+                return f"{out_dir / name} is not the size its manifest records"
         except (OSError, KeyError, TypeError):
-            return False
-    return True
+            return f"{out_dir / name} is missing"
+    return None
+
+
+def _package(key: object) -> str:
+    """`DebPackage.key` (name_version_arch, the epoch's colon as %3a) as a person writes it: name version."""
+    name, _, rest = str(key).partition("_")
+    version = rest.rpartition("_")[0] or rest
+    return f"{name} {version.replace('%3a', ':')}"
+
+
+def _changed_inputs(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    """The inputs that differ between two manifests' `inputs`, each in words (`_resolve_inputs` names them)."""
+    changes: list[str] = []
+    differs = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    if "builder" in differs:
+        changes.append(f"the image recipe (builder version {old.get('builder')} → {new.get('builder')})")
+    if "kernel" in differs:
+        old_kernel = _package(old["kernel"]) if "kernel" in old else "none"
+        changes.append(f"the kernel ({old_kernel} → {_package(new.get('kernel'))})")
+    if "base" in differs:  # the base's key covers its packages, its recipe and the kernel
+        changes.append("the Debian base (for the new kernel)" if "kernel" in differs
+                       else "the Debian base (its package list or recipe)")
+    if "busybox" in differs:
+        old_busybox = _package(old["busybox"]) if "busybox" in old else "none"
+        changes.append(f"busybox ({old_busybox} → {_package(new.get('busybox'))})")
+    if "initramfs_init" in differs:
+        changes.append("the initramfs script")
+    if "boot_modules" in differs:
+        changes.append("the boot modules")
+    if "layer" in differs:
+        old_layer, new_layer = old.get("layer"), new.get("layer")
+        if isinstance(old_layer, list) and isinstance(new_layer, list) and len(old_layer) == len(new_layer) == 3:
+            if old_layer[0] != new_layer[0]:
+                changes.append(f"boxpark's layer recipe (version {old_layer[0]} → {new_layer[0]})")
+            if old_layer[1] != new_layer[1]:
+                changes.append("boxpark's guest code")
+            if old_layer[2] != new_layer[2]:
+                changes.append(f"msgspec ({old_layer[2]} → {new_layer[2]})")
+        else:
+            changes.append("boxpark's layer")
+    known = {"builder", "kernel", "base", "busybox", "initramfs_init", "boot_modules", "layer"}
+    changes += [f"{key}" for key in sorted(differs - known)]
+    return changes
 
 
 @contextlib.contextmanager
@@ -99,7 +158,7 @@ def _locked(cache: Path, progress: Progress) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress.say(f"waiting for another build using {cache} ...")
+            progress.announce(f"waiting for another build using {cache} ...")  # even in `up`: no silent wait
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -117,7 +176,8 @@ def build_image(
 ) -> Path:
     """Build (or find up to date) the guest image in `out_dir`; return `out_dir`.
 
-    `progress` gets one human-readable line per step (None: silent). `cache` defaults to cache_dir().
+    `progress` gets one human-readable line per step (None: silent); a `progress.Console` also shows the
+    running step live on a terminal, and holds its lines back until there is something to build. `cache` defaults to cache_dir().
     `force` rebuilds even when the inputs are unchanged; `refresh_base` also rebuilds the cached Debian
     base, picking up Debian's updates. `source` is the `boxpark` package directory to install (default:
     the one running this code); only its guest part goes in (`pylayer.GUEST_MODULES`).
@@ -131,9 +191,16 @@ def build_image(
     with _locked(cache_root, p):
         with p.step("inputs", f"{arch}, {'with' if with_docker else 'no'} docker"):
             i = _resolve_inputs(arch, with_docker, cache_root, source)
-        if not (force or refresh_base) and is_current(out, i.hash):
+        if refresh_base:
+            reason: str | None = "forced, with a fresh Debian base (--refresh-base)"
+        elif force:
+            reason = "forced (--force)"
+        else:
+            reason = rebuild_reason(out, i.hash, i.values)
+        if reason is None:
             p.say(f"up to date: {out} (inputs {i.hash[:12]})")
             return out
+        p.building(reason)
         tmp_root = cache_root / "tmp"
         subp.remove_tree(tmp_root)  # left by an interrupted build (we hold the lock)
         tmp_root.mkdir(parents=True)
@@ -371,16 +438,21 @@ def run(args: argparse.Namespace) -> int:
             if cache
             else default_image_dir(arch, with_docker)
         )
+    console = None if getattr(args, "quiet", False) else Console(sys.stderr)
     try:
-        result = build_image(
-            out,
-            arch=arch,
-            with_docker=with_docker,
-            progress=None if getattr(args, "quiet", False) else to_stderr,
-            cache=cache,
-            force=getattr(args, "force", False),
-            refresh_base=getattr(args, "refresh_base", False),
-        )
+        try:
+            result = build_image(
+                out,
+                arch=arch,
+                with_docker=with_docker,
+                progress=console,
+                cache=cache,
+                force=getattr(args, "force", False),
+                refresh_base=getattr(args, "refresh_base", False),
+            )
+        finally:
+            if console is not None:
+                console.close()  # the live line goes before any message below
     except BuildError as exc:
         if getattr(args, "debug", False):
             raise

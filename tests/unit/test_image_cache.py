@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 
 from boxpark.image import build, pylayer, rootfs
 from boxpark.image.kernel import DebPackage, kernel_dependency, parse_control_stanzas
+from boxpark.image.progress import Console, Progress
 from boxpark.image.rootfs import BaseSpec, parse_dpkg_status
 from boxpark.image.subp import BuildError
 
@@ -173,3 +178,107 @@ def test_init_script_runs_the_guest_init_from_the_layer() -> None:
     assert first == "#!/usr/bin/python3 -SI"
     assert f'sys.path.insert(0, "{rootfs.PYTHON_DIR}")' in rest
     assert "from boxpark.guest.init import main" in rest
+
+
+# ------------------------------------------------------------------------- why it builds (rebuild_reason)
+
+INPUTS: dict[str, object] = {  # as _resolve_inputs makes them (and the manifest of a real image records)
+    "builder": 1,
+    "base": "967843ecd5aa42f7",
+    "kernel": "linux-image-6.1.0-57-cloud-amd64_6.1.192-3_amd64",
+    "busybox": "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64",
+    "initramfs_init": "09d4d208",
+    "boot_modules": ["virtio_pci", "virtio_mmio?"],
+    "layer": [2, "aefea110", "0.23.0"],
+}
+
+
+def write_built_image(out: Path, inputs: dict[str, object]) -> None:
+    write_image(out, rootfs.hash_json(inputs))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "inputs": inputs}))
+
+
+def test_the_reason_is_none_for_an_up_to_date_image(tmp_path: Path) -> None:
+    write_built_image(tmp_path, INPUTS)
+    assert build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS) is None
+
+
+def test_the_reason_of_a_first_run_names_the_missing_image(tmp_path: Path) -> None:
+    out = tmp_path / "images" / "amd64"
+    assert build.rebuild_reason(out, rootfs.hash_json(INPUTS), INPUTS) == f"first run: no image in {out} yet"
+
+
+def test_an_image_without_its_manifest_is_an_interrupted_build_not_a_first_run(tmp_path: Path) -> None:
+    write_built_image(tmp_path, INPUTS)
+    (tmp_path / "manifest.json").unlink()
+    reason = build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS)
+    assert reason == f"the image in {tmp_path} has no manifest (an interrupted build?)"
+
+
+def test_a_file_of_the_wrong_size_is_named(tmp_path: Path) -> None:
+    write_built_image(tmp_path, INPUTS)
+    (tmp_path / "root.squashfs").write_bytes(b"truncated?")
+    reason = build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS)
+    assert reason == f"{tmp_path / 'root.squashfs'} is not the size its manifest records"
+    (tmp_path / "root.squashfs").unlink()
+    assert build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS) == f"{tmp_path / 'root.squashfs'} is missing"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"layer": [2, "0123abcd", "0.23.0"]}, "inputs changed: boxpark's guest code"),
+        ({"layer": [3, "aefea110", "0.23.0"]}, "inputs changed: boxpark's layer recipe (version 2 → 3)"),
+        ({"layer": [2, "aefea110", "0.24.0"]}, "inputs changed: msgspec (0.23.0 → 0.24.0)"),
+        ({"builder": 2}, "inputs changed: the image recipe (builder version 1 → 2)"),
+        ({"base": "0000000000000000"}, "inputs changed: the Debian base (its package list or recipe)"),
+        (
+            {"kernel": "linux-image-6.1.0-58-cloud-amd64_6.1.193-1_amd64", "base": "1111111111111111"},
+            "inputs changed: the kernel (linux-image-6.1.0-57-cloud-amd64 6.1.192-3 → "
+            "linux-image-6.1.0-58-cloud-amd64 6.1.193-1), the Debian base (for the new kernel)",
+        ),
+        (
+            {"busybox": "busybox-static_1%3a1.36.1-1_amd64"},
+            "inputs changed: busybox (busybox-static 1:1.35.0-4+deb12u1+b1 → busybox-static 1:1.36.1-1)",
+        ),
+        ({"initramfs_init": "ffff"}, "inputs changed: the initramfs script"),
+        ({"boot_modules": ["virtio_pci"]}, "inputs changed: the boot modules"),
+        ({"firmware": "new"}, "inputs changed: firmware"),  # an input this function does not know yet
+    ],
+)
+def test_the_reason_of_changed_inputs_names_each_change(tmp_path: Path, change: dict[str, object],
+                                                        reason: str) -> None:
+    write_built_image(tmp_path, INPUTS)
+    new = {**INPUTS, **change}
+    assert build.rebuild_reason(tmp_path, rootfs.hash_json(new), new) == reason
+
+
+def test_a_manifest_without_inputs_still_gives_a_reason(tmp_path: Path) -> None:
+    write_image(tmp_path, "old-hash")  # a manifest from before it recorded its inputs
+    assert build.rebuild_reason(tmp_path, rootfs.hash_json(INPUTS), INPUTS) == "its inputs changed"
+
+
+def test_waiting_for_another_build_is_said_even_by_ups_held_console(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    entered = threading.Event()
+    with open(tmp_path / ".build.lock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX)
+        with Console(stream, hold=True) as console:
+
+            def locked_build() -> None:
+                with build._locked(tmp_path, Progress(console)):
+                    entered.set()
+
+            thread = threading.Thread(target=locked_build)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while "waiting for another build" not in stream.getvalue():
+                assert time.monotonic() < deadline, "the wait was never said"
+                time.sleep(0.01)
+            assert not entered.is_set()
+            fcntl.flock(other_build, fcntl.LOCK_UN)
+            thread.join(60)
+    assert entered.is_set()
+    assert stream.getvalue().endswith(f"] waiting for another build using {tmp_path} ...\n")
+

@@ -59,3 +59,72 @@ def test_setup_installs_the_package_of_every_command_the_tests_call() -> None:
     missing = {c: p for c, p in owners.items() if p not in packages and not essential(p)}
     assert not missing, f"scripts/setup does not install these commands' packages: {missing}"
     assert not unknown, f"no installed package provides {unknown}: install it and add its package to scripts/setup"
+
+
+STUB_PYTHON = """#!/bin/sh
+# Stands in for python3: `-m venv DIR` makes DIR/bin/python (this script); `-m pip` floods stderr like pip
+# with an old setuptools does, and fails the install of boxpark when STUB_PIP_FAILS is set.
+case "$1 $2" in
+  "--version ") echo "Python 3.99.0"; exit 0 ;;
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit $? ;;
+  "-m pip")
+    i=0
+    while [ $i -lt 200 ]; do i=$((i + 1)); echo "SetuptoolsDeprecationWarning: project.license as a TOML table ($i)" >&2; done
+    case "$*" in *" -e "*) if [ -n "$STUB_PIP_FAILS" ]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi ;; esac
+    exit 0 ;;
+esac
+exit 2
+"""
+
+
+def run_setup_with_a_stub_python(tmp_path: Path, fails: bool) -> subprocess.CompletedProcess[str]:
+    """scripts/setup in a copy of the checkout, with `python3` and so pip being STUB_PYTHON.
+
+    A stub, because what is tested is what setup shows of the installers' output, and the real pip's noise
+    (and whether it fails) depends on its version and on the network.
+    """
+    missing = sorted(p for p in setup_packages() if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout != "install ok installed")
+    foreign = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout
+    if missing or (os.geteuid() == 0 and "arm64" not in foreign.split()):
+        pytest.skip(f"setup would install Debian packages here ({missing or 'the arm64 architecture'})")
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(SETUP, checkout / "scripts" / "setup")
+    shutil.copy(SETUP.parents[1] / "pyproject.toml", checkout / "pyproject.toml")
+    stub = tmp_path / "python3"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path / "tmp")}
+    if fails:
+        env["STUB_PIP_FAILS"] = "1"
+    return subprocess.run(["bash", str(checkout / "scripts" / "setup")], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg: setup checks its packages with it")
+def test_setup_says_what_it_does_in_a_line_each_and_not_what_pip_says(tmp_path: Path) -> None:
+    result = run_setup_with_a_stub_python(tmp_path, fails=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # `eval "$(scripts/up)"` reads stdout
+    assert result.stderr.splitlines() == [
+        "setup: creating the virtual environment .venv with Python 3.99.0",
+        "setup: upgrading pip in .venv",
+        "setup: installing boxpark and its test tools into .venv (pip install -e '.[test]')",
+    ]
+    assert (tmp_path / "checkout" / ".venv" / ".boxpark-installed").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the log goes when all went well
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg: setup checks its packages with it")
+def test_setup_shows_the_end_of_a_failed_steps_output_and_keeps_the_log(tmp_path: Path) -> None:
+    result = run_setup_with_a_stub_python(tmp_path, fails=True)
+    assert result.returncode == 1
+    [log] = (tmp_path / "tmp").iterdir()
+    lines = result.stderr.splitlines()
+    assert lines[3] == ("setup: this failed: .venv/bin/python -m pip install -q -e .[test]; "
+                        f"its last lines (all of them in {log}):")
+    assert lines[-1] == "ERROR: No matching distribution found" and len(lines) == 4 + 40
+    assert log.read_text().count("SetuptoolsDeprecationWarning") == 400  # both pip runs, in full
+    assert not (tmp_path / "checkout" / ".venv" / ".boxpark-installed").exists()
