@@ -37,6 +37,7 @@ from . import initphase
 from .client import GuestClient
 from .config import Config, proxy_env
 from .guestproxy import GuestProxy
+from .mountguard import MountGuard, plugin_argv, with_plugin
 from .ports import PortForwards
 from .service import DockerService, ServiceStatus, daemon_config
 from .state import Machine
@@ -316,16 +317,19 @@ class Agent:
             else:
                 # the sandbox: no disk; dockerd's data on a tmpfs (overlay2 cannot stack on the root overlay)
                 await client.mount("tmpfs", "/var/lib/docker", "tmpfs", ["mode=0711"], mkdir=True)
-            await initphase.mounts(client, config.all_mounts(), getattr(self.backend, "share_sources", {}),
-                                    self.progress)
+            mounted = await initphase.mounts(client, config.all_mounts(), getattr(self.backend, "share_sources", {}),
+                                             self.progress)
             await initphase.trust_certificates(client, config.certificates.ca, self.progress)
-        except Exception as exc:  # InitError, or a call the guest refused: `up` says which
+            guard = MountGuard(self.dial, plugin_argv(config.all_mounts(), mounted))  # issue 14: the mount guard
+            await guard.start(client)
+        except Exception as exc:  # InitError, MountGuardError, or a call the guest refused: `up` says which
             raise AgentFailure(f"initialization failed: {exc}") from None
+        stack.push_async_callback(_cancel, asyncio.ensure_future(guard.run()))
 
         self.progress("starting dockerd", phase="service", state="starting docker")
         extra = {"bridge": "none", "iptables": False} if config.backend == "sandbox" else {}
         try:
-            daemon = daemon_config(config.docker.daemon_json, data_root, extra)
+            daemon = with_plugin(daemon_config(config.docker.daemon_json, data_root, extra))
         except Exception as exc:
             raise AgentFailure(str(exc)) from None
         self.service = DockerService(self.dial, machine.docker_log, daemon,
