@@ -117,7 +117,7 @@ def decide(request: Any, policy: Policy) -> dict[str, Any]:
     """The answer to an AuthZReq (the JSON object dockerd sent): {"Allow": true} or a refusal with its reason."""
     if not isinstance(request, dict) or request.get("RequestMethod") != "POST":
         return {"Allow": True}
-    uri = request.get("RequestURI")
+    uri = request.get("RequestUri")  # sic: dockerd's JSON name
     encoded = request.get("RequestBody")
     if not isinstance(uri, str) or not _CREATES.match(uri) or not isinstance(encoded, str) or not encoded:
         return {"Allow": True}

@@ -20,7 +20,7 @@ from boxpark.guest.authz import Policy, bind_sources, clean, decide
 def request(uri: str, body: Any, method: str = "POST") -> dict[str, Any]:
     """An AuthZReq as dockerd sends it: the API request's body base64-encoded (Go's []byte in JSON)."""
     raw = json.dumps(body).encode() if not isinstance(body, bytes) else body
-    return {"User": "", "RequestMethod": method, "RequestURI": uri, "RequestBody": base64.b64encode(raw).decode(),
+    return {"User": "", "RequestMethod": method, "RequestUri": uri, "RequestBody": base64.b64encode(raw).decode(),
             "RequestHeaders": {"Content-Type": "application/json"}}
 
 
@@ -58,6 +58,16 @@ def test_a_bind_of_a_path_neither_shared_nor_in_the_guest_is_refused_with_the_pa
     assert answer["Allow"] is False
     assert "Mounts denied: the path /tmp/x is not shared from the host" in answer["Msg"]
     assert "/home/me" in answer["Msg"] and "[[mounts]]" in answer["Msg"]
+
+
+def test_a_request_as_dockerd_sends_it_is_read() -> None:
+    # dockerd 20.10's AuthZReq, as captured in the guest (note "RequestUri"); the body is Go's []byte: base64
+    body = base64.b64encode(b'{"Image":"busybox","HostConfig":{"Binds":["/tmp/x:/d"]}}').decode()
+    sent = ('{"RequestMethod":"POST","RequestUri":"/v1.41/containers/create","RequestBody":"%s",'
+            '"RequestHeaders":{"Content-Length":"1752","Content-Type":"application/json"}}' % body)
+    nothing = Policy(shares=("/root",), exists=lambda path: False, resolve=lambda path: path)
+    status, reply = authz.answer("/AuthZPlugin.AuthZReq", sent.encode(), nothing)
+    assert status == 200 and reply["Allow"] is False and "/tmp/x" in reply["Msg"]
 
 
 def test_mount_type_bind_and_services_are_checked_too(policy: Policy) -> None:
@@ -112,8 +122,8 @@ def test_without_any_share_the_message_says_the_home_share_is_off(tmp_path: Path
     request("/v1.41/containers/create", b"{not json"),
     request("/v1.41/containers/create", b"[1, 2]"),
     request("/v1.41/containers/create", {"HostConfig": {"Binds": "/tmp/x:/data", "Mounts": {"Type": "bind"}}}),
-    {"RequestMethod": "POST", "RequestURI": "/containers/create"},  # no body passed (chunked or over 1 MiB)
-    {"RequestMethod": "POST", "RequestURI": "/containers/create", "RequestBody": "%%%"},
+    {"RequestMethod": "POST", "RequestUri": "/containers/create"},  # no body passed (chunked or over 1 MiB)
+    {"RequestMethod": "POST", "RequestUri": "/containers/create", "RequestBody": "%%%"},
     "not an object",
 ])
 def test_what_it_cannot_read_it_allows(policy: Policy, req: Any) -> None:
