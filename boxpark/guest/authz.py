@@ -11,10 +11,11 @@ denied: the path … is not shared from the host and is not known to Docker"): g
 
 It is its own process, started by the agent before dockerd (`boxpark.host.mountguard`), never part of PID 1:
 a decision resolves a path, and on a share that is a round trip to the host, which may hang. It imports only
-the standard library (it starts with `python3 -SI` in ~30 ms). Its bounds: `MAX_CONNECTIONS` threads,
-request heads and bodies of known sizes, idle connections closed. It is a convenience that says why a mount
-would be empty, not a security boundary (anyone who can reach dockerd owns the guest): a request it cannot
-read — no JSON body (dockerd passes none over 1 MiB or not of type JSON), a body it cannot parse — is allowed.
+the standard library (`python3 -SI`; its imports take ~45 ms, once, before dockerd starts). Its bounds:
+`MAX_CONNECTIONS` threads, request heads and bodies of known sizes, idle connections closed. It is a
+convenience that says why a mount would be empty, not a security boundary (anyone who can reach dockerd owns
+the guest): a request it cannot read — no JSON body (dockerd passes none over 1 MiB or not of type JSON), a
+body it cannot parse — is allowed.
 """
 
 from __future__ import annotations
