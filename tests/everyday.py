@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests import netchecks, portchecks, sharechecks, upchecks
+from tests import mountchecks, netchecks, portchecks, sharechecks, upchecks
 from tests.upmachine import UpMachine, load_busybox
 
 USER = (1234, 1234)
@@ -96,6 +96,22 @@ class EverydayTests:
         sharechecks.ca_in_the_guest_bundle(machine, machine.ca)  # type: ignore[attr-defined]
         sharechecks.tls_from_the_guest_trusts_the_ca(machine, machine.ca,  # type: ignore[attr-defined]
                                                      host_port=machine.tls_port)  # type: ignore[attr-defined]
+
+    def test_a_bind_of_an_unshared_path_is_refused(self, machine: UpMachine, tmp_path: Path) -> None:  # issue 14
+        mountchecks.unshared_bind_is_refused(machine, machine.user_home, tmp_path)  # type: ignore[attr-defined]
+
+    def test_shared_guest_and_volume_sources_still_work(self, machine: UpMachine, tmp_path: Path) -> None:
+        mountchecks.shared_guest_and_volume_sources_work(machine, machine.user_home,  # type: ignore[attr-defined]
+                                                         tmp_path)
+
+    def test_compose_is_refused_an_unshared_path_too(self, machine: UpMachine, tmp_path: Path) -> None:
+        compose = mountchecks.compose_command()
+        if compose is None:
+            pytest.skip("neither `docker compose` nor `docker-compose` is installed (scripts/setup installs it)")
+        mountchecks.compose_is_guarded_too(machine, machine.user_home, tmp_path, compose)  # type: ignore[attr-defined]
+
+    def test_the_mount_guard_comes_back_after_it_is_killed(self, machine: UpMachine, tmp_path: Path) -> None:
+        mountchecks.guard_comes_back_after_it_is_killed(machine, tmp_path)
 
     def test_ports_come_back_after_dockerd_restarts(self, machine: UpMachine) -> None:
         portchecks.ports_come_back_after_dockerd_restarts(

@@ -42,6 +42,7 @@ from .config import Config, proxy_env
 from .guestlink import GuestLink
 from .guestproxy import GuestProxy
 from .machinespec import spec_from_config
+from .mountguard import MountGuard, plugin_argv, with_plugin
 from .ports import PortForwards
 from .service import DockerService, ServiceStatus, daemon_config
 from .spec import MachineSpec, SpecError
@@ -275,8 +276,9 @@ class Agent:
         with _fails_as("initialization failed"):  # InitError, or a call the guest refused: `up` says which
             client = await self._data_disk(client, disk, stack)
             await self._swap(client, disk)
-            await self._mounts(client, spec)
+            mounted = await self._mounts(client, spec)
             await self._certificates(client)
+            await self._guard_mounts(client, mounted, stack)
         daemon = self._docker_config(disk)
         await self._launch_docker(daemon, stack)  # the service listens for dockerd's notify, then launches it
         await self._proxy_docker(stack)
@@ -355,13 +357,20 @@ class Agent:
         if disk is not None and self.config.swap_bytes:
             self.progress(await initphase.swap(client, self.config.swap_bytes, self.progress))
 
-    async def _mounts(self, client: GuestClient, spec: MachineSpec) -> None:
+    async def _mounts(self, client: GuestClient, spec: MachineSpec) -> list[str]:
         assert self.backend is not None
-        await initphase.mounts(client, self.config.all_mounts(),
+        return await initphase.mounts(client, self.config.all_mounts(),
                                initphase.share_sources(spec, self.backend.binds_shares), self.progress)
 
     async def _certificates(self, client: GuestClient) -> None:
         await initphase.trust_certificates(client, self.config.certificates.ca, self.progress)
+
+    async def _guard_mounts(self, client: GuestClient, mounted: list[str], stack: contextlib.AsyncExitStack) -> None:
+        """The mount guard (dockerd's authorization plugin): a bind of a path the guest neither shares nor has
+        is refused with a sentence, before dockerd starts; it comes back if it dies."""
+        guard = MountGuard(self.dial, plugin_argv(self.config.all_mounts(), mounted))
+        await guard.start(client)
+        stack.push_async_callback(_cancel, asyncio.ensure_future(guard.run()))
 
     def _docker_config(self, disk: initphase.DiskPlan | None) -> dict[str, Any]:
         """dockerd's daemon.json: the user's, with what Boxpark owns on this backend."""
@@ -369,7 +378,7 @@ class Agent:
         data_root = f"{initphase.DATA_MOUNT}/docker" if disk is not None else ""
         extra: dict[str, Any] = {"bridge": "none", "iptables": False} if self.config.backend == "sandbox" else {}
         with _fails_as(""):
-            return daemon_config(self.config.docker.daemon_json, data_root, extra)
+            return with_plugin(daemon_config(self.config.docker.daemon_json, data_root, extra))
 
     async def _launch_docker(self, daemon: dict[str, Any], stack: contextlib.AsyncExitStack) -> None:
         """dockerd as a supervised service (its sd_notify socket first, then the launch), until READY=1."""

@@ -14,7 +14,7 @@ SETUP = Path(__file__).resolve().parents[2] / "scripts" / "setup"
 
 # The host commands tests run (argv[0] of their subprocesses, or what they look up with shutil.which).
 TEST_COMMANDS = (
-    "busybox", "cpio", "debugfs", "docker", "dockerd", "dpkg-deb", "dumpe2fs", "file", "iptables", "losetup",
+    "busybox", "cpio", "debugfs", "docker", "docker-compose", "dockerd", "dpkg-deb", "dumpe2fs", "file", "iptables", "losetup",
     "mkfs.ext4", "mkfs.xfs", "mkswap", "mksquashfs", "nsenter", "openssl", "partx", "qemu-system-aarch64",
     "qemu-system-x86_64", "setpriv", "sfdisk", "slirp4netns", "socat", "systemd-notify", "unshare",
     "unsquashfs", "xfs_db", "xfs_info", "zstd",
