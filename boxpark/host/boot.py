@@ -1,6 +1,6 @@
 """`boxpark boot`: boot a guest in the foreground, show its boot timeline and API address, stop it on Ctrl-C.
 
-A development and debugging command (the machine agent behind `boxpark up` will own machines for real):
+A development and debugging command (machines for everyday use are the agent's, behind `boxpark up`):
 no machine state is kept beyond its state directory, which is a fresh temporary directory unless
 `--state` names one. Importing this module costs nothing: the backends load when the command runs.
 """
@@ -96,7 +96,7 @@ def _image_dir(arch: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from .spec import ImageError, SpecError, host_arch, spec_from_image
+    from .spec import MissingImageError, SpecError, host_arch, spec_from_image
 
     arch = args.arch or host_arch()
     image = args.image or _image_dir(arch)
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             spec = spec_from_image(image, state, **fields)
-        except ImageError as exc:
+        except MissingImageError as exc:
             raise UsageError(str(exc)) from None
         try:
             return asyncio.run(_boot(args.backend, spec, args.timeout))

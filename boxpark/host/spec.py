@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..errors import BoxparkError
 from ..transport import TransportError, parse_address
 
 ARCHES = ("amd64", "arm64")
@@ -218,24 +219,24 @@ def _is_block(path: str) -> bool:
 # ----------------------------------------------------------------------------------------- images
 
 
-class ImageError(Exception):
+class MissingImageError(BoxparkError):
     """The image directory is missing or incomplete; the message says what to run."""
 
 
 def image_manifest(image_dir: str | os.PathLike[str]) -> dict[str, object]:
-    """The image's manifest.json, or raise `ImageError` saying how to get one."""
+    """The image's manifest.json, or raise `MissingImageError` saying how to get one."""
     directory = Path(image_dir)
     try:
         data = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ImageError(f"no guest image in {directory} (no manifest.json); run: boxpark image build") from None
+        raise MissingImageError(f"no guest image in {directory} (no manifest.json); run: boxpark image build") from None
     except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot read {directory / 'manifest.json'}: {exc}; run: boxpark image build") from None
+        raise MissingImageError(f"cannot read {directory / 'manifest.json'}: {exc}; run: boxpark image build") from None
     if not isinstance(data, dict):
-        raise ImageError(f"{directory / 'manifest.json'} is not a manifest; run: boxpark image build")
+        raise MissingImageError(f"{directory / 'manifest.json'} is not a manifest; run: boxpark image build")
     for name in ("vmlinuz", "initrd.img", "root.squashfs"):
         if not (directory / name).is_file():
-            raise ImageError(f"the image in {directory} has no {name}; run: boxpark image build")
+            raise MissingImageError(f"the image in {directory} has no {name}; run: boxpark image build")
     return data
 
 

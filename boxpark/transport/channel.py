@@ -40,7 +40,6 @@ class _FrameProtocol(asyncio.Protocol):
         self.paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.write_paused = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.broken = False
         self.raw_sink: Callable[[bytes], None] | None = None
         self.fast_path: Callable[[Message], bool] | None = None
@@ -104,8 +103,6 @@ class _FrameProtocol(asyncio.Protocol):
         for waiter in self.drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -227,10 +224,6 @@ class Channel:
                 if waiter in proto.eof_waiters:
                     proto.eof_waiters.remove(waiter)
 
-    @property
-    def at_eof(self) -> bool:
-        return self._protocol.eof and not self._protocol.messages
-
     def write_eof(self) -> None:
         if not self._transport.is_closing() and self._transport.can_write_eof():
             self._transport.write_eof()
@@ -240,9 +233,6 @@ class Channel:
 
     def abort(self) -> None:
         self._transport.abort()
-
-    async def wait_closed(self) -> None:
-        await self._protocol.closed
 
     def take_socket(self) -> tuple[socket.socket, bytes]:
         """Leave framing: return a blocking duplicate of the socket and the bytes read past the last frame.

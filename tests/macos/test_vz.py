@@ -19,7 +19,7 @@ from boxpark.host.backends import BackendError, get_backend
 from boxpark.host.backends.vz import VzBackend, VzError, VzMachine, read_limits
 from boxpark.host.backends.vzplan import make_plan
 from boxpark.host.guestlink import guest_client
-from boxpark.host.spec import ImageError, spec_from_image
+from boxpark.host.spec import MissingImageError, spec_from_image
 
 
 def image_dir() -> Path:
@@ -93,7 +93,7 @@ def test_boot_to_ready_exec_and_stop(state: Path) -> None:
 
     try:
         asyncio.run(main())
-    except ImageError as exc:
+    except MissingImageError as exc:
         pytest.skip(str(exc))
     except BackendError:
         raise

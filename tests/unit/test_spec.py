@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from boxpark.host.spec import (Disk, ImageError, MachineSpec, SpecError, image_manifest, kernel_arch,
+from boxpark.host.spec import (Disk, MissingImageError, MachineSpec, SpecError, image_manifest, kernel_arch,
                                spec_from_image)
 
 
@@ -139,10 +139,10 @@ def test_spec_from_image_takes_the_files_and_the_arch(tmp_path: Path) -> None:
 
 
 def test_a_missing_image_says_how_to_build_one(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="run: boxpark image build"):
+    with pytest.raises(MissingImageError, match="run: boxpark image build"):
         image_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(ImageError, match="no vmlinuz.*run: boxpark image build"):
+    with pytest.raises(MissingImageError, match="no vmlinuz.*run: boxpark image build"):
         image_manifest(tmp_path)
 
 

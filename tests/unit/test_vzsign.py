@@ -14,7 +14,7 @@ import pytest
 
 from boxpark.cli import main
 from boxpark.host import vzsign
-from boxpark.host.commands import CommandFailed, _ensure_imported_image
+from boxpark.cli.machine import CommandFailed, _ensure_imported_image
 from boxpark.host.config import Config
 
 

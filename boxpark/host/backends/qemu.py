@@ -31,7 +31,6 @@ from ..eventstream import EventStream
 from ..spec import MachineSpec, kernel_arch
 from . import virtiofsd
 from .base import API_PORT, Backend, BackendError, UnsupportedSpec
-from .logs import tail
 from .process import PidfdProcess, die_with_parent
 from .qemuargv import (BINARIES, GUEST_API_PORT, Plan, default_cpu, kvm_usable, qemu_args, settings,
                        vsock_usable)
@@ -70,7 +69,6 @@ class QemuBackend(Backend):
         self.argv: list[str] = []
         self.accel_reason = ""
         self.api_address: Address | None = None  # where the guest's API is reached (QEMU's forward moves on reboot)
-        self.running_at: float | None = None  # time.monotonic() when the guest started running (cont)
         self.running_at_wall: float | None = None  # time.time() then: the RTC's zero with rtc_clock="vm"
 
     def check(self, spec: MachineSpec) -> None:
@@ -204,7 +202,6 @@ class QemuBackend(Backend):
                 raise BackendError(f"QEMU did not report its forward to the guest's API port:\n{usernet}")
             self.api_address = parse_address(f"tcp:127.0.0.1:{api_port}")
         await self.qmp.execute("cont")
-        self.running_at = time.monotonic()
         self.running_at_wall = time.time()
 
     async def _connect_qmp(self, path: str, child: PidfdProcess) -> Qmp:
@@ -271,10 +268,6 @@ class QemuBackend(Backend):
         if self.qmp is None:
             raise BackendError("the machine was not started")
         await self.qmp.execute("block_resize", device=name, size=size)
-
-    def stderr_tail(self) -> str:
-        assert self.spec is not None
-        return tail(self.spec.state_file("qemu.log"))
 
 
 def _unlink(path: str) -> None:

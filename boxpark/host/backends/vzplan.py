@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...transport import parse_address
 from ..spec import Disk, MachineSpec, SpecError
 
 GUEST_API_PORT = 1024  # the guest's API on vsock (as under qemu)
@@ -137,8 +136,6 @@ class VzPlan:
     network: Network | None
     entropy: bool = True  # VZVirtioEntropyDeviceConfiguration
     balloon: bool = True  # VZVirtioTraditionalMemoryBalloonDeviceConfiguration
-    api_socket: str = ""  # the host's unix socket forwarded to the guest's API (api_address)
-    events_socket: str = ""  # the host's unix socket of the event stream (the guest's dials are joined to it)
     notes: list[str] = field(default_factory=list)  # what the plan decided and why (e.g. Rosetta off)
 
     def devices(self) -> list[tuple[str, dict[str, object]]]:
@@ -278,13 +275,9 @@ def make_plan(spec: MachineSpec, limits: VzLimits, *, rosetta: RosettaChoice = "
     if spec.events is not None:
         raise PlanError("events", f"the guest dials the vz host over vsock (port {EVENTS_PORT}); "
                                   f"leave events unset, not {spec.events!r}")
-    api_socket = spec.state_file("api.sock")
     if spec.api is not None:
-        address = parse_address(spec.api)
-        if address.kind != "unix":
-            raise PlanError("api", f"the vz backend forwards the guest's API to a unix socket; "
-                                   f"use unix:PATH or leave it unset, not {spec.api!r}")
-        api_socket = address.path
+        raise PlanError("api", f"the agent dials the guest's API over vsock (port {GUEST_API_PORT}); "
+                               f"leave api unset, not {spec.api!r}")
 
     disks = [BlockDevice(spec.root, True, "root", _disk_size("root", spec.root))]
     for i, disk in enumerate(spec.disks):
@@ -313,8 +306,7 @@ def make_plan(spec: MachineSpec, limits: VzLimits, *, rosetta: RosettaChoice = "
     line = spec.kernel_command_line(guest_settings(spec), extra="panic=-1")
     return VzPlan(name=spec.name, cpus=cpus, memory=memory, boot=BootLoader(spec.kernel, spec.initrd, line),
                   disks=tuple(disks), shares=shares, rosetta=share, socket=SocketDevice(), console=console,
-                  network=network, api_socket=api_socket, events_socket=spec.state_file("events.sock"),
-                  notes=notes)
+                  network=network, notes=notes)
 
 
 def _block_device(i: int, disk: Disk) -> BlockDevice:
