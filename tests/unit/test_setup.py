@@ -59,3 +59,18 @@ def test_setup_installs_the_package_of_every_command_the_tests_call() -> None:
     missing = {c: p for c, p in owners.items() if p not in packages and not essential(p)}
     assert not missing, f"scripts/setup does not install these commands' packages: {missing}"
     assert not unknown, f"no installed package provides {unknown}: install it and add its package to scripts/setup"
+
+
+def test_the_package_license_is_an_spdx_expression_for_a_setuptools_that_reads_one() -> None:
+    """A license table makes every install print setuptools' deprecation notice (setuptools >= 77 reads a string)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    licenses = pytest.importorskip("packaging.licenses", reason="needs packaging >= 24.2 (SPDX expressions)")
+    pyproject = tomllib.loads((SETUP.parents[1] / "pyproject.toml").read_text())
+    license_ = pyproject["project"]["license"]
+    assert isinstance(license_, str), f"project.license is {license_!r}: write it as an SPDX string"
+    assert licenses.canonicalize_license_expression(license_) == license_
+    setuptools = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools and not any(setuptools[0].specifier.contains(v) for v in ("64", "76.1")), setuptools
