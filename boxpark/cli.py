@@ -196,6 +196,12 @@ def _vz_sign(args: argparse.Namespace) -> int:
     return vzsign.run(args)
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from .host import diagnose
+
+    return diagnose.run(args)
+
+
 def _boot(args: argparse.Namespace) -> int:
     from .host import boot
 
@@ -300,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .host.commands import add_commands
 
     add_commands(commands, EPILOG)
+
+    from .host.diagnose import DESCRIPTION, add_arguments as add_diagnose_arguments  # stdlib only: cheap
+
+    diagnose = commands.add_parser("diagnose", help="write a diagnostics archive for a bug report (secrets masked)",
+                                   description=DESCRIPTION)
+    add_diagnose_arguments(diagnose)
+    diagnose.set_defaults(func=_diagnose)
     return parser
 
 
