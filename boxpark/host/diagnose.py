@@ -308,7 +308,7 @@ import fcntl, os, socket, struct, sys
 def processes():
     tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
     print(f"{'PID':>7} {'PPID':>7} S {'RSS_KiB':>9} {'CPU_s':>8}  COMMAND")
-    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
         try:
             stat = open(f"/proc/{pid}/stat").read()
             argv = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -350,7 +350,9 @@ def network():
             f = line.split()
             if len(f) > 3 and (f[3] == "0A" or proto.startswith("udp") and f[3] == "07"):
                 host, port = f[1].split(":")
-                print(f"    {proto:<5} {host}:{int(port, 16)}")
+                words = struct.pack("<" + "I" * (len(host) // 8), *(int(host[i:i + 8], 16) for i in range(0, len(host), 8)))
+                family = socket.AF_INET6 if len(words) == 16 else socket.AF_INET
+                print(f"    {proto:<5} {socket.inet_ntop(family, words)} port {int(port, 16)}")
     for path in ("/etc/resolv.conf", "/etc/hosts"):
         print(f"\n{path}:\n{read(path)}")
 {"processes": processes, "network": network}[sys.argv[1]]()
@@ -374,7 +376,8 @@ GUEST_FILES = {  # member name → guest path
 }
 
 
-async def _guest_view(machine: Machine, secret: bytes | None, bundle: Bundle, versions: dict[str, Any]) -> None:
+async def _guest_view(machine: Machine, secret: bytes | None, backend: str, bundle: Bundle,
+                      versions: dict[str, Any]) -> None:
     import asyncio
 
     import msgspec
@@ -393,6 +396,8 @@ async def _guest_view(machine: Machine, secret: bytes | None, bundle: Bundle, ve
         except Exception as exc:
             bundle.lack("guest/supervised.json (the init's supervised processes)", _sentence(exc))
         for name, path in GUEST_FILES.items():
+            if name == "guest/cmdline.txt" and backend == "sandbox":
+                continue  # its /proc/cmdline is the host's; the sandbox's own is agent/kernel-cmdline.txt
             try:
                 bundle.add(name, await asyncio.wait_for(client.read_all(path), CALL_TIMEOUT))
             except Exception as exc:
@@ -460,6 +465,10 @@ def write_bundle(machine_name: str, out_path: str | os.PathLike[str] | None = No
     def collect_config() -> None:
         if config_file and os.path.exists(config_file):
             bundle.add("config/boxpark.toml", Path(config_file).read_bytes())
+        elif not running:
+            bundle.lack("config/boxpark.toml", "no agent runs to say which file it was started with, and there "
+                                              "is no default one; config/effective.json shows the defaults "
+                                              "(give the file with --config FILE)")
         if config is None:
             raise Missing(f"the configuration did not load: {config_error}")
         import msgspec
@@ -565,7 +574,7 @@ def write_bundle(machine_name: str, out_path: str | os.PathLike[str] | None = No
             raise Missing(f"the agent serves no {machine.api_socket.name} (the guest is not up yet)")
         import asyncio
 
-        asyncio.run(_guest_view(machine, secrets[0] if secrets else None, bundle, versions))
+        asyncio.run(_guest_view(machine, secrets[0] if secrets else None, backend, bundle, versions))
 
     bundle.part("config", collect_config)
     bundle.part("versions of the backend's tools", collect_versions)
