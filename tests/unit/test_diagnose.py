@@ -36,6 +36,8 @@ def test_mask_hides_credentials_in_urls(text: bytes, hidden: list[bytes]) -> Non
     (b"Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l", b"YWxhZGRpbjpvcGVuc2VzYW1l"),
     (b'curl -H "Authorization: Bearer abc.def-123"', b"abc.def-123"),
     (b"got bearer 0123456789abcdef from the helper", b"0123456789abcdef"),
+    (b'level=warning msg="retrying login with PASSWORD=Hun7er2 for r"', b"Hun7er2"),
+    (b"tokentoken_secret=s1 secret_path=/p", b"s1"),
 ])
 def test_mask_hides_values_of_secret_keys_and_credentials(text: bytes, secret: bytes) -> None:
     masked = mask(text)
