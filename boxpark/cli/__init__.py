@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("machine", "show a machine's logs"),
     "agent": ("agent", "the machine agent (started by up; for debugging)"),
     "config": ("config", "show the default boxpark.toml"),
+    "diagnose": ("diagnose", "write one archive for a bug report (logs, status, versions; secrets masked)"),
 }
 
 

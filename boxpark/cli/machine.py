@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,18 +37,18 @@ def machine_of(args: argparse.Namespace) -> Machine:
 
 def control(machine: Machine, op: str, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
     """Send one request to the agent; yield each JSON line it answers with."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    answers = machine.request(op, timeout)
     try:
-        sock.connect(str(machine.agent_socket))
-    except OSError:
-        sock.close()
+        first = next(answers)
+    except TimeoutError:
+        raise
+    except OSError:  # no socket, or nobody listening on it
         raise CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
                             NOT_RUNNING) from None
-    with sock, sock.makefile("rb") as stream:
-        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-        for line in stream:
-            yield json.loads(line)
+    except StopIteration:
+        return
+    yield first
+    yield from answers
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -238,13 +237,7 @@ def status(args: argparse.Namespace) -> int:
     try:
         info = next(control(machine, "status"))
     except (CommandFailed, ConnectionError, ValueError, StopIteration):  # not running, or gone mid-answer
-        info = {"name": machine.name, "state": "stopped" if not machine.stale() else "dead (stale files)"}
-        last = machine.read_json(machine.timeline_file)
-        if last:
-            info["last_boot"] = last
-        failure = machine.read_json(machine.failure_file)
-        if isinstance(failure, dict) and info["state"] == "stopped":
-            info["state"], info["failure"] = "failed", failure.get("reason", "")
+        info = machine.offline_status()
         if args.json:
             print(json.dumps(info, indent=2))
         else:

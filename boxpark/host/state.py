@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
 from ..errors import BoxparkError
@@ -122,6 +122,27 @@ class Machine:
             except FileNotFoundError:
                 pass
         return done
+
+    def request(self, op: str, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
+        """One request on the agent's control socket; each JSON line it answers. OSError: no agent there."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.agent_socket))
+            with sock.makefile("rb") as stream:
+                sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+                for line in stream:
+                    yield json.loads(line)
+
+    def offline_status(self) -> dict[str, Any]:
+        """What `status --json` says of a machine with no agent: stopped, failed (and why) or stale files."""
+        info: dict[str, Any] = {"name": self.name, "state": "stopped" if not self.stale() else "dead (stale files)"}
+        last = self.read_json(self.timeline_file)
+        if last:
+            info["last_boot"] = last
+        failure = self.read_json(self.failure_file)
+        if isinstance(failure, dict) and info["state"] == "stopped":
+            info["state"], info["failure"] = "failed", failure.get("reason", "")
+        return info
 
     def write_json(self, path: Path, value: Any) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -128,3 +128,18 @@ def test_setup_shows_the_end_of_a_failed_steps_output_and_keeps_the_log(tmp_path
     assert lines[-1] == "ERROR: No matching distribution found" and len(lines) == 4 + 40
     assert log.read_text().count("SetuptoolsDeprecationWarning") == 400  # both pip runs, in full
     assert not (tmp_path / "checkout" / ".venv" / ".boxpark-installed").exists()
+
+
+def test_the_package_license_is_an_spdx_expression_for_a_setuptools_that_reads_one() -> None:
+    """A license table makes every install print setuptools' deprecation notice (setuptools >= 77 reads a string)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    licenses = pytest.importorskip("packaging.licenses", reason="needs packaging >= 24.2 (SPDX expressions)")
+    pyproject = tomllib.loads((SETUP.parents[1] / "pyproject.toml").read_text())
+    license_ = pyproject["project"]["license"]
+    assert isinstance(license_, str), f"project.license is {license_!r}: write it as an SPDX string"
+    assert licenses.canonicalize_license_expression(license_) == license_
+    setuptools = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools and not any(setuptools[0].specifier.contains(v) for v in ("64", "76.1")), setuptools
