@@ -43,7 +43,7 @@ TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
 RCODE_SERVFAIL, RCODE_NXDOMAIN = 2, 3
 TTL = 60
 HOST_TTL = 10  # the host's resolver gives no TTL: short, so a changed hosts file or VPN shows soon
-HOST_TIMEOUT = 1.0  # for the host's answer; then the network's resolvers still have their time
+HOST_TIMEOUT = 1.5  # for the host's answer; then one upstream's 2 s still fits glibc's 5 s per try
 MAX_HOST_PENDING = 256
 TIMEOUT = 2.0  # per upstream: two of them still answer (SERVFAIL) before glibc's 5 s per try runs out
 MAX_PENDING = 1024
@@ -203,6 +203,7 @@ class HostLink:
         old, self.channel = self.channel, channel
         if old is not None:
             old.close()
+            self._give_up()
         channel.send(protocol.Ok())
         try:
             while True:
@@ -215,10 +216,14 @@ class HostLink:
         finally:
             if self.channel is channel:
                 self.channel = None
-                for future in self.pending.values():  # those asked on this link get no answer: upstream now
-                    if not future.done():
-                        future.set_result(None)
+                self._give_up()
             channel.close()
+
+    def _give_up(self) -> None:
+        """The questions asked on a link that ended get no answer from it: upstream now, not at the deadline."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_result(None)
 
 
 LINK = HostLink()
