@@ -7,7 +7,7 @@ networks (which forwards to the guest's resolv.conf). `host.boxpark.internal` is
 gateway (QEMU's and slirp's 10.0.2.2 map to the host's loopback; VZ NAT's gateway is the Mac).
 
 Names go to the host first (Lima's `hostResolver`): the agent holds a `HostResolver` call open to the
-guest (`HostLink`), and an A or AAAA question goes to it as a `ResolveRequest`, answered by the host's own
+guest (`HostLink`), and an A, AAAA or reverse (PTR) question goes to it as a `ResolveRequest`, answered by the host's own
 resolver (its hosts file, a VPN's split DNS, macOS's scoped resolvers). The host never blocks the guest:
 its answer has `HOST_TIMEOUT`, the questions waiting for it are bounded, and without a link, past the
 deadline, when full or on `failed` the query goes upstream as below. Other types always go upstream.
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("boxpark.dns")
 
 PORT = 53
-TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
+TYPE_A, TYPE_AAAA, TYPE_PTR, CLASS_IN = 1, 28, 12, 1
 RCODE_SERVFAIL, RCODE_NXDOMAIN = 2, 3
 TTL = 60
 HOST_TTL = 10  # the host's resolver gives no TTL: short, so a changed hosts file or VPN shows soon
@@ -143,6 +143,8 @@ def host_answer(query: bytes, question: Question, reply: object) -> bytes | None
         return _reply_header(query, RCODE_NXDOMAIN, 0, False) + question.raw
     if status not in ("found", "nodata"):
         return None
+    if question.qtype == TYPE_PTR:
+        return _ptr_answer(query, question, getattr(reply, "names", ()) if status == "found" else ())
     family, size = (socket.AF_INET, 4) if question.qtype == TYPE_A else (socket.AF_INET6, 16)
     records: list[bytes] = []
     room = (512 - _HEADER.size - len(question.raw)) // (12 + size)
@@ -156,8 +158,38 @@ def host_answer(query: bytes, question: Question, reply: object) -> bytes | None
     return _reply_header(query, 0, len(records), False) + question.raw + b"".join(records)
 
 
+def _ptr_answer(query: bytes, question: Question, names: object) -> bytes:
+    """PTR records for `names` (those that make a valid DNS name), as many as fit 512 bytes."""
+    records: list[bytes] = []
+    room = 512 - _HEADER.size - len(question.raw)
+    for name in names if isinstance(names, (list, tuple)) else ():
+        wire = _wire_name(name)
+        if wire is None or len(wire) + 12 > room:
+            continue
+        records.append(struct.pack(">HHHIH", 0xC00C, TYPE_PTR, CLASS_IN, HOST_TTL, len(wire)) + wire)
+        room -= len(wire) + 12
+    return _reply_header(query, 0, len(records), False) + question.raw + b"".join(records)
+
+
+def _wire_name(name: object) -> bytes | None:
+    if not isinstance(name, str):
+        return None
+    try:
+        labels = [label.encode("ascii") for label in name.rstrip(".").split(".")]
+    except UnicodeError:
+        return None
+    if not all(0 < len(label) < 64 for label in labels):
+        return None
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return wire if len(wire) <= 255 else None
+
+
 def asks_host(question: Question | None) -> bool:
-    return question is not None and question.qclass == CLASS_IN and question.qtype in (TYPE_A, TYPE_AAAA)
+    if question is None or question.qclass != CLASS_IN:
+        return False
+    if question.qtype == TYPE_PTR:
+        return question.name.endswith((".in-addr.arpa", ".ip6.arpa"))
+    return question.qtype in (TYPE_A, TYPE_AAAA)
 
 
 class HostLink:

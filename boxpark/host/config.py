@@ -51,7 +51,7 @@ log_files = 3           # ... keeping this many old ones (docker.log.1 is the ne
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
 
-[dns]                   # names resolve in the guest and its containers as on the host: A/AAAA questions
+[dns]                   # names resolve in the guest and its containers as on the host: A/AAAA/PTR questions
 host_resolver = true    # go to the host's own resolver (hosts file, VPN split DNS, macOS scoped resolvers),
                         # others and failures to the network's; false: the network's resolvers only
 # hosts_file = ""       # an extra hosts file read before the host's resolver (names for containers only)

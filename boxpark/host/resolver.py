@@ -1,8 +1,8 @@
 """The host's resolver for the guest (Lima's `hostResolver`): names resolve in containers as on the host.
 
 The agent opens a `HostResolver` call to the guest and keeps it open (again after it drops); the guest's DNS
-forwarder sends A and AAAA questions on it and this module answers each with the host's own resolver:
-`getaddrinfo`, which reads /etc/hosts and nsswitch on Linux and uses the scoped resolvers (VPNs' split DNS)
+forwarder sends A, AAAA and reverse (PTR) questions on it and this module answers each with the host's own resolver:
+`getaddrinfo` (`getnameinfo` for PTR), which reads /etc/hosts and nsswitch on Linux and uses the scoped resolvers (VPNs' split DNS)
 on macOS. `[dns] hosts_file` adds a hosts file read before it (for names only Boxpark's containers should
 see, and for tests, which must not touch the machine's /etc/hosts).
 
@@ -33,7 +33,7 @@ log = logging.getLogger("boxpark.resolver")
 WORKERS = 4
 MAX_IN_FLIGHT = 64  # questions queued for the workers; the guest's own bound is higher, so it falls back
 TIMEOUT = 5.0  # a lookup that takes longer is answered `failed` (the guest stopped waiting long before)
-TYPE_A, TYPE_AAAA = 1, 28
+TYPE_A, TYPE_AAAA, TYPE_PTR = 1, 28, 12
 _FAMILIES = {TYPE_A: socket.AF_INET, TYPE_AAAA: socket.AF_INET6}
 _NXDOMAIN = {socket.EAI_NONAME}
 _NODATA = {getattr(socket, "EAI_NODATA", -5), getattr(socket, "EAI_ADDRFAMILY", -9)}
@@ -46,11 +46,17 @@ class HostsFile:
         self.path = Path(path)
         self._stamp: tuple[int, int] | None = None
         self._names: dict[str, list[str]] = {}
+        self._addresses: dict[str, str] = {}
 
     def lookup(self, name: str) -> list[str] | None:
         """Every address of `name` (any family), or None if the file does not name it."""
         self._reload()
         return self._names.get(name.lower().rstrip("."))
+
+    def reverse(self, address: str) -> str | None:
+        """The first name the file gives `address` (as the C library's hosts lookup does), or None."""
+        self._reload()
+        return self._addresses.get(address)
 
     def _reload(self) -> None:
         try:
@@ -60,9 +66,10 @@ class HostsFile:
                 return
             text = self.path.read_text(errors="replace")
         except OSError:
-            self._stamp, self._names = None, {}
+            self._stamp, self._names, self._addresses = None, {}, {}
             return
         names: dict[str, list[str]] = {}
+        addresses: dict[str, str] = {}
         for line in text.splitlines():
             fields = line.split("#", 1)[0].split()
             if len(fields) < 2:
@@ -71,9 +78,10 @@ class HostsFile:
                 address = str(ipaddress.ip_address(fields[0].split("%", 1)[0]))
             except ValueError:
                 continue
+            addresses.setdefault(address, fields[1].rstrip("."))
             for name in fields[1:]:
                 names.setdefault(name.lower().rstrip("."), []).append(address)
-        self._stamp, self._names = stamp, names
+        self._stamp, self._names, self._addresses = stamp, names, addresses
 
 
 def resolve(name: str, qtype: int, hosts: HostsFile | None = None) -> protocol.ResolveReply:
@@ -82,6 +90,8 @@ def resolve(name: str, qtype: int, hosts: HostsFile | None = None) -> protocol.R
     Both families are asked at once, so a name with only IPv4 addresses is `found` with none for AAAA (no
     data, which resolvers take as "use the A record"), not NXDOMAIN.
     """
+    if qtype == TYPE_PTR:
+        return _reverse(name, hosts)
     family = _FAMILIES.get(qtype)
     if family is None or not name or len(name) > 253:
         return protocol.ResolveReply(id=0, status="failed")
@@ -99,6 +109,35 @@ def resolve(name: str, qtype: int, hosts: HostsFile | None = None) -> protocol.R
     except (OSError, UnicodeError, ValueError):
         return protocol.ResolveReply(id=0, status="failed")
     return _found([str(info[4][0]).split("%", 1)[0] for info in infos], family)
+
+
+def reverse_address(name: str) -> str | None:
+    """The address of a reverse name (`4.3.2.1.in-addr.arpa`, 32 nibbles then `ip6.arpa`); None if not one."""
+    labels = name.lower().rstrip(".").split(".")
+    try:
+        if labels[-2:] == ["in-addr", "arpa"] and len(labels) == 6:
+            return str(ipaddress.IPv4Address(".".join(reversed(labels[:4]))))
+        if labels[-2:] == ["ip6", "arpa"] and len(labels) == 34 and all(len(n) == 1 for n in labels[:32]):
+            return str(ipaddress.IPv6Address(int("".join(reversed(labels[:32])), 16)))
+    except ValueError:
+        pass
+    return None
+
+
+def _reverse(name: str, hosts: HostsFile | None) -> protocol.ResolveReply:
+    address = reverse_address(name)
+    if address is None:
+        return protocol.ResolveReply(id=0, status="failed")  # a partial reverse zone: the network's to answer
+    listed = hosts.reverse(address) if hosts is not None else None
+    if listed is not None:
+        return protocol.ResolveReply(id=0, status="found", names=[listed])
+    try:
+        host, _ = socket.getnameinfo((address, 0), socket.NI_NAMEREQD)
+    except socket.gaierror as exc:
+        return protocol.ResolveReply(id=0, status="nxdomain" if exc.errno in _NXDOMAIN else "failed")
+    except (OSError, UnicodeError, ValueError):
+        return protocol.ResolveReply(id=0, status="failed")
+    return protocol.ResolveReply(id=0, status="found", names=[host])
 
 
 def _found(addresses: list[str], family: int) -> protocol.ResolveReply:

@@ -612,7 +612,8 @@ class HostResolver(Message, tag="host_resolver"):
 
 
 class ResolveRequest(Message, tag="resolve_request"):
-    """Resolve `name` (no trailing dot) for DNS type `type` (1 A, 28 AAAA) as the host itself would."""
+    """Resolve `name` (no trailing dot) for DNS type `type` (1 A, 28 AAAA, 12 PTR of an `in-addr.arpa` or
+    `ip6.arpa` name) as the host itself would."""
 
     id: int
     name: str
@@ -620,12 +621,14 @@ class ResolveRequest(Message, tag="resolve_request"):
 
 
 class ResolveReply(Message, tag="resolve_reply"):
-    """`found` with `addresses` (of the type asked; possibly none: the name has only others), `nxdomain` (no
-    such name), `nodata` (the name has no address) or `failed` (no answer: the guest asks the network)."""
+    """`found` with `addresses` (of the type asked; possibly none: the name has only others) or, for PTR,
+    `names`; `nxdomain` (no such name), `nodata` (the name has no address) or `failed` (no answer: the guest
+    asks the network)."""
 
     id: int
     status: Literal["found", "nxdomain", "nodata", "failed"]
     addresses: list[str] = []
+    names: list[str] = []
 
 
 # --------------------------------------------------------------------------------------- the union

@@ -21,10 +21,10 @@ from boxpark import protocol
 from boxpark.guest import dns
 from boxpark.guest.server import GuestServer
 from boxpark.host.client import GuestClient
-from boxpark.host.resolver import HostResolver, HostsFile
+from boxpark.host.resolver import HostResolver, HostsFile, reverse_address
 from boxpark.transport import Channel, parse_address
 from tests.integration.test_dns_forwarder import ANSWER, FakeUpstream, ask_tcp, ask_udp, rcode, run
-from tests.unit.test_dns import query, records
+from tests.unit.test_dns import name, query, records
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,14 @@ ONLY_HOST = "192.0.2.99"
 
 def hosts_only(name: str, qtype: int, hosts: HostsFile | None) -> protocol.ResolveReply:
     """The agent's resolver, reading the test's hosts file only: anything else `failed` (goes upstream)."""
-    listed = hosts.lookup(name) if hosts is not None else None
+    assert hosts is not None
+    if qtype == dns.TYPE_PTR:
+        address = reverse_address(name)
+        listed_name = hosts.reverse(address) if address else None
+        if listed_name is None:
+            return protocol.ResolveReply(id=0, status="failed")
+        return protocol.ResolveReply(id=0, status="found", names=[listed_name])
+    listed = hosts.lookup(name)
     if listed is None:
         return protocol.ResolveReply(id=0, status="failed")
     family = 4 if qtype == dns.TYPE_A else 6
@@ -93,6 +100,9 @@ async def test_a_name_only_the_host_knows_resolves_and_ordinary_names_still_do(s
         assert dns.message_id(tcp) == 12 and tcp.endswith(socket.inet_aton(ONLY_HOST))
         aaaa = await ask_udp(fwd.port, query("only.host.test", dns.TYPE_AAAA))
         assert rcode(aaaa) == 0 and aaaa[7] == 0  # found, no IPv6 address: no data
+        ptr = await ask_udp(fwd.port, query("99.2.0.192.in-addr.arpa", dns.TYPE_PTR))
+        asked = dns.parse_question(ptr)
+        assert asked is not None and records(ptr, len(asked.raw)) == [name("only.host.test")]
         assert upstream.seen == []  # the host answered all of them
         # a name the host cannot resolve, an MX question, and the host's own name
         other = await ask_udp(fwd.port, query("example.test", ident=13))

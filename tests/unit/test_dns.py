@@ -169,3 +169,18 @@ def test_only_a_and_aaaa_in_class_in_ask_the_host() -> None:
     asked = [dns.asks_host(dns.parse_question(query("x.test", qtype))) for qtype in (1, 28, 12, 15, 16, 33, 255)]
     assert asked == [True, True, False, False, False, False, False]
     assert not dns.asks_host(None)
+
+
+def test_host_answer_for_a_reverse_name() -> None:
+    from boxpark.protocol import ResolveReply
+
+    message = query("10.2.0.192.in-addr.arpa", dns.TYPE_PTR, ident=3)
+    question = dns.parse_question(message)
+    assert question is not None and dns.asks_host(question)
+    reply = dns.host_answer(message, question, ResolveReply(id=1, status="found",
+                                                            names=["only.host.test", "bad..name", "x" * 70]))
+    assert reply is not None and reply[:2] == message[:2] and reply[3] & 0x0F == 0
+    assert records(reply, len(question.raw)) == [name("only.host.test")]  # the invalid names make no record
+    nx = dns.host_answer(message, question, ResolveReply(id=1, status="nxdomain"))
+    assert nx is not None and nx[3] & 0x0F == dns.RCODE_NXDOMAIN
+    assert not dns.asks_host(dns.parse_question(query("example.test", dns.TYPE_PTR)))  # not a reverse name

@@ -62,3 +62,31 @@ def test_other_types_and_bad_names_fail_so_the_guest_asks_the_network() -> None:
     assert resolve("localhost", 15).status == "failed"  # MX
     assert resolve("", resolver.TYPE_A).status == "failed"
     assert resolve("a" * 300, resolver.TYPE_A).status == "failed"
+
+
+def test_reverse_names_give_their_address() -> None:
+    assert resolver.reverse_address("10.2.0.192.in-addr.arpa") == "192.0.2.10"
+    six = ".".join(reversed("20010db8000000000000000000000010")) + ".ip6.arpa."
+    assert resolver.reverse_address(six) == "2001:db8::10"
+    for bad in ("2.0.192.in-addr.arpa", "300.2.0.192.in-addr.arpa", "x.2.0.192.in-addr.arpa", "ip6.arpa",
+                "1.0.ip6.arpa", "example.test"):
+        assert resolver.reverse_address(bad) is None, bad
+
+
+def test_ptr_from_the_hosts_file_then_the_hosts_resolver(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.10 first.test second.test\n192.0.2.10 third.test\n")
+    file = HostsFile(hosts)
+    assert resolve("10.2.0.192.in-addr.arpa", resolver.TYPE_PTR, file).names == ["first.test"]
+    local = resolve("1.0.0.127.in-addr.arpa", resolver.TYPE_PTR, file)  # the machine's /etc/hosts
+    assert local.status == "found" and local.names and local.names[0]
+    assert resolve("2.0.192.in-addr.arpa", resolver.TYPE_PTR, file).status == "failed"  # a zone, not an address
+
+
+def test_ptr_errors_map_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # faked, as above: a real NXDOMAIN for a reverse name would need a DNS server past this machine
+    def failing(*args: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "faked")
+
+    monkeypatch.setattr(socket, "getnameinfo", failing)
+    assert resolve("10.2.0.192.in-addr.arpa", resolver.TYPE_PTR).status == "nxdomain"
