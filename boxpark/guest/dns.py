@@ -1,4 +1,4 @@
-"""The guest's DNS forwarder: answers `host.boxpark.internal` itself, relays every other query upstream.
+"""The guest's DNS forwarder: answers `host.boxpark.internal` itself, asks the host, relays the rest upstream.
 
 It listens on the guest's own non-loopback address, port 53 (UDP and TCP), because Docker drops loopback
 nameservers from containers' resolv.conf: an address on eth0 is reachable from the guest, from containers
@@ -6,10 +6,10 @@ on the default bridge (which copy the guest's resolv.conf) and through the embed
 networks (which forwards to the guest's resolv.conf). `host.boxpark.internal` is the host: the default
 gateway (QEMU's and slirp's 10.0.2.2 map to the host's loopback; VZ NAT's gateway is the Mac).
 
-Names go to the host first (Lima's `hostResolver`): the agent holds a `HostResolver` call open to the
-guest (`HostLink`), and an A, AAAA or reverse (PTR) question goes to it as a `ResolveRequest`, answered by the host's own
-resolver (its hosts file, a VPN's split DNS, macOS's scoped resolvers). The host never blocks the guest:
-its answer has `HOST_TIMEOUT`, the questions waiting for it are bounded, and without a link, past the
+Names go to the host first (Lima's `hostResolver`): the agent holds a `HostResolver` call open to the guest
+(`HostLink`), and an A, AAAA or reverse (PTR) question goes to it as a `ResolveRequest`, answered by the
+host's own resolver (its hosts file, a VPN's split DNS, macOS's scoped resolvers). The host never blocks the
+guest: its answer has `HOST_TIMEOUT`, the questions waiting for it are bounded, and without a link, past the
 deadline, when full or on `failed` the query goes upstream as below. Other types always go upstream.
 
 Forwarding keeps no cache and parses no more than the question: each query goes out on one shared UDP

@@ -1,10 +1,10 @@
 """The host's resolver for the guest (Lima's `hostResolver`): names resolve in containers as on the host.
 
 The agent opens a `HostResolver` call to the guest and keeps it open (again after it drops); the guest's DNS
-forwarder sends A, AAAA and reverse (PTR) questions on it and this module answers each with the host's own resolver:
-`getaddrinfo` (`getnameinfo` for PTR), which reads /etc/hosts and nsswitch on Linux and uses the scoped resolvers (VPNs' split DNS)
-on macOS. `[dns] hosts_file` adds a hosts file read before it (for names only Boxpark's containers should
-see, and for tests, which must not touch the machine's /etc/hosts).
+forwarder sends A, AAAA and reverse (PTR) questions on it and this module answers each with the host's own
+resolver: `getaddrinfo` (`getnameinfo` for PTR), which reads /etc/hosts and nsswitch on Linux and uses the
+scoped resolvers (VPNs' split DNS) on macOS. `[dns] hosts_file` adds a hosts file read before it (for names
+only Boxpark's containers should see, and for tests, which must not touch the machine's /etc/hosts).
 
 It must never hold the guest up: lookups run in a few worker threads with a deadline each, a question
 beyond what they can take is answered `failed` at once (the guest then asks the network), and the link is
