@@ -31,7 +31,9 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
         home.mkdir()
         os.chown(home, *USER)
         https = f"http://{sharechecks.GUEST_SEES_HOST}:{proxy.port}"
+        hosts = netchecks.host_only_hosts_file(tmp)
         m.config.write_text(f'backend = "{backend}"\n{extra}\n[home]\npath = "{home}"\n'
+                            f'[dns]\nhosts_file = "{hosts}"\n'
                             f'[proxy]\nhttps = "{https}"\nno_proxy = "localhost"\nfrom_env = false\n'
                             f'[certificates]\nca = ["{ca.ca}"]\n')
         result = m.up()
@@ -76,6 +78,9 @@ class EverydayTests:
         if self.ALSO_USER_NETWORK:
             with netchecks.user_network(machine, "boxpark-net") as network:
                 netchecks.container_reaches_host_by_name(machine, tmp_path, network)
+
+    def test_a_container_resolves_a_name_only_the_host_knows(self, machine: UpMachine, tmp_path: Path) -> None:
+        netchecks.container_resolves_host_only_name(machine, tmp_path, self.NETWORK)  # issue 14
 
     def test_docker_run_in_the_home_writes_files_the_user_owns(self, machine: UpMachine, tmp_path: Path) -> None:
         sharechecks.home_share_write(machine, machine.user_home, USER, tmp_path)  # type: ignore[attr-defined]

@@ -14,6 +14,15 @@ from typing import Iterator
 from tests.upmachine import IMAGE, UpMachine, load_busybox
 
 HOST_NAME = "host.boxpark.internal"
+HOST_ONLY = ("only-the-host-knows.test", "192.0.2.77")  # a name in the agent's hosts file (never contacted)
+
+
+def host_only_hosts_file(tmp: Path) -> Path:
+    """The extra hosts file the agent's resolver reads (`[dns] hosts_file`): the machine's /etc/hosts is
+    never touched."""
+    path = tmp / "hosts"
+    path.write_text(f"{HOST_ONLY[1]} {HOST_ONLY[0]}\n")
+    return path
 
 
 @contextlib.contextmanager
@@ -70,6 +79,20 @@ def container_reaches_host_by_name(m: UpMachine, tmp: Path, network: str | None 
         assert run.returncode == 0, f"{run.stderr}\n{run.stdout}"
         assert run.stdout.startswith("HTTP/1.0 200") and run.stdout.endswith("\n\n" + body.decode()), run.stdout
         assert "10.0.2.2" in run.stderr, run.stderr  # nslookup's answer
+
+
+def container_resolves_host_only_name(m: UpMachine, tmp: Path, network: str | None = None) -> None:
+    """A name only the host's resolution has (the agent's hosts file) resolves in a container, through the
+    guest's forwarder and the agent; host.boxpark.internal still does, and so does the name in the guest."""
+    load_busybox(m, tmp)
+    name, address = HOST_ONLY
+    script = f"busybox nslookup {name} && busybox nslookup {HOST_NAME}"
+    run = m.docker("run", "--rm", *(["--network", network] if network else []), IMAGE, "sh", "-c", script,
+                   timeout=120)
+    assert run.returncode == 0, f"{run.stderr}\n{run.stdout}"
+    assert address in run.stdout and "10.0.2.2" in run.stdout, run.stdout
+    looked_up = m.cli("exec", "--", "python3", "-c", f"import socket; print(socket.gethostbyname({name!r}))")
+    assert looked_up.returncode == 0 and looked_up.stdout.strip() == address, looked_up.stderr
 
 
 def guest_resolves_host_name(m: UpMachine) -> None:

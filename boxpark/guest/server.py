@@ -90,6 +90,7 @@ class GuestServer:
             protocol.Connect: lambda channel, message: _proxy().connect(channel, message),
             protocol.Events: self.events.stream,
             protocol.Sync: _threaded(system.sync),
+            protocol.HostResolver: lambda channel, message: _dns().LINK.serve(channel, message),
         }
         _check_registry(self._handlers, self._sync)
 
@@ -230,6 +231,12 @@ def _proxy() -> ModuleType:
     from . import proxy
 
     return proxy
+
+
+def _dns() -> ModuleType:
+    from . import dns
+
+    return dns
 
 
 def _check_registry(handlers: dict[type[Message], Handler],

@@ -38,7 +38,7 @@ from ..transport import listen_socket, parse_address
 from . import initphase
 from .backends.base import Backend
 from .client import GuestClient
-from .config import Config, proxy_env
+from .config import Config, expand, proxy_env
 from .guestlink import GuestLink
 from .guestproxy import GuestProxy
 from .machinespec import spec_from_config
@@ -271,6 +271,7 @@ class Agent:
         await self._boot(spec, stack)
         await self._forward_api(stack)
         self._push_time(stack)
+        self._resolve_names(stack)
         self.progress("initializing", phase="initialize", state="initializing")
         client = await self._client(stack)
         with _fails_as("initialization failed"):  # InitError, or a call the guest refused: `up` says which
@@ -331,6 +332,23 @@ class Agent:
         self.time = TimePusher(self.dial, self.config.time.push_interval)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.time.run()))
         stack.callback(watch_wake(self.time.poke).close)
+
+    def _resolve_names(self, stack: contextlib.AsyncExitStack) -> None:
+        """The host's resolver for the guest's DNS forwarder: names the host knows resolve in containers."""
+        from .resolver import HostResolver
+
+        if not self.config.dns.host_resolver:
+            return
+
+        async def open_link() -> Any:
+            client = await self.dial()
+            try:
+                return await client.host_resolver()
+            finally:
+                await client.close()
+
+        resolver = HostResolver(open_link, expand(self.config.dns.hosts_file))
+        stack.push_async_callback(_cancel, asyncio.ensure_future(resolver.run()))
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GuestClient:
         client = await self.dial()

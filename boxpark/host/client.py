@@ -221,6 +221,12 @@ class GuestClient:
         assert isinstance(reply, protocol.Started)
         return Interactive(channel, reply.pid)
 
+    async def host_resolver(self) -> Channel:
+        """Offer the host's resolver to the guest's DNS forwarder: `ResolveRequest`s come on the returned
+        channel, each answered with a `ResolveReply` (host/resolver.py)."""
+        channel, _ = await self._open(protocol.HostResolver())
+        return channel
+
     async def connect(self, *, path: str | None = None, port: int | None = None, host: str = "127.0.0.1",
                       timeout: float = 10.0, udp: bool = False) -> socket.socket:
         """A raw byte stream to a unix socket or TCP port in the guest, as a non-blocking socket.

@@ -51,6 +51,11 @@ log_files = 3           # ... keeping this many old ones (docker.log.1 is the ne
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
 
+[dns]                   # names resolve in the guest and its containers as on the host: A/AAAA/PTR questions
+host_resolver = true    # go to the host's own resolver (hosts file, VPN split DNS, macOS scoped resolvers),
+                        # others and failures to the network's; false: the network's resolvers only
+# hosts_file = ""       # an extra hosts file read before the host's resolver (names for containers only)
+
 [ports]                 # published container ports (docker run -p) answer on the host
 forward = true
 all_interfaces = false  # true: a binding on all interfaces (docker's default) listens on all of the
@@ -142,6 +147,11 @@ class Time(msgspec.Struct, forbid_unknown_fields=True):
     push_interval: float = 60.0
 
 
+class Dns(msgspec.Struct, forbid_unknown_fields=True):
+    host_resolver: bool = True
+    hosts_file: str = ""
+
+
 class Ports(msgspec.Struct, forbid_unknown_fields=True):
     forward: bool = True
     all_interfaces: bool = False
@@ -179,6 +189,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     docker: Docker = msgspec.field(default_factory=Docker)
     time: Time = msgspec.field(default_factory=Time)
     ports: Ports = msgspec.field(default_factory=Ports)
+    dns: Dns = msgspec.field(default_factory=Dns)
     home: Home = msgspec.field(default_factory=Home)
     proxy: Proxy = msgspec.field(default_factory=Proxy)
     certificates: Certificates = msgspec.field(default_factory=Certificates)

@@ -24,6 +24,7 @@ from .messages import (PROTOCOL_VERSION, AnyMessage, Attach, Connect, EndOfStrea
                        Poweroff, ProcessList, ProtocolError, ReadFile, Reboot, ResizeDisk, ResizeResult, ResizeTty,
                        SendSignal, SetTime, Signal, Started, Stat, StatReply, Stdin, Swapoff, Swapon, Sync, TimeSet,
                        Umount, Wait, WriteFile)
+from .messages import HostResolver, ResolveReply, ResolveRequest
 
 __all__ = ["CallKind", "CallSpec", "CALLS", "call_spec", "json_schema"]
 
@@ -98,6 +99,7 @@ CALLS: Mapping[type[Message], CallSpec] = MappingProxyType({
     Hostname: _unary(HostnameReply),
     Reboot: _unary(Ok),
     Poweroff: _unary(Ok),
+    HostResolver: _upgrade(Ok, frames=(ResolveRequest,), sends=(ResolveReply,)),
 })
 """Every call a client may open with after the handshake, by request type."""
 

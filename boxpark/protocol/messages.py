@@ -19,7 +19,8 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME", "MAX_HANDSHAKE_FRAME", "MAX_FILE_CHU
            "WriteFile", "Mkdir", "Stat", "StatReply", "Mount", "Umount", "Swapon", "Swapoff", "ResizeDisk",
            "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Events", "Resume", "BootStep", "Ready",
            "ProcessExited", "ClockStepped", "ShuttingDown", "Log", "Event", "EventFrame", "SetTime", "TimeSet",
-           "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "Request", "AnyMessage", "REQUEST_TYPES",
+           "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "HostResolver", "ResolveRequest",
+           "ResolveReply", "Request", "AnyMessage", "REQUEST_TYPES",
            "MESSAGE_TYPES"]
 
 PROTOCOL_VERSION = 1
@@ -599,12 +600,43 @@ class Poweroff(Message, tag="poweroff"):
     """Stop services cleanly and power off (only when the server is the guest's init)."""
 
 
+# --------------------------------------------------------------------------------------- host resolver
+
+
+class HostResolver(Message, tag="host_resolver"):
+    """The host offers its resolver to the guest's DNS forwarder: after `Ok`, the guest sends `ResolveRequest`s
+    and the host answers each with a `ResolveReply` of the same id, in any order, until either side closes.
+
+    The host opens it (no guest ever dials the host); a newer one replaces an older one.
+    """
+
+
+class ResolveRequest(Message, tag="resolve_request"):
+    """Resolve `name` (no trailing dot) for DNS type `type` (1 A, 28 AAAA, 12 PTR of an `in-addr.arpa` or
+    `ip6.arpa` name) as the host itself would."""
+
+    id: int
+    name: str
+    type: int
+
+
+class ResolveReply(Message, tag="resolve_reply"):
+    """`found` with `addresses` (of the type asked; possibly none: the name has only others) or, for PTR,
+    `names`; `nxdomain` (no such name), `nodata` (the name has no address) or `failed` (no answer: the guest
+    asks the network)."""
+
+    id: int
+    status: Literal["found", "nxdomain", "nodata", "failed"]
+    addresses: list[str] = []
+    names: list[str] = []
+
+
 # --------------------------------------------------------------------------------------- the union
 
 Request = Union[
     Info, Exec, Launch, Attach, Wait, Signal, ListProcesses, ReadFile, WriteFile, Mkdir, Stat, Mount,
     Umount, Swapon, Swapoff, ResizeDisk, NotifyListen, Connect, Events, SetTime, Sync, Hostname, Reboot,
-    Poweroff,
+    Poweroff, HostResolver,
 ]
 """Every call a client may open with after the handshake."""
 
@@ -613,7 +645,8 @@ AnyMessage = Union[
     Started, Attach, Wait, Signal, ListProcesses, ProcessList, Exit, LogBatch, EndOfStream, Stdin, Output,
     ResizeTty, SendSignal, ReadFile, FileData, WriteFile, Mkdir, Stat, StatReply, Mount, Umount, Swapon,
     Swapoff, ResizeDisk, ResizeResult, NotifyListen, NotifyMessage, Connect, Events, Resume, EventFrame,
-    SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff,
+    SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff, HostResolver, ResolveRequest,
+    ResolveReply,
 ]
 
 REQUEST_TYPES: tuple[type[Message], ...] = Request.__args__  # type: ignore[attr-defined]

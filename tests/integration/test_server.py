@@ -476,6 +476,7 @@ def first_calls(tmp_path) -> list[protocol.Message]:
         protocol.NotifyListen(path=f"{tmp_path}/notify"), protocol.Connect(path=f"{tmp_path}/nobody.sock"),
         protocol.Events(), protocol.SetTime(time_ns=time.time_ns()), protocol.Sync(), protocol.Hostname(),
         protocol.Reboot(), protocol.Poweroff(),
+        protocol.HostResolver(),
     ]
 
 

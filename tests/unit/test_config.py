@@ -38,6 +38,8 @@ def test_no_file_means_defaults(tmp_path) -> None:
      "mounts[1].target", "twice"),
     ('[[mounts]]\nsource = "sdb"\ntarget = "/data"\ntype = "ext4"', "mounts[0].source", "guest device"),
     ("[time]\npush_interval = 0", "time.push_interval", "at least 1"),
+    ('[dns]\nhost_resolver = "yes"', "dns.host_resolver", "expected `bool`"),
+    ("[dns]\nhosts = 1", "dns.hosts", "unknown setting"),
     ('image = "/nonexistent/image"', "image", "does not exist"),
 ])
 def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
@@ -45,6 +47,12 @@ def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
         cfg.loads(text, "boxpark.toml")
     assert info.value.key == key
     assert str(info.value).startswith(f"boxpark.toml: {key}: ") and fragment in str(info.value)
+
+
+def test_dns_asks_the_host_by_default_and_takes_an_extra_hosts_file() -> None:
+    assert cfg.loads("").dns.host_resolver and not cfg.loads("").dns.hosts_file
+    config = cfg.loads('[dns]\nhost_resolver = false\nhosts_file = "~/boxpark.hosts"', "boxpark.toml")
+    assert (config.dns.host_resolver, config.dns.hosts_file) == (False, "~/boxpark.hosts")
 
 
 def test_broken_toml_says_so() -> None:

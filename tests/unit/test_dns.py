@@ -114,3 +114,73 @@ def test_no_message_makes_the_handling_raise() -> None:
         if dns.is_query(message):
             reply, _ = forwarder.answer(message)
             assert reply is None or (len(reply) >= 12 and reply[:2] == message[:2] and reply[2] & 0x80)
+
+
+def records(reply: bytes, question_length: int) -> list[bytes]:
+    """The rdata of each answer record of a reply built here (names as pointers)."""
+    count = struct.unpack_from(">H", reply, 6)[0]
+    offset, found = 12 + question_length, []
+    for _ in range(count):
+        size = struct.unpack_from(">H", reply, offset + 10)[0]
+        found.append(reply[offset + 12:offset + 12 + size])
+        offset += 12 + size
+    assert offset == len(reply)
+    return found
+
+
+def test_host_answer_maps_the_hosts_reply() -> None:
+    from boxpark.protocol import ResolveReply
+
+    a = query("only.host.test", dns.TYPE_A, ident=7)
+    question = dns.parse_question(a)
+    assert question is not None
+    found = dns.host_answer(a, question, ResolveReply(id=1, status="found", addresses=["192.0.2.1", "192.0.2.2"]))
+    assert found is not None and found[:2] == a[:2] and found[3] & 0x0F == 0
+    assert records(found, len(question.raw)) == [socket.inet_aton("192.0.2.1"), socket.inet_aton("192.0.2.2")]
+    # AAAA of a name with only IPv4 addresses: no data (NOERROR, empty), never NXDOMAIN
+    aaaa = query("only.host.test", dns.TYPE_AAAA)
+    q6 = dns.parse_question(aaaa)
+    assert q6 is not None
+    empty = dns.host_answer(aaaa, q6, ResolveReply(id=1, status="found", addresses=["192.0.2.1"]))
+    assert empty is not None and empty[3] & 0x0F == 0 and records(empty, len(q6.raw)) == []
+    six = dns.host_answer(aaaa, q6, ResolveReply(id=1, status="found", addresses=["2001:db8::1", "192.0.2.1"]))
+    assert six is not None and records(six, len(q6.raw)) == [socket.inet_pton(socket.AF_INET6, "2001:db8::1")]
+    nodata = dns.host_answer(a, question, ResolveReply(id=1, status="nodata", addresses=["192.0.2.1"]))
+    assert nodata is not None and nodata[3] & 0x0F == 0 and records(nodata, len(question.raw)) == []
+    nx = dns.host_answer(a, question, ResolveReply(id=1, status="nxdomain"))
+    assert nx is not None and nx[3] & 0x0F == dns.RCODE_NXDOMAIN and records(nx, len(question.raw)) == []
+    assert dns.host_answer(a, question, ResolveReply(id=1, status="failed")) is None
+    assert dns.host_answer(a, question, None) is None  # no reply at all: upstream
+
+
+def test_host_answer_fits_a_udp_reply() -> None:
+    from boxpark.protocol import ResolveReply
+
+    for qtype, many in ((dns.TYPE_A, [f"10.0.{i // 256}.{i % 256}" for i in range(500)]),
+                        (dns.TYPE_AAAA, [f"2001:db8::{i:x}" for i in range(500)])):
+        message = query("many.test", qtype)
+        question = dns.parse_question(message)
+        assert question is not None
+        reply = dns.host_answer(message, question, ResolveReply(id=1, status="found", addresses=many))
+        assert reply is not None and len(reply) <= 512 and len(records(reply, len(question.raw))) > 10
+
+
+def test_only_a_and_aaaa_in_class_in_ask_the_host() -> None:
+    asked = [dns.asks_host(dns.parse_question(query("x.test", qtype))) for qtype in (1, 28, 12, 15, 16, 33, 255)]
+    assert asked == [True, True, False, False, False, False, False]
+    assert not dns.asks_host(None)
+
+
+def test_host_answer_for_a_reverse_name() -> None:
+    from boxpark.protocol import ResolveReply
+
+    message = query("10.2.0.192.in-addr.arpa", dns.TYPE_PTR, ident=3)
+    question = dns.parse_question(message)
+    assert question is not None and dns.asks_host(question)
+    reply = dns.host_answer(message, question, ResolveReply(id=1, status="found",
+                                                            names=["only.host.test", "bad..name", "x" * 70]))
+    assert reply is not None and reply[:2] == message[:2] and reply[3] & 0x0F == 0
+    assert records(reply, len(question.raw)) == [name("only.host.test")]  # the invalid names make no record
+    nx = dns.host_answer(message, question, ResolveReply(id=1, status="nxdomain"))
+    assert nx is not None and nx[3] & 0x0F == dns.RCODE_NXDOMAIN
+    assert not dns.asks_host(dns.parse_question(query("example.test", dns.TYPE_PTR)))  # not a reverse name

@@ -167,3 +167,24 @@ def test_junk_from_the_upstream_is_relayed_or_dropped_never_raised(rig: Rig, dat
     assert len(replies) == before - len(rig.forwarder.pending)  # relayed exactly when it matched
     if not replies:  # keep the table stocked for the next examples
         rig.run(lambda: rig.forwarder._from_client(header(1, 7) + b"\x01x\x04test\0\0\1\0\1", sink))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([dns.TYPE_A, dns.TYPE_AAAA]), st.binary(min_size=1, max_size=63),
+       st.sampled_from(["found", "nxdomain", "nodata", "failed"]),
+       st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=40)), max_size=80))
+def test_any_host_reply_makes_a_well_formed_reply_that_fits_udp(qtype: int, label: bytes, status: str,
+                                                                   addresses: list[str]) -> None:
+    from boxpark.protocol import ResolveReply
+
+    message = header() + bytes([len(label)]) + label + b"\0" + struct.pack(">HH", qtype, 1)
+    question = dns.parse_question(message)
+    assert question is not None
+    host = ResolveReply(id=1, status=status, addresses=addresses)  # type: ignore[arg-type]
+    reply = dns.host_answer(message, question, host)
+    if status == "failed":
+        assert reply is None
+        return
+    assert reply is not None and len(reply) <= 512 and reply[:2] == message[:2]
+    echoed = dns.parse_question(reply)
+    assert echoed is not None and echoed.raw == question.raw
