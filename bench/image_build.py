@@ -37,11 +37,11 @@ MACHINE = {
 }
 
 
-def boot(image: Path, work: Path, timeout: float = 120, arch: str = "amd64") -> tuple[float, float]:
+def boot(image: Path, work: Path, timeout: float = 120, arch: str = "amd64", accel: str = "tcg") -> tuple[float, float]:
     """Seconds from QEMU's start to the initramfs's switch_root line and to the init's first line."""
     log = work / f"console-{arch}.log"
     argv = [
-        *MACHINE[arch], "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot",
+        *MACHINE[arch], "-accel", accel, "-m", "1024", "-nographic", "-no-reboot",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
         "-append", "root=/dev/vda rootfstype=squashfs console=hvc0",
         "-drive", f"file={image / 'root.squashfs'},if=none,id=root,format=raw,readonly=on",
