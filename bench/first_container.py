@@ -35,23 +35,24 @@ from bench._report import (HostDockerd, down, figure, load_test_image, machine_d
 SAMPLES = 5
 QEMU_SAMPLES = 2
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \w+ (.*)$")
-# (phase, the agent log's message that ends it); each starts where the one before ends
+# (phase key, what it is, the agent log's message that ends it); each starts where the one before ends
 MARKS = [
-    ("up -> the agent's first event", r"\[prepare\] preparing"),
-    ("prepare", r"\[boot\] booting"),
-    ("boot (backend start -> Ready)", r"\[boot\] guest ready"),
-    ("init phase (Ready -> dockerd launched)", r"\[service\] starting dockerd"),
-    ("dockerd -> READY=1", r"dockerd: READY=1"),
-    ("proxy (READY=1 -> Docker socket served)", r"\[running\] docker is ready"),
+    ("cli_and_agent_start", "up -> the agent's first event", r"\[prepare\] preparing"),
+    ("prepare", "prepare", r"\[boot\] booting"),
+    ("boot", "boot (backend start -> Ready)", r"\[boot\] guest ready"),
+    ("init_phase", "init phase (Ready -> dockerd launched)", r"\[service\] starting dockerd"),
+    ("dockerd_ready", "dockerd -> READY=1", r"dockerd: READY=1"),
+    ("proxy", "proxy (READY=1 -> Docker socket served)", r"\[running\] docker is ready"),
 ]
+AFTER = [("up_returns", "up returns (the CLI notices)"), ("first_run", "the first docker run")]
 
 
 def agent_marks(log: Path) -> list[float]:
     """The wall-clock time of each mark in MARKS, from the agent's log (the last bring-up in it)."""
     lines = log.read_text(errors="replace").splitlines()
-    start = max((i for i, line in enumerate(lines) if re.search(MARKS[0][1], line)), default=0)
+    start = max((i for i, line in enumerate(lines) if re.search(MARKS[0][2], line)), default=0)
     found: list[float] = []
-    for _, pattern in MARKS:
+    for _, _, pattern in MARKS:
         for line in lines[start:]:
             match = LOG_LINE.match(line)
             if match and re.search(pattern, match[3]):
@@ -77,11 +78,11 @@ def boxpark_sample(home: Path, image: str) -> tuple[float, dict[str, float]]:
         down(home)
     phases: dict[str, float] = {}
     previous = began_wall
-    for (label, _), mark in zip(MARKS, marks):
-        phases[label] = mark - previous
+    for (key, _, _), mark in zip(MARKS, marks):
+        phases[key] = mark - previous
         previous = mark
-    phases["up returns (the CLI notices)"] = upped_wall - previous
-    phases["first docker run"] = ended - run_started
+    phases["up_returns"] = upped_wall - previous
+    phases["first_run"] = ended - run_started
     return ended - began, phases
 
 
@@ -118,13 +119,13 @@ def measure(backend: str, samples: int, dockerd: HostDockerd, image: str, config
     reference = statistics.median(t for t, _ in refs)
     figure(f"first_container_{backend}", total, "s", reference,
            "informational (Docker VMs on a Mac: 0.77-8.9 s, OrbStack 1.5 s)")
-    for label in runs[0][1]:
-        share = statistics.median(p[label] for _, p in runs)
-        key = re.sub(r"[^a-z0-9]+", "_", label.split(" (")[0].lower()).strip("_")
+    for key, label in [(key, label) for key, label, _ in MARKS] + AFTER:
+        share = statistics.median(p[key] for _, p in runs)
         figure(f"first_container_{backend}_phase_{key}", share, "s", total, f"share: {label}",
                reference_is="share")
-    figure("first_container_host_dockerd_start_to_ping", statistics.median(r for _, r in refs), "s", reference,
-           "share of the reference: dockerd's start to its first answer", reference_is="share")
+    figure(f"first_container_{backend}_reference_dockerd_start_to_ping", statistics.median(r for _, r in refs),
+           "s", reference, "share of the reference: the host's dockerd's start to its first answer",
+           reference_is="share")
 
 
 def main() -> None:
