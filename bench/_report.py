@@ -191,8 +191,8 @@ def p90(values: list[float]) -> float:
 
 
 class HostDockerd:
-    """The host's own dockerd in private directories under `directory` (data, exec root, socket, pid file),
-    with no bridge and no iptables: it changes nothing global. `start()` returns once it answers /_ping;
+    """The host's own dockerd in private directories under `directory` (data, exec root, socket, pid file)
+    and its own mount namespace, with no bridge and no iptables: it changes nothing global. `start()` returns once it answers /_ping;
     `stop()` ends it and everything it started (found by the private directory in their command lines),
     and unmounts what it left mounted there. Data stays in `directory` between starts."""
 
@@ -206,8 +206,14 @@ class HostDockerd:
     def start(self, timeout: float = 120.0) -> float:
         """Start it; seconds from the spawn to its first answer to /_ping."""
         d = self.directory
-        argv = ["dockerd", f"--data-root={d}/data", f"--exec-root={d}/exec", f"--host=unix://{self.socket}",
-                f"--pidfile={d}/docker.pid", "--bridge=none", "--iptables=false", "--ip6tables=false"]
+        dockerd = ["dockerd", f"--data-root={d}/data", f"--exec-root={d}/exec", f"--host=unix://{self.socket}",
+                   f"--pidfile={d}/docker.pid", "--bridge=none", "--iptables=false", "--ip6tables=false"]
+        # dockerd 20.10 keeps libnetwork's hook sockets in /run/docker/libnetwork whatever its exec root, and
+        # another dockerd on this machine (other users run theirs) removes that directory when it stops: our
+        # containers then fail to start. A private mount namespace with its own /run/docker keeps it apart
+        # (unshare and sh exec in place: the process is dockerd's).
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mkdir -p /run/docker && mount -t tmpfs -o mode=0700 tmpfs /run/docker && exec "$@"', "sh", *dockerd]
         log = open(d / "dockerd.log", "ab")
         self.started_at = time.monotonic()
         with log:
