@@ -131,6 +131,17 @@ def sandbox_machine(config: str = "") -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def machine_api(machine_dir: Path) -> tuple[str, bytes | None]:
+    """The address of a running machine's Guest API (the agent's api.sock, its Guest Proxy) and the secret
+    a client proves, as `boxpark exec` finds them."""
+    from boxpark.transport import read_secret
+
+    for path in (machine_dir / "secret", machine_dir / "backend" / "secret"):
+        if path.exists():
+            return f"unix:{machine_dir}/api.sock", read_secret(str(path))
+    return f"unix:{machine_dir}/api.sock", None
+
+
 def machine_docker(machine_dir: Path) -> list[str]:
     """The docker CLI aimed at a machine's Docker socket (the agent's Guest Proxy)."""
     return ["docker", "-H", f"unix://{machine_dir}/docker.sock"]

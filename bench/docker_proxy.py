@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from bench._report import figure, guest_init_pid, sandbox_machine, say
+from bench._report import figure, guest_init_pid, machine_api, sandbox_machine, say
 
 SIZE = 1024 ** 3
 ROUNDS = 3
@@ -104,13 +104,11 @@ def main() -> None:
         figure("docker_ping_new_connection", p, "ms", d, "added <= 0.3 ms")
 
         from boxpark.host.client import GuestClient
-        from boxpark.host.commands import _api_client_args
-        from boxpark.host.state import Machine
         from boxpark.protocol import Connect
         from boxpark.transport import open_raw_blocking
 
         # the agent's own api.sock: its Guest Proxy, in the agent's process, as every API client reaches it
-        address, secret = _api_client_args(Machine.named(machine.name, machine.parent))
+        address, secret = machine_api(machine)
         sink = f"/proc/{init}/root/run/bench-sink.sock"
 
         async def launch_sink() -> None:
