@@ -63,7 +63,8 @@ def server_process(argv: list[str], path: str, *, connect: bool = False) -> Iter
 
 def guest_server(path: str) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`boxpark guest serve` on the unix socket `path` (the Guest API server, as a separate process)."""
-    return server_process([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"], path)
+    return server_process([sys.executable, "-m", "boxpark", "guest", "serve", "--listen", f"unix:{path}"], path,
+                          connect=True)  # bound is not yet listening
 
 
 def figure(name: str, value: float, unit: str, reference: float | None, goal: str,

@@ -42,6 +42,7 @@ MACHINE = {
 def boot(image: Path, work: Path, timeout: float = 120, arch: str = "amd64", accel: str = "tcg") -> tuple[float, float]:
     """Seconds from QEMU's start to the initramfs's switch_root line and to the init's first line."""
     log = work / f"console-{arch}.log"
+    log.unlink(missing_ok=True)  # a boot before in `work` left its init's line there
     argv = [
         *MACHINE[arch], "-accel", accel, "-m", "1024", "-nographic", "-no-reboot",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
