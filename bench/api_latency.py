@@ -1,6 +1,10 @@
 """Unary call latency: `info` p50 over a unix socket, the server in its own process, against a bare
 socket echo round trip measured in the same run. Goal: p50 ≤ 150 µs.
 
+All servers run at once; the four measurements (two clients, each against its echo) alternate in ROUNDS
+blocks, each block a new connection with WARM_UP untimed calls first, so every figure and its reference
+are warmed alike and see the same moments of the machine.
+
 Two clients: a blocking one (the server's own latency: what a caller on its own thread sees) and the
 asyncio `GuestClient` (what the agent sees), whose reference is a minimal asyncio echo round trip — the
 floor asyncio itself sets on this machine.
@@ -9,23 +13,27 @@ floor asyncio itself sets on this machine.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from bench._report import figure, guest_server, server_process
 
-N = 5000
+N = 5000  # timed calls per figure, over all rounds
+ROUNDS = 5
+WARM_UP = 200
 
 ECHO = """
 import socket, sys, os
 s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
-c, _ = s.accept()
-while d := c.recv(65536):
-    c.sendall(d)
+while True:  # one connection at a time, as the bench makes them
+    c, _ = s.accept()
+    while d := c.recv(65536):
+        c.sendall(d)
+    c.close()
 """
 
 
@@ -43,24 +51,27 @@ asyncio.run(main())
 """
 
 
-def blocking_p50(path: str, payload: bytes, opening: bytes = b"") -> float:
-    """p50 of `payload` round trips on one blocking connection (after `opening`, e.g. the API's Hello)."""
+def blocking_times(path: str, payload: bytes, opening: bytes = b"") -> list[int]:
+    """`payload` round trips (ns) on one new blocking connection (after `opening`, e.g. the API's Hello),
+    after WARM_UP untimed ones."""
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
     if opening:
         sock.sendall(opening)
         sock.recv(65536)
     times = []
-    for _ in range(N):
+    for i in range(WARM_UP + N // ROUNDS):
         start = time.perf_counter_ns()
         sock.sendall(payload)
         sock.recv(65536)
-        times.append(time.perf_counter_ns() - start)
+        if i >= WARM_UP:
+            times.append(time.perf_counter_ns() - start)
     sock.close()
-    return statistics.median(times) / 1000
+    return times
 
 
-def asyncio_p50(path: str, payload: bytes) -> float:
+def asyncio_echo_times(path: str, payload: bytes) -> list[int]:
+    """As `blocking_times`, with a minimal asyncio protocol as the client."""
     class Client(asyncio.Protocol):
         waiter: asyncio.Future[None] | None = None
 
@@ -68,60 +79,64 @@ def asyncio_p50(path: str, payload: bytes) -> float:
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
 
-    async def measure() -> float:
+    async def measure() -> list[int]:
         loop = asyncio.get_running_loop()
         transport, client = await loop.create_unix_connection(Client, path)
         times = []
-        for _ in range(N):
+        for i in range(WARM_UP + N // ROUNDS):
             start = time.perf_counter_ns()
             client.waiter = loop.create_future()
             transport.write(payload)
             await client.waiter
-            times.append(time.perf_counter_ns() - start)
+            if i >= WARM_UP:
+                times.append(time.perf_counter_ns() - start)
         transport.close()
-        return statistics.median(times) / 1000
+        return times
 
     return asyncio.run(measure())
 
 
-def echo_p50(directory: str, script: str, measure) -> float:
-    path = f"{directory}/echo.sock"
-    try:
-        with server_process([sys.executable, "-c", script, path], path):
-            return measure(path, b"\x00\x00\x00\x06\x81\xa1t\xa4info")
-    finally:
-        os.unlink(path)
-
-
-def info_p50(directory: str) -> tuple[float, float]:
-    from boxpark import protocol
+def asyncio_info_times(path: str) -> list[int]:
+    """As `blocking_times`, `info` through the host's asyncio `GuestClient`."""
     from boxpark.host.client import GuestClient
 
-    path = f"{directory}/api.sock"
-    with guest_server(path):
-        blocking = blocking_p50(path, protocol.encode(protocol.Info()), protocol.encode(protocol.Hello()))
-
-        async def measure() -> float:
-            async with await GuestClient.open(f"unix:{path}") as client:
-                for _ in range(200):
-                    await client.info()
-                times = []
-                for _ in range(N):
-                    start = time.perf_counter_ns()
-                    await client.info()
+    async def measure() -> list[int]:
+        async with await GuestClient.open(f"unix:{path}") as client:
+            times = []
+            for i in range(WARM_UP + N // ROUNDS):
+                start = time.perf_counter_ns()
+                await client.info()
+                if i >= WARM_UP:
                     times.append(time.perf_counter_ns() - start)
-                return statistics.median(times) / 1000
+            return times
 
-        return blocking, asyncio.run(measure())
+    return asyncio.run(measure())
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        echo = echo_p50(directory, ECHO, blocking_p50)
-        async_echo = echo_p50(directory, ASYNC_ECHO, asyncio_p50)
-        blocking, async_client = info_p50(directory)
-    figure("unary_info_p50_blocking_client", blocking, "us", echo, "<= 150 us")
-    figure("unary_info_p50_asyncio_client", async_client, "us", async_echo, "ratio near 1 (asyncio floor)")
+    from boxpark import protocol
+
+    info = protocol.encode(protocol.Info())
+    echo_payload = b"\x00\x00\x00\x06\x81\xa1t\xa4info"  # an Info frame's size, to a server that only echoes
+    measures: dict[str, Callable[[], list[int]]] = {}
+    times: dict[str, list[int]] = {"echo": [], "info": [], "async_echo": [], "async_info": []}
+    with tempfile.TemporaryDirectory() as d, \
+            server_process([sys.executable, "-c", ECHO, f"{d}/echo.sock"], f"{d}/echo.sock"), \
+            server_process([sys.executable, "-c", ASYNC_ECHO, f"{d}/aecho.sock"], f"{d}/aecho.sock"), \
+            guest_server(f"{d}/api.sock"):
+        measures = {
+            "echo": lambda: blocking_times(f"{d}/echo.sock", echo_payload),
+            "info": lambda: blocking_times(f"{d}/api.sock", info, protocol.encode(protocol.Hello())),
+            "async_echo": lambda: asyncio_echo_times(f"{d}/aecho.sock", echo_payload),
+            "async_info": lambda: asyncio_info_times(f"{d}/api.sock"),
+        }
+        for _ in range(ROUNDS):  # interleaved: a busy moment of the machine hurts all alike
+            for key, measure in measures.items():
+                times[key] += measure()
+    p50 = {key: statistics.median(values) / 1000 for key, values in times.items()}
+    figure("unary_info_p50_blocking_client", p50["info"], "us", p50["echo"], "<= 150 us")
+    figure("unary_info_p50_asyncio_client", p50["async_info"], "us", p50["async_echo"],
+           "ratio near 1 (asyncio floor)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Boot time: sandbox spawn → Ready, and QEMU (TCG) start → Ready, each with its shares and a reference.
 
-- sandbox: the median of several boots, against spawning a bare `python3 -S -I -c pass` in the same fresh
-  namespaces (the floor of "unshare + a Python"); goal ≤ 150 ms. Its shares: namespaces, pre-init and the
-  init's Python start (measured from the spawn: in the sandbox the guest's monotonic clock is the host's),
-  then the init's steps. Also the image's Python started cold from a fresh squashfs mount against the
-  same start warm: the sandbox pays the cold one on every boot.
-- qemu: start (spawn of QEMU) → Ready under TCG, goal ≤ 5 s, with the kernel's share (the guest's
-  CLOCK_MONOTONIC at Ready minus the init's steps: kernel, initramfs and the init's Python start) as the
-  reference; and `-cpu max` A/B against QEMU's default CPU model in the same run.
+No other program does a Boxpark guest's work, so the references of the two boot figures are floors, measured
+in the same run, alternating with the boots after a warm-up of each, and marked `"reference_is": "floor"`:
+- sandbox: the median of several boots, against the same fresh namespaces (with --cgroup) mounting the
+  image's root squashfs from its loop device and starting the image's `python3 -S -I -c pass` in it
+  (the floor of "unshare + the image's Python": what any init in this image pays); goal ≤ 150 ms. Its
+  shares: namespaces, pre-init and the init's Python start (measured from the spawn: in the sandbox the
+  guest's monotonic clock is the host's), then the init's steps. Also the image's Python started cold
+  from a fresh squashfs mount against the same start warm: the sandbox pays the cold one on every boot.
+- qemu: start (spawn of QEMU) → Ready under TCG, goal ≤ 5 s, against QEMU booting the same kernel,
+  initramfs and root to the init's first log line (the floor: all a boot does before the init runs);
+  shares from the guest's clock; and `-cpu max` A/B against QEMU's default CPU model (the same work).
 
 Needs root and the built image (`boxpark image build`). Skips what this host cannot run.
 """
@@ -24,14 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._report import figure
+from bench._report import figure, say
 
 SANDBOX_RUNS = 5
 QEMU_RUNS = 3
-
-
-def say(text: str) -> None:
-    print(f"   {text}", file=sys.stderr, flush=True)
 
 
 def image() -> Path:
@@ -98,14 +97,18 @@ async def qemu_boot(image_dir: Path, cpu: str | None) -> tuple[float, dict[str, 
         shutil.rmtree(state, ignore_errors=True)
 
 
-def bare_python_in_namespaces() -> float:
-    """Seconds to spawn `python3 -S -I -c pass` under the sandbox's unshare (the reference)."""
-    from boxpark.host.backends.sandbox import _unshare
+def image_python_in_namespaces(image_dir: Path) -> float:
+    """Seconds from spawning the sandbox's unshare to the exit of the image's `python3 -S -I -c pass`, run
+    on the image's root squashfs freshly mounted in those namespaces (the loop device attached before the
+    spawn, as the sandbox backend does)."""
+    from boxpark.host.backends.sandbox import _unshare, loop_device
 
-    argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", "-c", "pass"]
-    began = time.monotonic()
-    subprocess.run(argv, check=True)
-    return time.monotonic() - began
+    script = 'mount -t squashfs -o ro "$1" "$2" && exec chroot "$2" /usr/bin/python3 -S -I -c pass'
+    with tempfile.TemporaryDirectory(prefix="bp-bench-") as mnt, loop_device(str(image_dir / "root.squashfs")) as dev:
+        argv = [*_unshare(), "sh", "-c", script, "sh", dev, mnt]
+        began = time.monotonic()
+        subprocess.run(argv, check=True)
+        return time.monotonic() - began
 
 
 def image_python_cold_and_warm(image_dir: Path) -> tuple[float, float]:
@@ -122,18 +125,26 @@ def image_python_cold_and_warm(image_dir: Path) -> tuple[float, float]:
 
 
 def sandbox(image_dir: Path) -> None:
-    runs = [asyncio.run(sandbox_boot(image_dir)) for _ in range(SANDBOX_RUNS)]
-    references = [bare_python_in_namespaces() for _ in range(SANDBOX_RUNS)]
+    asyncio.run(sandbox_boot(image_dir))  # warm-up of both: page cache, loop driver, Python's own caches
+    image_python_in_namespaces(image_dir)
+    runs: list[tuple[float, dict[str, float]]] = []
+    references: list[float] = []
+    for _ in range(SANDBOX_RUNS):  # interleaved, so a busy moment of the host hurts both alike
+        runs.append(asyncio.run(sandbox_boot(image_dir)))
+        references.append(image_python_in_namespaces(image_dir))
     totals = [total for total, _ in runs]
     median = statistics.median(totals)
-    say(f"sandbox spawn -> Ready: {', '.join(f'{t * 1000:.0f}' for t in totals)} ms")
-    figure("boot_sandbox_spawn_to_ready", median * 1000, "ms", statistics.median(references) * 1000, "<= 150 ms")
+    say(f"sandbox spawn -> Ready: {', '.join(f'{t * 1000:.0f}' for t in totals)} ms; floor (namespaces, "
+        f"squashfs mount, the image's Python): {', '.join(f'{t * 1000:.0f}' for t in references)} ms")
+    figure("boot_sandbox_spawn_to_ready", median * 1000, "ms", statistics.median(references) * 1000, "<= 150 ms",
+           reference_is="floor")
     for label in runs[0][1]:
         share = statistics.median(shares[label] for _, shares in runs)
         say(f"  {label}: {share * 1000:.0f} ms ({share / median:.0%})")
     first = runs[0][1]
     before = statistics.median(shares[next(iter(first))] for _, shares in runs)
-    figure("boot_sandbox_before_init_steps", before * 1000, "ms", median * 1000, "share (informational)")
+    figure("boot_sandbox_before_init_steps", before * 1000, "ms", median * 1000, "share (informational)",
+           reference_is="share")
     for key, name, goal in (
             ("spawn -> exec of the init (unshare, pre-init)", "boot_sandbox_spawn_to_exec_init",
              "share: the host's part (unshare, pre-init)"),
@@ -141,7 +152,7 @@ def sandbox(image_dir: Path) -> None:
              "share: + the image's Python and the init's first imports")):
         if all(key in shares for _, shares in runs):
             part = statistics.median(shares[key] for _, shares in runs)
-            figure(name, part * 1000, "ms", median * 1000, goal)
+            figure(name, part * 1000, "ms", median * 1000, goal, reference_is="share")
     cold, warm = image_python_cold_and_warm(image_dir)
     figure("boot_sandbox_image_python_cold_start", cold * 1000, "ms", warm * 1000, "informational: paid every boot")
 
@@ -155,28 +166,37 @@ def qemu(image_dir: Path) -> None:
     use_kvm, why = kvm_usable("amd64")
     accel = "kvm" if use_kvm else "tcg"
     say(f"qemu: {accel} ({why})")
+    from bench.image_build import boot as boot_to_init
+
     default: list[tuple[float, dict[str, float]]] = []
     maximum: list[tuple[float, dict[str, float]]] = []
-    for _ in range(QEMU_RUNS):  # interleaved, so a busy moment of the host hurts both alike
-        default.append(asyncio.run(qemu_boot(image_dir, None)))
-        maximum.append(asyncio.run(qemu_boot(image_dir, "max" if accel == "tcg" else "host")))
+    floor: list[float] = []
+    asyncio.run(qemu_boot(image_dir, None))  # warm-up: the page cache holds the image for all three
+    with tempfile.TemporaryDirectory(prefix="bp-bench-") as work:
+        for _ in range(QEMU_RUNS):  # interleaved, so a busy moment of the host hurts all alike
+            default.append(asyncio.run(qemu_boot(image_dir, None)))
+            maximum.append(asyncio.run(qemu_boot(image_dir, "max" if accel == "tcg" else "host")))
+            floor.append(boot_to_init(image_dir, Path(work), accel=accel)[1])
     total = statistics.median(t for t, _ in default)
     say(f"qemu start -> Ready: {', '.join(f'{t:.2f}' for t, _ in default)} s (default cpu), "
-        f"{', '.join(f'{t:.2f}' for t, _ in maximum)} s (-cpu max)")
+        f"{', '.join(f'{t:.2f}' for t, _ in maximum)} s (-cpu max); floor (QEMU to the init's first line): "
+        f"{', '.join(f'{t:.2f}' for t in floor)} s")
     labels = [label for label in default[0][1] if all(label in s for _, s in default)]
     shares = {label: statistics.median(s[label] for _, s in default) for label in labels}
     for label, seconds in shares.items():
         say(f"  {label}: {seconds:.2f} s ({seconds / total:.0%})")
     kernel = shares["kernel, initramfs, the init's start"]
     init = shares["init steps"]
-    figure(f"boot_qemu_{accel}_start_to_ready", total, "s", kernel, "<= 5 s")
-    figure(f"boot_qemu_{accel}_kernel_share", kernel, "s", total, "share (informational)")
-    figure(f"boot_qemu_{accel}_init_steps_share", init, "s", total, "share (informational)")
+    figure(f"boot_qemu_{accel}_start_to_ready", total, "s", statistics.median(floor), "<= 5 s",
+           reference_is="floor")
+    figure(f"boot_qemu_{accel}_kernel_share", kernel, "s", total, "share (informational)", reference_is="share")
+    figure(f"boot_qemu_{accel}_init_steps_share", init, "s", total, "share (informational)", reference_is="share")
     if "kernel -> the init's first log line" in shares:
         figure(f"boot_qemu_{accel}_kernel_to_init_first_line", shares["kernel -> the init's first log line"], "s",
-               total, "share: kernel, initramfs, the image's Python start and the init's first imports")
+               total, "share: kernel, initramfs, the image's Python start and the init's first imports",
+               reference_is="share")
         figure(f"boot_qemu_{accel}_init_first_line_to_ready", shares["the init's first log line -> Ready"], "s",
-               total, "share: the init, from its first line to Ready")
+               total, "share: the init, from its first line to Ready", reference_is="share")
     figure(f"boot_qemu_{accel}_cpu_max", statistics.median(t for t, _ in maximum), "s", total,
            "ratio < 1 would make max the default")
 

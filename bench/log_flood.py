@@ -7,8 +7,10 @@ With at least two CPUs the guest server (and so the service, which inherits it) 
 the client to another: guest and host do not share CPUs in a real machine, and on a two-CPU box an
 unpinned client competes with the very service it is reading.
 
-Reference, in the same run: the same `seq` read through a local pipe and split into lines by the bench
-process itself (the floor of "reading lines" on this machine). Goals: >= 500,000 lines/s, 0 lost.
+Reference, in the same run, alternating with the measured rounds after one warm-up round of each: the
+same `seq` read through a local pipe and split into lines by the bench process itself (the floor of
+"reading lines" on this machine), with `seq` on the guest server's CPU and the reader on the client's, as
+in the measured path (so both get the same two CPUs). Goals: >= 500,000 lines/s, 0 lost.
 Run: `python -m bench log_flood` (or `python bench/log_flood.py [--lines N] [--rounds N]`).
 """
 
@@ -31,10 +33,12 @@ from bench._report import figure, guest_server  # noqa: E402
 
 
 
-def local_lines_per_second(lines: int) -> float:
-    """Read `seq 1 lines` through a pipe and split it into lines, here."""
+def local_lines_per_second(lines: int, producer_cpus: set[int] | None = None) -> float:
+    """Read `seq 1 lines` through a pipe and split it into lines, here; `seq` on `producer_cpus` (else on
+    this process's own CPUs)."""
     start = time.perf_counter()
-    process = subprocess.Popen(["seq", "1", str(lines)], stdout=subprocess.PIPE)
+    pin_child = None if producer_cpus is None else (lambda: os.sched_setaffinity(0, producer_cpus))
+    process = subprocess.Popen(["seq", "1", str(lines)], stdout=subprocess.PIPE, preexec_fn=pin_child)
     assert process.stdout is not None
     count = 0
     tail = b""
@@ -82,13 +86,14 @@ async def flood(address: str, name: str, lines: int) -> tuple[float, int, int]:
     return received / elapsed, received, dropped
 
 
-def pin(server_pid: int) -> str:
+def pin(server_pid: int) -> tuple[str, set[int] | None]:
+    """Pin the guest server to one CPU and this process to another; the server's CPUs (None: unpinned)."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        return "unpinned (one CPU)"
+        return "unpinned (one CPU)", None
     os.sched_setaffinity(server_pid, {cpus[0]})
     os.sched_setaffinity(0, {cpus[1]})
-    return f"guest server on CPU {cpus[0]}, client on CPU {cpus[1]}"
+    return f"guest server (and seq in the reference) on CPU {cpus[0]}, client on CPU {cpus[1]}", {cpus[0]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,10 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         path = f"{directory}/api.sock"
         with guest_server(path) as server:
             try:
-                placement = "unpinned" if args.no_pin else pin(server.pid)
+                placement, producer = ("unpinned", None) if args.no_pin else pin(server.pid)
                 print(f"   {args.lines} lines per round; {placement}", file=sys.stderr)
+                local_lines_per_second(args.lines, producer)  # warm-up of both
+                asyncio.run(flood(f"unix:{path}", "flood-warm-up", args.lines))
                 for round_ in range(args.rounds):
-                    local.append(local_lines_per_second(args.lines))
+                    local.append(local_lines_per_second(args.lines, producer))
                     rate, received, dropped = asyncio.run(flood(f"unix:{path}", f"flood{round_}", args.lines))
                     rates.append(rate)
                     lost.append(dropped)

@@ -37,7 +37,7 @@ def busybox_tarball(directory: Path) -> Path:
     root = directory / "rootfs"
     (root / "bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "echo", "cat", "ls", "sleep", "httpd", "seq", "wc", "head"):
+    for applet in ("sh", "echo", "cat", "ls", "sleep", "httpd", "seq", "wc", "head", "true"):
         (root / "bin" / applet).symlink_to("busybox")
     tarball = directory / "busybox.tar"
     subprocess.run(["tar", "-C", str(root), "-cf", str(tarball), "."], check=True)
