@@ -36,11 +36,7 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
                             f'[dns]\nhosts_file = "{hosts}"\n'
                             f'[proxy]\nhttps = "{https}"\nno_proxy = "localhost"\nfrom_env = false\n'
                             f'[certificates]\nca = ["{ca.ca}"]\n')
-        result = m.up()
-        if result.returncode != 0:
-            logs = m.logs()
-            m.destroy()
-            pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
+        m.up_or_fail()
         try:
             load_busybox(m, tmp)
         except BaseException:

@@ -8,6 +8,7 @@ the machine; if a test failed it prints the machine's logs first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import pytest
 
 BUSYBOX = "/bin/busybox"
 
@@ -105,6 +108,25 @@ class UpMachine:
             return int((self.dir / "agent.pid").read_text().split()[0])
         except (OSError, ValueError):
             return None
+
+    def up_or_fail(self) -> None:
+        """`up`; a failure destroys what it left and fails the test with its output and the machine's logs."""
+        result = self.up()
+        if result.returncode != 0:
+            logs = self.logs()
+            self.destroy()
+            pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
+
+    @contextlib.contextmanager
+    def running(self, request: pytest.FixtureRequest) -> Iterator[UpMachine]:
+        """Up for a fixture's life: `up_or_fail`, then, on leaving, the logs if a test failed and `destroy`."""
+        self.up_or_fail()
+        try:
+            yield self
+            if request.session.testsfailed:
+                print(self.logs())
+        finally:
+            self.destroy()
 
     def logs(self) -> str:
         parts = []

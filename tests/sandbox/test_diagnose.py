@@ -34,16 +34,8 @@ http = "http://diaguser:{PROXY_PASSWORD}@host.boxpark.internal:3128"
 
 @pytest.fixture(scope="module")
 def machine(request):
-    m = UpMachine("sandbox", CONFIG, name="diag")
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
-    yield m
-    if request.session.testsfailed:
-        print(m.logs())
-    m.destroy()
+    with UpMachine("sandbox", CONFIG, name="diag").running(request) as m:
+        yield m
 
 
 def machine_secret(m: UpMachine) -> bytes:

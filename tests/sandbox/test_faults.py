@@ -28,17 +28,9 @@ def machine(request, tmp_path_factory):
     daemon = tmp_path_factory.mktemp("daemon") / "daemon.json"
     daemon.write_text(json.dumps(USER_DAEMON))
     # a small docker.log, so that debug logging rolls it over within the tests
-    m = UpMachine("sandbox", f'[docker]\ndaemon_json = "{daemon}"\nlog_size = "64KiB"\nlog_files = 2\n'
-                             f'restart_delay = 0.2\nrestart_delay_max = 1.0\n')
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
-    yield m
-    if request.session.testsfailed:
-        print(m.logs())
-    m.destroy()
+    with UpMachine("sandbox", f'[docker]\ndaemon_json = "{daemon}"\nlog_size = "64KiB"\nlog_files = 2\n'
+                             f'restart_delay = 0.2\nrestart_delay_max = 1.0\n').running(request) as m:
+        yield m
 
 
 def test_the_users_daemon_json_is_kept_and_boxparks_keys_added_in_the_guest(machine: UpMachine) -> None:

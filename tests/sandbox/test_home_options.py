@@ -23,11 +23,7 @@ def machine_with_home(home_section: str) -> tuple[UpMachine, Path]:
     home.mkdir()
     os.chown(home, 1234, 1234)
     m.config.write_text(f'backend = "sandbox"\n[home]\npath = "{home}"\n{home_section}\n')
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
+    m.up_or_fail()
     return m, home
 
 

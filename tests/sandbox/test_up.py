@@ -35,16 +35,8 @@ type = "tmpfs"
 
 @pytest.fixture(scope="module")
 def machine(request):
-    m = UpMachine("sandbox", MOUNTS)
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
-    yield m
-    if request.session.testsfailed:
-        print(m.logs())
-    m.destroy()
+    with UpMachine("sandbox", MOUNTS).running(request) as m:
+        yield m
 
 
 def test_docker_cli(machine, tmp_path) -> None:

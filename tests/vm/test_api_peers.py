@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -29,11 +28,7 @@ NETWORK = "boxpark-api-peers"
 @pytest.fixture(scope="module")
 def machine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpMachine]:
     m = UpMachine("qemu", CONFIG)
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
+    m.up_or_fail()
     try:
         load_busybox(m, tmp_path_factory.mktemp("busybox"))
         yield m

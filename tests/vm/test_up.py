@@ -57,16 +57,8 @@ type = "tmpfs"
 def machine(request):
     shutil.rmtree(SHARE, ignore_errors=True)
     SHARE.mkdir()
-    m = UpMachine("qemu", config("1GiB"))
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
-    yield m
-    if request.session.testsfailed:
-        print(m.logs())
-    m.destroy()
+    with UpMachine("qemu", config("1GiB")).running(request) as m:
+        yield m
     shutil.rmtree(SHARE, ignore_errors=True)
 
 
