@@ -183,6 +183,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     proxy: Proxy = msgspec.field(default_factory=Proxy)
     certificates: Certificates = msgspec.field(default_factory=Certificates)
     mounts: list[Mount] = []
+    ssh_agent: str = ""  # the host's SSH agent socket for the guest: "" = SSH_AUTH_SOCK of `up`, "off" = none
 
     # -- derived, checked values
     @property
