@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests import mountchecks, netchecks, portchecks, sharechecks, upchecks
+from tests import mountchecks, netchecks, portchecks, sharechecks, sshchecks, upchecks
 from tests.upmachine import UpMachine, load_busybox
 
 USER = (1234, 1234)
@@ -24,14 +24,16 @@ USER = (1234, 1234)
 @contextlib.contextmanager
 def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.FixtureRequest) -> Iterator[UpMachine]:
     ca = sharechecks.make_ca(tmp / "ca")
-    with sharechecks.recording_proxy() as proxy, sharechecks.tls_server(ca) as tls_port:
+    with sharechecks.recording_proxy() as proxy, sharechecks.tls_server(ca) as tls_port, \
+            sshchecks.host_ssh_agent() as ssh_agent:
         m = UpMachine(backend)
         m.home.chmod(0o711)  # the user's virtiofsd must get through to its home, as through /home
         home = m.home / "user"
         home.mkdir()
         os.chown(home, *USER)
         https = f"http://{sharechecks.GUEST_SEES_HOST}:{proxy.port}"
-        m.config.write_text(f'backend = "{backend}"\n{extra}\n[home]\npath = "{home}"\n'
+        m.config.write_text(f'backend = "{backend}"\nssh_agent = "{ssh_agent.socket}"\n{extra}\n'
+                            f'[home]\npath = "{home}"\n'
                             f'[proxy]\nhttps = "{https}"\nno_proxy = "localhost"\nfrom_env = false\n'
                             f'[certificates]\nca = ["{ca.ca}"]\n')
         result = m.up()
@@ -45,6 +47,7 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
             m.destroy()
             raise
         m.user_home, m.ca, m.proxy, m.https, m.tls_port = home, ca, proxy, https, tls_port  # type: ignore[attr-defined]
+        m.ssh_agent = ssh_agent  # type: ignore[attr-defined]
         yield m
         if request.session.testsfailed:
             print(m.logs())
@@ -109,6 +112,15 @@ class EverydayTests:
         if compose is None:
             pytest.skip("neither `docker compose` nor `docker-compose` is installed (scripts/setup installs it)")
         mountchecks.compose_is_guarded_too(machine, machine.user_home, tmp_path, compose)  # type: ignore[attr-defined]
+
+    def test_ssh_add_in_a_container_lists_the_host_agents_key(self, machine: UpMachine, tmp_path: Path) -> None:
+        sshchecks.ssh_add_lists_the_host_key(machine, machine.ssh_agent, tmp_path)  # type: ignore[attr-defined]
+
+    def test_docker_build_ssh_default(self, machine: UpMachine, tmp_path: Path) -> None:
+        built = sshchecks.docker_build_ssh_default(machine, machine.ssh_agent, tmp_path)  # type: ignore[attr-defined]
+        assert built.returncode == 0, built.stderr
+        ran = machine.docker("run", "--rm", "boxpark-test/ssh-build:1")
+        assert machine.ssh_agent.fingerprint in ran.stdout, (ran.stdout, ran.stderr)  # type: ignore[attr-defined]
 
     def test_the_mount_guard_comes_back_after_it_is_killed(self, machine: UpMachine, tmp_path: Path) -> None:
         mountchecks.guard_comes_back_after_it_is_killed(machine, tmp_path)

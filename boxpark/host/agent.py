@@ -287,7 +287,7 @@ class Agent:
         await self._launch_docker(daemon, stack)  # the service listens for dockerd's notify, then launches it
         await self._proxy_docker(stack)
         self._forward_ports(stack)
-        self._host_services(stack)
+        await self._host_services(stack)
         self.progress(f"docker is ready: DOCKER_HOST=unix://{self.machine.docker_socket}", phase="running",
                       state="ready")
         self._watch(stack)
@@ -415,17 +415,25 @@ class Agent:
                                   all_interfaces=self.config.ports.all_interfaces)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
 
-    def _host_services(self, stack: contextlib.AsyncExitStack) -> None:
-        """The host's SSH agent (and later other host sockets) at their Docker Desktop paths in the guest."""
+    async def _host_services(self, stack: contextlib.AsyncExitStack) -> None:
+        """The host's SSH agent (and later other host sockets) at their Docker Desktop paths in the guest; there
+        when `up` says ready (a guest that is slow to answer gets it a little later: said in the log)."""
         service, why_not = hostservices.ssh_agent(self.config.ssh_agent)
         if service is None:
             self.host_services_note = why_not
-            log.info("%s", why_not)
+            self.progress(why_not)
             return
         forward = hostservices.ReverseForward(service, self.dial,
                                               lambda request: self.link.connect_blocking(request, 60))
         self.host_services.append(forward)
         stack.push_async_callback(_cancel, asyncio.ensure_future(forward.run()))
+        try:
+            await asyncio.wait_for(forward.first_listen.wait(), 10)
+        except asyncio.TimeoutError:
+            log.warning("%s is not yet listening in the guest; it will be once the guest answers",
+                        service.guest_path)
+            return
+        self.progress(f"the host's SSH agent ({service.host_path}) is at {service.guest_path} in the guest")
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.ready_event is not None

@@ -63,6 +63,7 @@ class ReverseForward:
         self._take = take
         self.max_connections = max_connections
         self.listening = False
+        self.first_listen = asyncio.Event()  # `up` waits for it, so the socket is there when it says ready
         self.accepted = 0
         self.refused = 0  # the host's socket refused (agent gone), or too many at once
         self.active = 0
@@ -93,6 +94,7 @@ class ReverseForward:
             stream = await client.stream(protocol.Listen(path=self.service.guest_path))
             async with stream:
                 self.listening = True
+                self.first_listen.set()
                 async for frame in stream:
                     if isinstance(frame, protocol.Accepted):
                         self.accepted += 1
