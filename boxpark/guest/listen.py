@@ -73,17 +73,17 @@ class Listeners:
         sock = _bind(path, message.mode)
         listener = _Listener(path, sock, channel)
         self._listeners[path] = listener
-        loop = asyncio.get_running_loop()
         try:
             channel.send(protocol.Ok())
-            loop.add_reader(sock.fileno(), self._accept, listener)
+            acceptor = asyncio.ensure_future(self._accepting(listener))
             peer = asyncio.ensure_future(channel.recv())  # anything from the client, or its EOF, ends it
             try:
-                await asyncio.wait({peer, listener.ended}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({peer, acceptor, listener.ended}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if peer.done() and not peer.cancelled():
-                    peer.exception()  # a client that talks out of turn just ends its stream
-                peer.cancel()
+                for task in (peer, acceptor):
+                    if task.done() and not task.cancelled():
+                        task.exception()  # a client that talks out of turn just ends its stream
+                    task.cancel()
         finally:
             self._close(listener)
         return None
@@ -134,32 +134,42 @@ class Listeners:
 
     # ------------------------------------------------------------------------------------------ inside
 
-    def _accept(self, listener: _Listener) -> None:
-        """The listening socket is readable: accept what waits (non-blocking), announce each to the host."""
-        for _ in range(BACKLOG):
+    async def _accepting(self, listener: _Listener) -> None:
+        """Accept (non-blocking) and announce each connection; while the host is slow to read its `Accepted`s,
+        stop accepting, so what waits for it is bounded by the socket's backlog, not by a growing buffer."""
+        loop = asyncio.get_running_loop()
+        fd = listener.sock.fileno()
+        while True:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
             try:
-                conn, _ = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: close the listener rather than spin on it
-                log.warning("listen %s: accept failed: %s", listener.path, exc)
-                self._end(listener)
-                return
-            conn.setblocking(False)
-            if len(listener.pending) >= self.max_pending:
-                oldest, (old, timer) = listener.pending.popitem(last=False)
-                self._owner.pop(oldest, None)
-                timer.cancel()
-                old.close()
-            ident = next(self._ids)
-            timer = asyncio.get_running_loop().call_later(self.take_within, self._expire, listener, ident)
-            listener.pending[ident] = (conn, timer)
-            self._owner[ident] = listener
-            try:
-                listener.channel.send(protocol.Accepted(id=ident))
-            except (ConnectionError, OSError):
-                self._end(listener)
-                return
+                await readable
+            finally:
+                if listener.sock.fileno() >= 0:  # else `_close` removed it: the number may be another's now
+                    loop.remove_reader(fd)
+            for _ in range(BACKLOG):
+                try:
+                    conn, _ = listener.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # EMFILE and the like: close the listener rather than spin on it
+                    log.warning("listen %s: accept failed: %s", listener.path, exc)
+                    return
+                self._announce(listener, conn)
+            await listener.channel.drain()
+
+    def _announce(self, listener: _Listener, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if len(listener.pending) >= self.max_pending:
+            oldest, (old, timer) = listener.pending.popitem(last=False)
+            self._owner.pop(oldest, None)
+            timer.cancel()
+            old.close()
+        ident = next(self._ids)
+        timer = asyncio.get_running_loop().call_later(self.take_within, self._expire, listener, ident)
+        listener.pending[ident] = (conn, timer)
+        self._owner[ident] = listener
+        listener.channel.send(protocol.Accepted(id=ident))
 
     def _expire(self, listener: _Listener, ident: int) -> None:
         entry = listener.pending.pop(ident, None)
@@ -177,7 +187,7 @@ class Listeners:
         if self._listeners.get(listener.path) is listener:
             del self._listeners[listener.path]
         if listener.sock.fileno() >= 0:
-            with contextlib.suppress(RuntimeError, ValueError):
+            with contextlib.suppress(RuntimeError):  # before the close: the acceptor's cancel runs later
                 asyncio.get_running_loop().remove_reader(listener.sock.fileno())
             with contextlib.suppress(OSError):
                 if os.stat(listener.path).st_ino == listener.identity:
