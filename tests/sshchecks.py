@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from tests.upmachine import BUSYBOX, UpMachine
 
 GUEST_SOCKET = "/run/host-services/ssh-auth.sock"
@@ -38,8 +40,11 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def host_ssh_agent() -> Iterator[HostAgent]:
-    """A real ssh-agent (ours, by pid) holding one new key; gone at the end."""
+def host_ssh_agent() -> Iterator[HostAgent | None]:
+    """A real ssh-agent (ours, by pid) holding one new key; gone at the end. None without OpenSSH's tools."""
+    if not available():
+        yield None
+        return
     directory = Path(tempfile.mkdtemp(prefix="bpssh", dir="/tmp"))  # short: a unix socket path
     sock = directory / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
@@ -87,6 +92,12 @@ def load_ssh_add_image(m: UpMachine, tmp: Path) -> None:
     subprocess.run(["tar", "-C", str(root), "-cf", str(tarball), "."], check=True)
     imported = m.docker("import", str(tarball), IMAGE)
     assert imported.returncode == 0, imported.stderr
+
+
+def skip_without(agent: HostAgent | None) -> HostAgent:
+    if agent is None:
+        pytest.skip("needs ssh-agent, ssh-add, ssh-keygen and ldd (openssh-client: scripts/setup installs it)")
+    return agent
 
 
 def ssh_add_lists_the_host_key(m: UpMachine, agent: HostAgent, tmp: Path) -> None:
