@@ -81,9 +81,11 @@ class ReverseForward:
             try:
                 await self._listen()
                 delay = 1.0
-            except (TransportError, RemoteError, ConnectionError, OSError, protocol.ProtocolError) as exc:
+            except (TransportError, RemoteError, OSError, protocol.ProtocolError, asyncio.TimeoutError) as exc:
                 log.warning("%s: listening at %s in the guest failed: %s", self.service.name,
                             self.service.guest_path, exc)
+            except Exception:  # a bug must not end the service for the machine's lifetime: said, then retried
+                log.exception("%s: internal error while listening in the guest", self.service.name)
             self.listening = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
