@@ -63,6 +63,7 @@ class ReverseForward:
         self._take = take
         self.max_connections = max_connections
         self.listening = False
+        self.listens = 0  # streams opened: more than one means the guest's end broke and was opened again
         self.first_listen = asyncio.Event()  # `up` waits for it, so the socket is there when it says ready
         self.accepted = 0
         self.refused = 0  # the host's socket refused (agent gone), or too many at once
@@ -71,7 +72,7 @@ class ReverseForward:
 
     def status(self) -> dict[str, Any]:
         return {"name": self.service.name, "guest": self.service.guest_path, "host": self.service.host_path,
-                "listening": self.listening, "accepted": self.accepted, "refused": self.refused,
+                "listening": self.listening, "listens": self.listens, "accepted": self.accepted, "refused": self.refused,
                 "active": self.active}
 
     async def run(self) -> None:
@@ -96,6 +97,7 @@ class ReverseForward:
             stream = await client.stream(protocol.Listen(path=self.service.guest_path))
             async with stream:
                 self.listening = True
+                self.listens += 1
                 self.first_listen.set()
                 async for frame in stream:
                     if isinstance(frame, protocol.Accepted):

@@ -118,3 +118,35 @@ def test_a_host_socket_that_is_gone_closes_the_guest_connection(tmp_path: Path) 
     with running_server(tmp_path) as srv:
         srv.server.listeners.take_within = 3600.0  # so only the forward's own close can end it
         asyncio.run(main(srv.address))
+
+
+def test_a_broken_listen_is_opened_again(tmp_path: Path) -> None:
+    host_path, guest_path = tmp_path / "host.sock", tmp_path / "svc.sock"
+
+    def roundtrip() -> bytes:
+        user = dial_when_there(guest_path)
+        with user:
+            user.sendall(b"again")
+            got = b""
+            while len(got) < 10 and (chunk := user.recv(100)):
+                got += chunk
+            return got
+
+    with echo_server(host_path), running_server(tmp_path) as srv:
+        async def main() -> None:
+            forward, task = await forwarding(srv.address, HostService("echo", str(guest_path), str(host_path)))
+            try:
+                assert await asyncio.to_thread(roundtrip) == b"host:again"
+                assert forward.listens == 1
+                srv.loop.call_soon_threadsafe(srv.server.listeners.close)  # the guest ends the stream
+                deadline = time.monotonic() + 60
+                while forward.listens < 2:
+                    assert time.monotonic() < deadline, "the forward did not listen again"
+                    await asyncio.sleep(0.02)
+                assert await asyncio.to_thread(roundtrip) == b"host:again"  # back, after its backoff
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(main())
