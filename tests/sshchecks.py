@@ -112,6 +112,8 @@ def ssh_add_lists_the_host_key(m: UpMachine, agent: HostAgent, tmp: Path) -> Non
     assert [(f["name"], f["guest"], f["host"], f["listening"]) for f in forwards] == [
         ("ssh-agent", GUEST_SOCKET, str(agent.socket), True)], forwards
     assert forwards[0]["accepted"] >= 2
+    shown = m.cli("status")
+    assert f"ssh-agent: {GUEST_SOCKET} in the guest → {agent.socket} (listening" in shown.stdout, shown.stdout
 
 
 def docker_build_ssh_default(m: UpMachine, agent: HostAgent, tmp: Path) -> subprocess.CompletedProcess[str]:
