@@ -4,6 +4,7 @@ takes, data both ways, the server's bounds, and cleanup when the `Listen` stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -188,3 +189,55 @@ def test_guest_serve_removes_the_socket_and_what_waits_when_the_client_goes(tmp_
         user.close()
         wait_for(lambda: not path.exists(), "the socket file went with the client")
         assert process.poll() is None
+
+
+def test_a_host_that_does_not_read_stops_the_accepting_not_the_server(tmp_path: Path) -> None:
+    """Announcements to a client that reads none of them do not pile up in the server: once its stream's
+    buffers are full the guest stops accepting, and the socket's backlog fills and refuses connects; when
+    the client reads again, accepting goes on."""
+    from .test_server import hello, raw_connect, recv_frame, send_frame
+
+    path = tmp_path / "svc.sock"
+    with running_server(tmp_path) as srv:
+        host = raw_connect(srv.address)
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hello(host)
+        send_frame(host, protocol.Listen(path=str(path)))
+        assert isinstance(recv_frame(host), protocol.Ok)
+        connected = refusals = 0
+        deadline = time.monotonic() + 120  # a bound on the loop, not the condition
+        while connected < 40_000 and refusals < 500 and time.monotonic() < deadline:
+            user = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                user.connect(str(path))
+                connected, refusals = connected + 1, 0
+            except BlockingIOError:  # the backlog is full: the guest is not accepting (or is behind)
+                refusals += 1
+                time.sleep(0.002)
+            finally:
+                user.close()
+
+        async def buffered() -> int:
+            listener = srv.server.listeners._listeners[str(path)]
+            return int(listener.channel._transport.get_write_buffer_size())
+
+        # each `Accepted` is ~20 bytes: what 40,000 of them would be, minus what the sockets hold, is far more
+        assert srv.run(buffered()) <= 64 * 1024 + 1024, f"{connected} announced to a client that reads none"
+        assert srv.server.listeners.status()["pending"] <= Listeners().max_pending
+        host.setblocking(False)
+
+        def accepting_again() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while host.recv(1 << 20):
+                    pass
+            user = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            with user:
+                try:
+                    user.connect(str(path))
+                except BlockingIOError:
+                    return False
+            return True
+
+        wait_for(accepting_again, "accepting after the client read again")
+        host.close()
+        wait_for(lambda: srv.server.listeners.status() == {"listeners": 0, "pending": 0}, "cleanup")
