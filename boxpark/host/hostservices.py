@@ -72,7 +72,8 @@ class ReverseForward:
 
     def status(self) -> dict[str, Any]:
         return {"name": self.service.name, "guest": self.service.guest_path, "host": self.service.host_path,
-                "listening": self.listening, "listens": self.listens, "accepted": self.accepted, "refused": self.refused,
+                "listening": self.listening, "listens": self.listens, "accepted": self.accepted,
+                "refused": self.refused,
                 "active": self.active}
 
     async def run(self) -> None:

@@ -17,7 +17,8 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME", "MAX_HANDSHAKE_FRAME", "MAX_FILE_CHU
            "Attach", "Wait", "Signal", "ListProcesses", "ProcessInfo", "ProcessList", "Exit", "LogRecord",
            "LogBatch", "EndOfStream", "Stdin", "Output", "ResizeTty", "SendSignal", "ReadFile", "FileData",
            "WriteFile", "Mkdir", "Stat", "StatReply", "Mount", "Umount", "Swapon", "Swapoff", "ResizeDisk",
-           "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Listen", "Accepted", "TakeConnection", "Events", "Resume", "BootStep", "Ready",
+           "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Listen", "Accepted", "TakeConnection",
+           "Events", "Resume", "BootStep", "Ready",
            "ProcessExited", "ClockStepped", "ShuttingDown", "Log", "Event", "EventFrame", "SetTime", "TimeSet",
            "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "Request", "AnyMessage", "REQUEST_TYPES",
            "MESSAGE_TYPES"]

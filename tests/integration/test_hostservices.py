@@ -12,7 +12,6 @@ from typing import Iterator
 
 import pytest
 
-from boxpark import protocol
 from boxpark.host.client import GuestClient
 from boxpark.host.hostservices import HostService, ReverseForward
 from boxpark.transport import open_raw_blocking
