@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from .. import protocol, relay
 from .client import GuestClient, RemoteError, TransportError
@@ -41,7 +41,7 @@ class HostService:
     host_path: str
 
 
-def ssh_agent(setting: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[HostService | None, str]:
+def ssh_agent(setting: str, environ: Mapping[str, str] = os.environ) -> tuple[HostService | None, str]:
     """The SSH agent service from the config's `ssh_agent` ("" = the environment's SSH_AUTH_SOCK, "off" =
     none, else a host socket path), and a sentence for the log and status when there is none."""
     if setting == "off":
@@ -73,8 +73,7 @@ class ReverseForward:
     def status(self) -> dict[str, Any]:
         return {"name": self.service.name, "guest": self.service.guest_path, "host": self.service.host_path,
                 "listening": self.listening, "listens": self.listens, "accepted": self.accepted,
-                "refused": self.refused,
-                "active": self.active}
+                "refused": self.refused, "active": self.active}
 
     async def run(self) -> None:
         """Listen until cancelled; a broken stream (a guest API hiccup) is opened again, with a backoff."""
