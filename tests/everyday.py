@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests import mountchecks, netchecks, portchecks, sharechecks, upchecks
+from tests import mountchecks, netchecks, portchecks, sharechecks, sshchecks, upchecks
 from tests.upmachine import UpMachine, load_busybox
 
 USER = (1234, 1234)
@@ -24,7 +24,8 @@ USER = (1234, 1234)
 @contextlib.contextmanager
 def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.FixtureRequest) -> Iterator[UpMachine]:
     ca = sharechecks.make_ca(tmp / "ca")
-    with sharechecks.recording_proxy() as proxy, sharechecks.tls_server(ca) as tls_port:
+    with sharechecks.recording_proxy() as proxy, sharechecks.tls_server(ca) as tls_port, \
+            sshchecks.host_ssh_agent() as ssh_agent:
         m = UpMachine(backend)
         m.home.chmod(0o711)  # the user's virtiofsd must get through to its home, as through /home
         home = m.home / "user"
@@ -32,7 +33,8 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
         os.chown(home, *USER)
         https = f"http://{sharechecks.GUEST_SEES_HOST}:{proxy.port}"
         hosts = netchecks.host_only_hosts_file(tmp)
-        m.config.write_text(f'backend = "{backend}"\n{extra}\n[home]\npath = "{home}"\n'
+        agent_key = f'ssh_agent = "{ssh_agent.socket}"\n' if ssh_agent else ""
+        m.config.write_text(f'backend = "{backend}"\n{agent_key}{extra}\n[home]\npath = "{home}"\n'
                             f'[dns]\nhosts_file = "{hosts}"\n'
                             f'[proxy]\nhttps = "{https}"\nno_proxy = "localhost"\nfrom_env = false\n'
                             f'[certificates]\nca = ["{ca.ca}"]\n')
@@ -43,6 +45,7 @@ def everyday_machine(backend: str, extra: str, tmp: Path, request: pytest.Fixtur
             m.destroy()
             raise
         m.user_home, m.ca, m.proxy, m.https, m.tls_port = home, ca, proxy, https, tls_port  # type: ignore[attr-defined]
+        m.ssh_agent = ssh_agent  # type: ignore[attr-defined]
         yield m
         if request.session.testsfailed:
             print(m.logs())
@@ -110,6 +113,17 @@ class EverydayTests:
         if compose is None:
             pytest.skip("neither `docker compose` nor `docker-compose` is installed (scripts/setup installs it)")
         mountchecks.compose_is_guarded_too(machine, machine.user_home, tmp_path, compose)  # type: ignore[attr-defined]
+
+    def test_ssh_add_in_a_container_lists_the_host_agents_key(self, machine: UpMachine, tmp_path: Path) -> None:
+        agent = sshchecks.skip_without(machine.ssh_agent)  # type: ignore[attr-defined]
+        sshchecks.ssh_add_lists_the_host_key(machine, agent, tmp_path)
+
+    def test_docker_build_ssh_default(self, machine: UpMachine, tmp_path: Path) -> None:
+        agent = sshchecks.skip_without(machine.ssh_agent)  # type: ignore[attr-defined]
+        built = sshchecks.docker_build_ssh_default(machine, agent, tmp_path)
+        assert built.returncode == 0, built.stderr
+        ran = machine.docker("run", "--rm", "boxpark-test/ssh-build:1")
+        assert agent.fingerprint in ran.stdout, (ran.stdout, ran.stderr)
 
     def test_the_mount_guard_comes_back_after_it_is_killed(self, machine: UpMachine, tmp_path: Path) -> None:
         mountchecks.guard_comes_back_after_it_is_killed(machine, tmp_path)

@@ -268,6 +268,13 @@ def status(args: argparse.Namespace) -> int:
                   f"{n} connection{'' if n == 1 else 's'})")
         for problem in ports["problems"]:
             print(f"  port NOT forwarded: {problem}")
+    services = info.get("host_services") or {}
+    for forward in services.get("forwards", []):
+        state = "listening" if forward["listening"] else "NOT listening (retrying)"
+        print(f"  {forward['name']}: {forward['guest']} in the guest → {forward['host']} ({state}, "
+              f"{forward['accepted']} connections, {forward['refused']} refused)")
+    if services.get("note"):
+        print(f"  {services['note']}")
     boot = info.get("boot")
     if boot:
         steps = sum(s["ms"] for s in boot["timeline"])

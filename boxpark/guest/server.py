@@ -59,6 +59,7 @@ class GuestServer:
         self.clock = clock or clock_.Clock(emit=self.events.emit)
         self.processes = processes.Processes(self.events)
         self._notify: Any = None  # the NotifyHub, made on first use (its import is not on the boot path)
+        self._listeners: Any = None  # the Listen sockets, made on first use likewise
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[Any]] = set()
         # Quick unary calls run synchronously, straight from the connection's data callback when it is idle.
@@ -88,6 +89,8 @@ class GuestServer:
             protocol.ResizeDisk: _threaded(lambda message: _storage().resize_disk(message)),
             protocol.NotifyListen: self._notify_listen,
             protocol.Connect: lambda channel, message: _proxy().connect(channel, message),
+            protocol.Listen: lambda channel, message: self.listeners.listen(channel, message),
+            protocol.TakeConnection: lambda channel, message: self.listeners.take(channel, message),
             protocol.Events: self.events.stream,
             protocol.Sync: _threaded(system.sync),
             protocol.HostResolver: lambda channel, message: _dns().LINK.serve(channel, message),
@@ -115,6 +118,8 @@ class GuestServer:
             await asyncio.wait(list(self._connections), timeout=2)
         if self._notify is not None:
             self._notify.close()
+        if self._listeners is not None:
+            self._listeners.close()
 
     async def handle(self, channel: Channel) -> None:
         """One connection, after its handshake."""
@@ -152,6 +157,14 @@ class GuestServer:
 
             self._notify = NotifyHub()
         return self._notify
+
+    @property
+    def listeners(self) -> Any:
+        if self._listeners is None:
+            from .listen import Listeners
+
+            self._listeners = Listeners()
+        return self._listeners
 
     async def _notify_listen(self, channel: Channel, message: protocol.NotifyListen) -> None:
         return await self.notify.listen(channel, message)

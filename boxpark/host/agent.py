@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
-from . import initphase
+from . import hostservices, initphase
 from .backends.base import Backend
 from .client import GuestClient
 from .config import Config, expand, proxy_env
@@ -85,6 +85,8 @@ class Agent:
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
         self.ports: PortForwards | None = None
+        self.host_services: list[hostservices.ReverseForward] = []
+        self.host_services_note = ""  # why a host service is not there (no SSH_AUTH_SOCK), said once
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -187,6 +189,8 @@ class Agent:
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
             "ports": None if self.ports is None else self.ports.status(),
+            "host_services": {"forwards": [f.status() for f in self.host_services],
+                              "note": self.host_services_note or None},
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
         }
@@ -284,6 +288,7 @@ class Agent:
         await self._launch_docker(daemon, stack)  # the service listens for dockerd's notify, then launches it
         await self._proxy_docker(stack)
         self._forward_ports(stack)
+        await self._host_services(stack)
         self.progress(f"docker is ready: DOCKER_HOST=unix://{self.machine.docker_socket}", phase="running",
                       state="ready")
         self._watch(stack)
@@ -427,6 +432,26 @@ class Agent:
         self.ports = PortForwards(self.open_docker, lambda request: self.open_connect_blocking(request, 60),
                                   all_interfaces=self.config.ports.all_interfaces)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
+
+    async def _host_services(self, stack: contextlib.AsyncExitStack) -> None:
+        """The host's SSH agent (and later other host sockets) at their Docker Desktop paths in the guest; there
+        when `up` says ready (a guest that is slow to answer gets it a little later: said in the log)."""
+        service, why_not = hostservices.ssh_agent(self.config.ssh_agent)
+        if service is None:
+            self.host_services_note = why_not
+            self.progress(why_not)
+            return
+        forward = hostservices.ReverseForward(service, self.dial,
+                                              lambda request: self.link.connect_blocking(request, 60))
+        self.host_services.append(forward)
+        stack.push_async_callback(_cancel, asyncio.ensure_future(forward.run()))
+        try:
+            await asyncio.wait_for(forward.first_listen.wait(), 10)
+        except asyncio.TimeoutError:
+            log.warning("%s is not yet listening in the guest; it will be once the guest answers",
+                        service.guest_path)
+            return
+        self.progress(f"the host's SSH agent ({service.host_path}) is at {service.guest_path} in the guest")
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.ready_event is not None

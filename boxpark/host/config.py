@@ -30,6 +30,8 @@ console = false         # the guest's console on hvc0 (always logged to the stat
 # image = "~/.cache/boxpark/images/amd64"   # a built or imported image directory
 # kernel = ""  initrd = ""                  # override the image's kernel and initramfs
 # cmdline = ""                              # replace the whole kernel command line
+# ssh_agent = ""        # the host's SSH agent at /run/host-services/ssh-auth.sock in the guest:
+                        # "" = SSH_AUTH_SOCK where `boxpark up` runs, a socket path, or "off"
 
 [disk]                  # the data disk: Docker's data lives here
 size = "20GiB"          # grow it here; Boxpark resizes the guest's filesystem on the next `up`
@@ -194,6 +196,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     proxy: Proxy = msgspec.field(default_factory=Proxy)
     certificates: Certificates = msgspec.field(default_factory=Certificates)
     mounts: list[Mount] = []
+    ssh_agent: str = ""  # the host's SSH agent socket for the guest: "" = SSH_AUTH_SOCK of `up`, "off" = none
 
     # -- derived, checked values
     @property

@@ -37,7 +37,8 @@ class GuestLink:
         return await open_raw(self.backend.address(API_PORT), request, secret=self.backend.secret,
                               timeout=timeout, sock=sock)
 
-    def connect_blocking(self, request: protocol.Connect, timeout: float = 10.0) -> socket.socket:
+    def connect_blocking(self, request: protocol.Connect | protocol.TakeConnection,
+                         timeout: float = 10.0) -> socket.socket:
         """`connect` for a relay thread: a blocking socket."""
         sock = self.backend.dial_blocking(API_PORT, timeout)
         return open_raw_blocking(self.backend.address(API_PORT), request, secret=self.backend.secret,

@@ -18,13 +18,13 @@ from typing import Any, Mapping
 
 import msgspec
 
-from .messages import (PROTOCOL_VERSION, AnyMessage, Attach, Connect, EndOfStream, ErrorCode, EventFrame, Events,
-                       Exec, ExecResult, Exit, FileData, Hostname, HostnameReply, Info, InfoReply, Launch, Launched,
-                       ListProcesses, LogBatch, Message, Mkdir, Mount, NotifyListen, NotifyMessage, Ok, Output,
-                       Poweroff, ProcessList, ProtocolError, ReadFile, Reboot, ResizeDisk, ResizeResult, ResizeTty,
-                       SendSignal, SetTime, Signal, Started, Stat, StatReply, Stdin, Swapoff, Swapon, Sync, TimeSet,
-                       Umount, Wait, WriteFile)
-from .messages import HostResolver, ResolveReply, ResolveRequest
+from .messages import (PROTOCOL_VERSION, Accepted, AnyMessage, Attach, Connect, EndOfStream, ErrorCode, EventFrame,
+                       Events, Exec, ExecResult, Exit, FileData, Hostname, HostnameReply, HostResolver, Info,
+                       InfoReply, Launch, Launched, Listen, ListProcesses, LogBatch, Message, Mkdir, Mount,
+                       NotifyListen, NotifyMessage, Ok, Output, Poweroff, ProcessList, ProtocolError, ReadFile, Reboot,
+                       ResizeDisk, ResizeResult, ResizeTty, ResolveReply, ResolveRequest, SendSignal, SetTime, Signal,
+                       Started, Stat, StatReply, Stdin, Swapoff, Swapon, Sync, TakeConnection, TimeSet, Umount, Wait,
+                       WriteFile)
 
 __all__ = ["CallKind", "CallSpec", "CALLS", "call_spec", "json_schema"]
 
@@ -93,6 +93,8 @@ CALLS: Mapping[type[Message], CallSpec] = MappingProxyType({
     ResizeDisk: _unary(ResizeResult),
     NotifyListen: _stream(Ok, (NotifyMessage,)),
     Connect: _upgrade(Ok, raw=True),
+    Listen: _stream(Ok, (Accepted,)),
+    TakeConnection: _upgrade(Ok, raw=True),
     Events: _stream(Ok, (EventFrame,)),
     SetTime: _unary(TimeSet),
     Sync: _unary(Ok),

@@ -17,7 +17,8 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME", "MAX_HANDSHAKE_FRAME", "MAX_FILE_CHU
            "Attach", "Wait", "Signal", "ListProcesses", "ProcessInfo", "ProcessList", "Exit", "LogRecord",
            "LogBatch", "EndOfStream", "Stdin", "Output", "ResizeTty", "SendSignal", "ReadFile", "FileData",
            "WriteFile", "Mkdir", "Stat", "StatReply", "Mount", "Umount", "Swapon", "Swapoff", "ResizeDisk",
-           "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Events", "Resume", "BootStep", "Ready",
+           "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Listen", "Accepted", "TakeConnection",
+           "Events", "Resume", "BootStep", "Ready",
            "ProcessExited", "ClockStepped", "ShuttingDown", "Log", "Event", "EventFrame", "SetTime", "TimeSet",
            "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "HostResolver", "ResolveRequest",
            "ResolveReply", "Request", "AnyMessage", "REQUEST_TYPES",
@@ -486,6 +487,30 @@ class Connect(Message, tag="connect"):
     udp: bool = False
 
 
+class Listen(Message, tag="listen"):
+    """Bind a unix socket at `path` in the guest (mode `mode`) and say `Accepted` for each connection to it.
+
+    The reverse of `Connect`: the host takes each accepted connection with `TakeConnection`, so every stream
+    still starts from the host. The socket goes away with the stream; a second `Listen` on the same path
+    takes it over from the first.
+    """
+
+    path: str
+    mode: int = 0o666
+
+
+class Accepted(Message, tag="accepted"):
+    """On a `Listen` stream: a connection to its socket is waiting to be taken by `TakeConnection(id)`."""
+
+    id: int
+
+
+class TakeConnection(Message, tag="take_connection"):
+    """Take a connection a `Listen` stream announced; after `Ok`, raw bytes both ways with it."""
+
+    id: int
+
+
 class Events(Message, tag="events"):
     """Stream the guest's events with sequence number greater than `since` (host-dialed event stream)."""
 
@@ -635,8 +660,8 @@ class ResolveReply(Message, tag="resolve_reply"):
 
 Request = Union[
     Info, Exec, Launch, Attach, Wait, Signal, ListProcesses, ReadFile, WriteFile, Mkdir, Stat, Mount,
-    Umount, Swapon, Swapoff, ResizeDisk, NotifyListen, Connect, Events, SetTime, Sync, Hostname, Reboot,
-    Poweroff, HostResolver,
+    Umount, Swapon, Swapoff, ResizeDisk, NotifyListen, Connect, Listen, TakeConnection, Events, SetTime, Sync,
+    Hostname, Reboot, Poweroff, HostResolver,
 ]
 """Every call a client may open with after the handshake."""
 
@@ -644,9 +669,9 @@ AnyMessage = Union[
     Hello, Challenge, Proof, Welcome, Error, Ok, Info, InfoReply, Exec, ExecResult, Launch, Launched,
     Started, Attach, Wait, Signal, ListProcesses, ProcessList, Exit, LogBatch, EndOfStream, Stdin, Output,
     ResizeTty, SendSignal, ReadFile, FileData, WriteFile, Mkdir, Stat, StatReply, Mount, Umount, Swapon,
-    Swapoff, ResizeDisk, ResizeResult, NotifyListen, NotifyMessage, Connect, Events, Resume, EventFrame,
-    SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff, HostResolver, ResolveRequest,
-    ResolveReply,
+    Swapoff, ResizeDisk, ResizeResult, NotifyListen, NotifyMessage, Connect, Listen, Accepted, TakeConnection,
+    Events, Resume, EventFrame, SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff, HostResolver,
+    ResolveRequest, ResolveReply,
 ]
 
 REQUEST_TYPES: tuple[type[Message], ...] = Request.__args__  # type: ignore[attr-defined]

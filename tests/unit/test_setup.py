@@ -16,7 +16,8 @@ SETUP = Path(__file__).resolve().parents[2] / "scripts" / "setup"
 TEST_COMMANDS = (
     "busybox", "cpio", "debugfs", "docker", "docker-compose", "dockerd", "dpkg-deb", "dumpe2fs", "file", "iptables", "losetup",
     "mkfs.ext4", "mkfs.xfs", "mkswap", "mksquashfs", "nsenter", "openssl", "partx", "qemu-system-aarch64",
-    "qemu-system-x86_64", "setpriv", "sfdisk", "slirp4netns", "socat", "systemd-notify", "unshare",
+    "qemu-system-x86_64", "setpriv", "sfdisk", "slirp4netns", "socat", "ssh-add", "ssh-agent", "ssh-keygen",
+    "systemd-notify", "unshare",
     "unsquashfs", "xfs_db", "xfs_info", "zstd",
 )
 
