@@ -119,6 +119,12 @@ class Backend(abc.ABC):
         sock.setblocking(True)
         return sock
 
+    def connect_direct(self, request: protocol.Connect) -> socket.socket | None:
+        """A blocking stream to what `request` names in the guest, opened by the host itself without the
+        Guest API where this backend can (the sandbox: same kernel); None where it cannot, and the caller
+        makes the `Connect` call. Runs in relay threads."""
+        return None
+
     def pids(self) -> list[int]:
         """Every host process of this machine that is still running (for a last-resort kill)."""
         return [self.child.pid] if self.child is not None and self.child.returncode is None else []

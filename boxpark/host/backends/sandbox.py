@@ -34,9 +34,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from ... import protocol
 from ...transport import Address, TransportError, dial_blocking, dial_socket, listen_socket, parse_address
 from ..eventstream import EventStream
 from ..spec import SHARES_DIR, MachineSpec, host_arch
@@ -44,6 +46,7 @@ from .base import API_PORT, Backend, BackendError, UnsupportedSpec
 from .cgroup import Cgroup, cgroup2_controllers, cgroup2_mount, sandbox_cgroup
 from .loopdev import loop_device
 from .process import PidfdProcess, die_with_parent
+from .sandboxdial import GuestDialer
 from .userns import owner_namespace
 
 __all__ = ["SandboxBackend", "cgroup2_controllers", "cgroup2_mount", "loop_device", "share_arguments"]
@@ -72,6 +75,8 @@ class SandboxBackend(Backend):
         self.slirp4netns = shutil.which("slirp4netns")
         self.slirp: PidfdProcess | None = None
         self.unshare: PidfdProcess | None = None  # the machine's process: unshare, parent of the guest's PID 1
+        self._dialer: tuple[PidfdProcess, GuestDialer] | None = None  # of this unshare's guest (a reboot: anew)
+        self._dialer_lock = threading.Lock()  # relay threads ask for it at once
 
     def check(self, spec: MachineSpec) -> None:
         if sys.platform != "linux":
@@ -231,6 +236,10 @@ class SandboxBackend(Backend):
             self.cgroup.kill()
             await asyncio.sleep(0.01)
         self.unshare.close()
+        with self._dialer_lock:
+            if self._dialer is not None:
+                self._dialer[1].close()
+                self._dialer = None
 
     def address(self, port: int) -> Address:
         """The guest's API socket in the state directory; the sandbox has no other port for the host."""
@@ -243,6 +252,25 @@ class SandboxBackend(Backend):
 
     def dial_blocking(self, port: int, timeout: float = 10.0) -> socket.socket:
         return dial_blocking(self.address(port), timeout)  # from the thread itself: no trip through the loop
+
+    def connect_direct(self, request: protocol.Connect) -> socket.socket | None:
+        """The guest's socket opened from the host (`sandboxdial`): no API handshake, call or guest relay."""
+        if not GuestDialer.handles(request):
+            return None
+        return self._guest_dialer().connect(request)
+
+    def _guest_dialer(self) -> GuestDialer:
+        with self._dialer_lock:
+            unshare = self.unshare
+            if self._dialer is not None and self._dialer[0] is not unshare:
+                self._dialer[1].close()
+                self._dialer = None
+            if self._dialer is None:
+                pid = self.init_pid()
+                if unshare is None or pid is None:
+                    raise TransportError("the sandbox is not running")
+                self._dialer = (unshare, GuestDialer(pid))
+            return self._dialer[1]
 
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
