@@ -99,7 +99,7 @@ def main() -> None:
     with sandbox_machine() as machine:
         init = guest_init_pid(machine)
         api = f"unix:{machine}/api.sock"
-        dialer = GuestDialer(init)
+        dialer = GuestDialer.of(init)
         unix_request, tcp_request = Connect(path="/run/bench-cs.sock"), Connect(port=9100)
 
         async def run() -> dict[str, list[int]]:

@@ -269,7 +269,7 @@ class SandboxBackend(Backend):
                 pid = self.init_pid()
                 if unshare is None or pid is None:
                     raise TransportError("the sandbox is not running")
-                self._dialer = (unshare, GuestDialer(pid))
+                self._dialer = (unshare, GuestDialer.of(pid))
             return self._dialer[1]
 
     def init_pid(self) -> int | None:

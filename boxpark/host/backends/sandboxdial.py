@@ -54,17 +54,23 @@ def _setns(fd: int) -> None:
 
 
 class GuestDialer:
-    """Direct streams into the sandbox whose PID 1 is `init_pid` (its root and network namespace, held open)."""
+    """Direct streams into a guest whose root is the directory `root` and whose network namespace is the
+    file `net` (both held open from here on): for a sandbox, `GuestDialer.of(init_pid)`."""
 
-    def __init__(self, init_pid: int) -> None:
-        self._root = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    def __init__(self, root: str, net: str) -> None:
+        self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self._guest_net = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            self._guest_net = os.open(net, os.O_RDONLY | os.O_CLOEXEC)
             self._own_net = os.open(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net",
                                     os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             os.close(self._root)
             raise
+
+    @classmethod
+    def of(cls, init_pid: int) -> GuestDialer:
+        """The dialer of the sandbox whose PID 1 has the host pid `init_pid`."""
+        return cls(f"/proc/{init_pid}/root", f"/proc/{init_pid}/ns/net")
 
     @staticmethod
     def handles(request: protocol.Connect) -> bool:
