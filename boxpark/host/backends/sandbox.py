@@ -4,8 +4,9 @@ For development and tests (root only, Linux only). The host attaches the image's
 device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
 directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
 → the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
-which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
-the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
+which the guest sees at /run/boxpark/host; docker.sock and published-port streams skip the API (the host
+opens the guest's socket itself: `connect_direct`, `sandboxdial`). Directory shares (the spec's virtiofs
+shares) need no virtiofsd: the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
 phase binds that on the share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
 owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
 `cpus` and `memory` become the cgroup's cpu.max and memory.max where the host's cgroup2 has those
