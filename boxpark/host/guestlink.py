@@ -4,7 +4,9 @@ An API client, a raw `Connect` (docker.sock, a published port) and each connecti
 forward all begin as `backend.dial(API_PORT)`: the backend hands over a connected socket however it reaches
 the guest, and this module puts the Guest API on it (handshake, proof on tcp, the call). So the agent never
 dials an address of its own, and on vz nothing is relayed twice. The blocking variants run in the Guest
-Proxy's relay threads, which go straight on to move bytes.
+Proxy's relay threads, which go straight on to move bytes. One exception: a backend that can open what a
+`Connect` names by itself (`Backend.connect_direct`: the sandbox, on the same kernel) does, and the call
+is never made.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class GuestLink:
 
     def connect_blocking(self, request: protocol.Connect | protocol.TakeConnection,
                          timeout: float = 10.0) -> socket.socket:
-        """`connect` for a relay thread: a blocking socket."""
+        """`connect` for a relay thread: a blocking socket; the backend's own stream where it has one for a
+        `Connect` (the sandbox), which spares the API handshake, the call and the guest's relay."""
+        if isinstance(request, protocol.Connect) and (direct := self.backend.connect_direct(request)) is not None:
+            return direct
         sock = self.backend.dial_blocking(API_PORT, timeout)
         return open_raw_blocking(self.backend.address(API_PORT), request, secret=self.backend.secret,
                                  timeout=timeout, sock=sock)

@@ -11,8 +11,9 @@ A backend is `start`, `stop`, `wait` (the machine's end), `dial(port)` and the g
 straight into `events` (an `EventStream`). As with Lima's `Driver.GuestAgentConn`, the caller never learns
 an address to dial itself: the backend hands over a connected socket, however it reaches the guest (vsock,
 QEMU's tcp forward, the sandbox's unix socket, VZ's `connectToPort`). Everything above the socket — the
-handshake, calls, `Connect` — is the caller's. Backends import only spec, transport, protocol, relay and
-the event stream, never the agent's modules.
+handshake, calls, `Connect` — is the caller's, except where a backend can open a `Connect`'s target by
+itself (`connect_direct`: the sandbox), sparing each proxied connection the Guest API. Backends import
+only spec, transport, protocol, relay and the event stream, never the agent's modules.
 
 A backend says whether it can show a running guest a grown disk image (`grows_disks_online`: QEMU can,
 with QMP block_resize; VZ cannot). Where it cannot, the caller grows the file and calls `reboot()`: a guest
@@ -118,6 +119,12 @@ class Backend(abc.ABC):
             raise TransportError(f"no connection to the guest's port {port} within {timeout:g} s") from None
         sock.setblocking(True)
         return sock
+
+    def connect_direct(self, request: protocol.Connect) -> socket.socket | None:
+        """A blocking stream to what `request` names in the guest, opened by the host itself without the
+        Guest API where this backend can (the sandbox: same kernel); None where it cannot, and the caller
+        makes the `Connect` call. Runs in relay threads."""
+        return None
 
     def pids(self) -> list[int]:
         """Every host process of this machine that is still running (for a last-resort kill)."""

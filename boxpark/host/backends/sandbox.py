@@ -4,8 +4,9 @@ For development and tests (root only, Linux only). The host attaches the image's
 device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
 directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
 → the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
-which the guest sees at /run/boxpark/host. Directory shares (the spec's virtiofs shares) need no virtiofsd:
-the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
+which the guest sees at /run/boxpark/host; docker.sock and published-port streams skip the API (the host
+opens the guest's socket itself: `connect_direct`, `sandboxdial`). Directory shares (the spec's virtiofs
+shares) need no virtiofsd: the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
 phase binds that on the share's target. A share with an owner (the home) is an idmapped mount, where the guest's root acts as the
 owner, as with the qemu backend's virtiofsd; other shares keep the host's ids (root writes as root).
 `cpus` and `memory` become the cgroup's cpu.max and memory.max where the host's cgroup2 has those
@@ -34,9 +35,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from ... import protocol
 from ...transport import Address, TransportError, dial_blocking, dial_socket, listen_socket, parse_address
 from ..eventstream import EventStream
 from ..spec import SHARES_DIR, MachineSpec, host_arch
@@ -44,6 +47,7 @@ from .base import API_PORT, Backend, BackendError, UnsupportedSpec
 from .cgroup import Cgroup, cgroup2_controllers, cgroup2_mount, sandbox_cgroup
 from .loopdev import loop_device
 from .process import PidfdProcess, die_with_parent
+from .sandboxdial import GuestDialer
 from .userns import owner_namespace
 
 __all__ = ["SandboxBackend", "cgroup2_controllers", "cgroup2_mount", "loop_device", "share_arguments"]
@@ -72,6 +76,8 @@ class SandboxBackend(Backend):
         self.slirp4netns = shutil.which("slirp4netns")
         self.slirp: PidfdProcess | None = None
         self.unshare: PidfdProcess | None = None  # the machine's process: unshare, parent of the guest's PID 1
+        self._dialer: tuple[PidfdProcess, GuestDialer] | None = None  # of this unshare's guest (a reboot: anew)
+        self._dialer_lock = threading.Lock()  # relay threads ask for it at once
 
     def check(self, spec: MachineSpec) -> None:
         if sys.platform != "linux":
@@ -231,6 +237,10 @@ class SandboxBackend(Backend):
             self.cgroup.kill()
             await asyncio.sleep(0.01)
         self.unshare.close()
+        with self._dialer_lock:
+            if self._dialer is not None:
+                self._dialer[1].close()
+                self._dialer = None
 
     def address(self, port: int) -> Address:
         """The guest's API socket in the state directory; the sandbox has no other port for the host."""
@@ -243,6 +253,25 @@ class SandboxBackend(Backend):
 
     def dial_blocking(self, port: int, timeout: float = 10.0) -> socket.socket:
         return dial_blocking(self.address(port), timeout)  # from the thread itself: no trip through the loop
+
+    def connect_direct(self, request: protocol.Connect) -> socket.socket | None:
+        """The guest's socket opened from the host (`sandboxdial`): no API handshake, call or guest relay."""
+        if not GuestDialer.handles(request):
+            return None
+        return self._guest_dialer().connect(request)
+
+    def _guest_dialer(self) -> GuestDialer:
+        with self._dialer_lock:
+            unshare = self.unshare
+            if self._dialer is not None and self._dialer[0] is not unshare:
+                self._dialer[1].close()
+                self._dialer = None
+            if self._dialer is None:
+                pid = self.init_pid()
+                if unshare is None or pid is None:
+                    raise TransportError("the sandbox is not running")
+                self._dialer = (unshare, GuestDialer.of(pid))
+            return self._dialer[1]
 
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's PID 1 (the child of unshare), if it runs."""
