@@ -85,6 +85,7 @@ class Agent:
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
         self.ports: PortForwards | None = None
+        self.disk_discard: bool | None = None  # whether the data disk gives freed space back (None: unknown)
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -187,6 +188,7 @@ class Agent:
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
             "ports": None if self.ports is None else self.ports.status(),
+            "disk_discard": self.disk_discard,
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
         }
@@ -351,6 +353,9 @@ class Agent:
                                              self._reboot_guest)
         if rebooted is not client:
             stack.push_async_callback(rebooted.close)
+        self.disk_discard = bool(disk.discard_max)
+        if not self.disk_discard:
+            self.progress(initphase.NO_DISCARD)
         return rebooted
 
     async def _swap(self, client: GuestClient, disk: initphase.DiskPlan | None) -> None:
