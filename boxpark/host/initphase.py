@@ -128,6 +128,7 @@ async def data_disk(client: GuestClient, machine: Machine, plan: DiskPlan, progr
                 raise InitError(f"after a reboot the guest still sees a data disk smaller than "
                                 f"{plan.size >> 20} MiB")
     plan.discard_max = await discard_max(client)
+    log.info("data disk: the device takes discards of up to %d bytes", plan.discard_max)
     options = mount_options(plan.discard_max)
     await client.mount(DATA_DEVICE, DATA_MOUNT, "ext4", options, mkdir=True)
     if plan.resize_pending:
