@@ -2,7 +2,10 @@
 # docs/backends.md ("Disk back to the host"). Not a `python -m bench` module: run it in a qemu machine's
 # guest, alternating the modes, a warm-up run first (it makes the seed tar):
 #   boxpark exec --name NAME -- sh -c "$(cat bench/discard_churn.sh)" sh fstrim     # or: discard
-# It remounts the data disk with `discard` or `nodiscard`, so end with a `discard` run (what `up` mounts).
+# One run: a tar of the guest's /usr extracted twice (a layer pulled) and a 256 MiB blob written, synced; then
+# all deleted, synced (an image removed); `fstrim` mode then trims once. Guest CPU is user+nice+system+irq+
+# softirq jiffies of /proc/stat (USER_HZ 100). It remounts the data disk with `discard` or `nodiscard`: end
+# with a `discard` run (what `up` mounts), and remove /var/lib/boxpark/seed.tar after.
 set -e
 mode=$1
 cd /var/lib/boxpark
