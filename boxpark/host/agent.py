@@ -81,11 +81,11 @@ class Agent:
         self._link: GuestLink | None = None  # the guest's API through the backend, once it started
         self.ready_event: protocol.Ready | None = None
         self.ready_ms: float | None = None  # the machine's start to Ready, by the guest's clock
+        self.disk_discard: bool | None = None  # whether the data disk gives freed space back (None: unknown)
         self.service: DockerService | None = None
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
         self.ports: PortForwards | None = None
-        self.disk_discard: bool | None = None  # whether the data disk gives freed space back (None: unknown)
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -182,13 +182,13 @@ class Agent:
                 "timeline": [{"step": s.name, "ms": round(s.duration_ns / 1e6, 2), "error": s.error}
                              for s in ready.timeline]},
             "phases": self.phase_times,
+            "disk_discard": self.disk_discard,
             "docker": docker,
             "time": None if self.time is None else {"pushes": self.time.pushes,
                                                     "last_offset_ms": None if self.time.last_offset_ns is None
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
             "ports": None if self.ports is None else self.ports.status(),
-            "disk_discard": self.disk_discard,
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
         }
