@@ -260,6 +260,9 @@ def status(args: argparse.Namespace) -> int:
               + (f", next start in {docker['next_start_in']:.1f} s" if docker.get("next_start_in") else ""))
         if docker.get("last_error") and docker["state"] != "ready":
             print(f"  dockerd said: {docker['last_error']}")
+    disk = disk_line(info)
+    if disk:
+        print(f"  {disk}")
     ports = info.get("ports")
     if ports:
         for port in ports["forwarded"]:
@@ -284,6 +287,15 @@ def status(args: argparse.Namespace) -> int:
     if info.get("phases"):
         print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in info["phases"].items()))
     return 0
+
+
+def disk_line(info: dict[str, Any]) -> str | None:
+    """`status`'s line when the data disk cannot give space back (its device offers the guest no discard);
+    nothing when it can, or when the machine has no data disk or has not mounted it yet."""
+    if info.get("disk_discard") is False:
+        return ("data disk: cannot give space back to the host (its device offers no discard); "
+                "deleted images and containers stay allocated in its image")
+    return None
 
 
 # --------------------------------------------------------------------------------------- logs

@@ -81,6 +81,7 @@ class Agent:
         self._link: GuestLink | None = None  # the guest's API through the backend, once it started
         self.ready_event: protocol.Ready | None = None
         self.ready_ms: float | None = None  # the machine's start to Ready, by the guest's clock
+        self.disk_discard: bool | None = None  # whether the data disk gives freed space back (None: unknown)
         self.service: DockerService | None = None
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
@@ -183,6 +184,7 @@ class Agent:
                 "timeline": [{"step": s.name, "ms": round(s.duration_ns / 1e6, 2), "error": s.error}
                              for s in ready.timeline]},
             "phases": self.phase_times,
+            "disk_discard": self.disk_discard,
             "docker": docker,
             "time": None if self.time is None else {"pushes": self.time.pushes,
                                                     "last_offset_ms": None if self.time.last_offset_ns is None
@@ -374,6 +376,9 @@ class Agent:
                                              self._reboot_guest)
         if rebooted is not client:
             stack.push_async_callback(rebooted.close)
+        self.disk_discard = bool(disk.discard_max)
+        if not self.disk_discard:
+            self.progress(initphase.NO_DISCARD)
         return rebooted
 
     async def _swap(self, client: GuestClient, disk: initphase.DiskPlan | None) -> None:

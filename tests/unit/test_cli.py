@@ -121,3 +121,15 @@ def test_the_modules_that_raise_errors_import_no_cli() -> None:
         assert not {m for m in imported if m.lstrip(".").startswith(("cli", "commands"))}, path
     errors = ast.parse((root / "errors.py").read_text())
     assert not [n for n in ast.walk(errors) if isinstance(n, ast.ImportFrom) and (n.level or "boxpark" in (n.module or ""))]
+
+
+def test_status_says_when_the_data_disk_cannot_give_space_back() -> None:
+    """One line, only for a data disk known to offer no discard (VZ's may not): not for one that does, nor
+    for a machine with no data disk or one not yet mounted (the agent has `disk_discard` None then)."""
+    from boxpark.cli.machine import disk_line
+
+    line = disk_line({"disk_discard": False})
+    assert line is not None and "cannot give space back" in line and "no discard" in line
+    assert disk_line({"disk_discard": True}) is None
+    assert disk_line({"disk_discard": None}) is None
+    assert disk_line({}) is None

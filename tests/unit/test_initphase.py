@@ -115,3 +115,8 @@ def test_share_sources_are_virtiofs_tags_or_the_sandboxs_bound_directories(tmp_p
     assert initphase.share_sources(spec, binds=True) == {
         "/src": ("/run/boxpark/shares/share0", "", ["bind"]),
         "/home/u": ("/run/boxpark/shares/share1", "", ["bind"])}
+
+
+def test_the_data_disk_is_mounted_to_trim_only_where_its_device_takes_discards() -> None:
+    assert initphase.mount_options(4 << 30) == ["noatime", "discard"]
+    assert initphase.mount_options(0) == ["noatime"]  # ext4 would warn and trim nothing

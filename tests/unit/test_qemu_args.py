@@ -77,7 +77,9 @@ def test_root_first_then_extra_disks_in_order(spec: MachineSpec, tmp_path: Path)
     args = qemu_args(spec, Plan(binary="q"))
     drives = option(args, "-drive")
     assert drives[0] == f"file={spec.root},if=none,id=root,format=raw,readonly=on"
-    assert drives[1] == f"file={tmp_path}/swap.img,if=none,id=swap,format=raw,readonly=off,discard=unmap"
+    # writable: trims and written zeroes both punch holes, so the image stays sparse
+    assert drives[1] == (f"file={tmp_path}/swap.img,if=none,id=swap,format=raw,readonly=off,"
+                         "discard=unmap,detect-zeroes=unmap")
     # a comma in a path is doubled, QEMU's escape
     assert drives[2] == f"file={tmp_path}/data,,1.img,if=none,id=disk2,format=qcow2,readonly=on"
     blk = [d for d in option(args, "-device") if d.startswith("virtio-blk-pci")]

@@ -126,7 +126,9 @@ def qemu_args(spec: MachineSpec, plan: Plan) -> list[str]:
         name = disk.name or f"disk{i + 1}"
         args += ["-drive", f"file={_opt(disk.path)},if=none,id={name},format={disk.format},"
                            f"readonly={'on' if disk.read_only else 'off'}"
-                           + ("" if disk.read_only else ",discard=unmap"),
+                           # The image stays sparse: the guest's trims punch holes in it, and blocks
+                           # written as zeroes become holes too (docs/backends.md, "Disk back to the host").
+                           + ("" if disk.read_only else ",discard=unmap,detect-zeroes=unmap"),
                  "-device", f"virtio-blk-pci,drive={name},serial={name}"]
     # Console (hvc0) and the init's log port: both always captured in the state directory.
     args += ["-device", "virtio-serial-pci,id=vser",
