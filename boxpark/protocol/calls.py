@@ -20,10 +20,10 @@ import msgspec
 
 from .messages import (PROTOCOL_VERSION, AnyMessage, Attach, Connect, EndOfStream, ErrorCode, EventFrame, Events,
                        Exec, ExecResult, Exit, FileData, Hostname, HostnameReply, Info, InfoReply, Launch, Launched,
-                       ListProcesses, LogBatch, Message, Mkdir, Mount, NotifyListen, NotifyMessage, Ok, Output,
-                       Poweroff, ProcessList, ProtocolError, ReadFile, Reboot, ResizeDisk, ResizeResult, ResizeTty,
-                       SendSignal, SetTime, Signal, Started, Stat, StatReply, Stdin, Swapoff, Swapon, Sync, TimeSet,
-                       Umount, Wait, WriteFile)
+                       ListProcesses, LogBatch, MemoryStats, MemoryStatsReply, Message, Mkdir, Mount, NotifyListen,
+                       NotifyMessage, Ok, Output, Poweroff, ProcessList, ProtocolError, ReadFile, Reboot, ResizeDisk,
+                       ResizeResult, ResizeTty, SendSignal, SetTime, Signal, Started, Stat, StatReply, Stdin, Swapoff,
+                       Swapon, Sync, TimeSet, Umount, Wait, WriteFile)
 
 __all__ = ["CallKind", "CallSpec", "CALLS", "call_spec", "json_schema"]
 
@@ -96,6 +96,7 @@ CALLS: Mapping[type[Message], CallSpec] = MappingProxyType({
     SetTime: _unary(TimeSet),
     Sync: _unary(Ok),
     Hostname: _unary(HostnameReply),
+    MemoryStats: _unary(MemoryStatsReply),
     Reboot: _unary(Ok),
     Poweroff: _unary(Ok),
 })
