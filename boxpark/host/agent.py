@@ -283,6 +283,7 @@ class Agent:
         await self._launch_docker(daemon, stack)  # the service listens for dockerd's notify, then launches it
         await self._proxy_docker(stack)
         self._forward_ports(stack)
+        self._balloon(stack)
         self.progress(f"docker is ready: DOCKER_HOST=unix://{self.machine.docker_socket}", phase="running",
                       state="ready")
         self._watch(stack)
@@ -409,6 +410,16 @@ class Agent:
         self.ports = PortForwards(self.open_docker, lambda request: self.open_connect_blocking(request, 60),
                                   all_interfaces=self.config.ports.all_interfaces)
         stack.push_async_callback(_cancel, asyncio.ensure_future(self.ports.run()))
+
+    def _balloon(self, stack: contextlib.AsyncExitStack) -> None:
+        """The guest's unused memory back to the host, as the backend can (host/balloon.py)."""
+        from .balloon import Balloon, Policy
+
+        assert self.backend is not None and self.backend.spec is not None
+        if self.backend.balloon and self.backend.spec.memory:
+            balloon = Balloon(self.dial, self.backend, Policy(self.backend.spec.memory * 1024 * 1024,
+                                                              self.backend.balloon))
+            stack.push_async_callback(_cancel, asyncio.ensure_future(balloon.run()))
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.ready_event is not None
