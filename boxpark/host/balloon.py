@@ -119,8 +119,10 @@ def needs_memory(figures: Figures, previous: Figures | None, policy: Policy) -> 
 
 
 def quiet(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
-    """Use has not moved by a step since the last look (the first look is never quiet)."""
-    return previous is not None and abs(figures.used - previous.used) < policy.step
+    """Neither use nor what the guest keeps in pages (its cache: a build reading files) moved by a step since
+    the last look (the first look is never quiet)."""
+    return (previous is not None and abs(figures.used - previous.used) < policy.step
+            and abs(figures.resident - previous.resident) < policy.step)
 
 
 def decide(figures: Figures, previous: Figures | None, current: int, policy: Policy) -> Decision:

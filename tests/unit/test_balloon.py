@@ -69,6 +69,14 @@ def test_a_busy_guest_is_watched_not_squeezed() -> None:
         assert decision.target == SIZE and decision.interval == policy.watch_interval
 
 
+def test_a_guest_filling_its_cache_is_not_quiet() -> None:
+    before = figures(300 * MiB, free=1000 * MiB)
+    reading = figures(300 * MiB, free=600 * MiB)  # use unchanged, 400 MiB more cached: a build reading files
+    assert decide(reading, before, SIZE, REPORTING).target == SIZE
+    assert decide(reading, before, SIZE, HOLD).target == SIZE
+    assert decide(reading, reading, SIZE, REPORTING).target < SIZE  # once it stops, the squeeze comes
+
+
 def test_hold_follows_a_quiet_guest_down_and_stays_watched() -> None:
     idle = figures(300 * MiB, free=1400 * MiB)
     down = decide(idle, idle, SIZE, HOLD)
