@@ -475,7 +475,7 @@ def first_calls(tmp_path) -> list[protocol.Message]:
         protocol.Swapoff(path="/nonexistent"), protocol.ResizeDisk(device="/nonexistent"),
         protocol.NotifyListen(path=f"{tmp_path}/notify"), protocol.Connect(path=f"{tmp_path}/nobody.sock"),
         protocol.Events(), protocol.SetTime(time_ns=time.time_ns()), protocol.Sync(), protocol.Hostname(),
-        protocol.Reboot(), protocol.Poweroff(),
+        protocol.MemoryStats(), protocol.Reboot(), protocol.Poweroff(),
     ]
 
 
