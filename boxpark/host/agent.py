@@ -36,6 +36,7 @@ from typing import Any, Iterator
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
 from . import initphase
+from .balloon import Balloon, Policy
 from .backends.base import Backend
 from .client import GuestClient
 from .config import Config, proxy_env
@@ -85,6 +86,7 @@ class Agent:
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
         self.ports: PortForwards | None = None
+        self.balloon: Balloon | None = None  # where the backend has one: its last figures and target (for status)
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -413,12 +415,11 @@ class Agent:
 
     def _balloon(self, stack: contextlib.AsyncExitStack) -> None:
         """The guest's unused memory back to the host, as the backend can (host/balloon.py)."""
-        from .balloon import Balloon, Policy
-
         assert self.backend is not None and self.backend.spec is not None
         if self.backend.balloon and self.backend.spec.memory:
             balloon = Balloon(self.dial, self.backend, Policy(self.backend.spec.memory * 1024 * 1024,
                                                               self.backend.balloon))
+            self.balloon = balloon
             stack.push_async_callback(_cancel, asyncio.ensure_future(balloon.run()))
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
