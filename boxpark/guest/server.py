@@ -23,7 +23,7 @@ from .. import __version__, protocol
 from ..protocol import ErrorCode, Message
 from ..transport import Address, Channel, serve
 from . import clock as clock_
-from . import events, files, processes, system
+from . import events, files, memory, processes, system
 from .errors import GuestError, from_oserror
 
 log = logging.getLogger("boxpark.guest")
@@ -75,6 +75,7 @@ class GuestServer:
             protocol.Swapoff: self._machine_wide(lambda message: _storage().swapoff(message), swap=True),
             protocol.SetTime: self._machine_wide(self.clock.set_from_host),
             protocol.Hostname: self._hostname,
+            protocol.MemoryStats: memory.memory_stats,
             protocol.Reboot: self._machine_wide(self._power),
             protocol.Poweroff: self._machine_wide(self._power),
         }

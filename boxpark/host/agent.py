@@ -36,6 +36,7 @@ from typing import Any, Iterator
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
 from . import hostservices, initphase
+from .balloon import Balloon, Policy
 from .backends.base import Backend
 from .client import GuestClient
 from .config import Config, expand, proxy_env
@@ -88,6 +89,7 @@ class Agent:
         self.ports: PortForwards | None = None
         self.host_services: list[hostservices.ReverseForward] = []
         self.host_services_note = ""  # why a host service is not there (no SSH_AUTH_SOCK), said once
+        self.balloon: Balloon | None = None  # where the backend has one: its last figures and target (for status)
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
@@ -291,6 +293,7 @@ class Agent:
         await self._proxy_docker(stack)
         self._forward_ports(stack)
         await self._host_services(stack)
+        self._balloon(stack)
         self.progress(f"docker is ready: DOCKER_HOST=unix://{self.machine.docker_socket}", phase="running",
                       state="ready")
         self._watch(stack)
@@ -457,6 +460,15 @@ class Agent:
                         service.guest_path)
             return
         self.progress(f"the host's SSH agent ({service.host_path}) is at {service.guest_path} in the guest")
+
+    def _balloon(self, stack: contextlib.AsyncExitStack) -> None:
+        """The guest's unused memory back to the host, as the backend can (host/balloon.py)."""
+        assert self.backend is not None and self.backend.spec is not None
+        if self.backend.balloon and self.backend.spec.memory:
+            balloon = Balloon(self.dial, self.backend, Policy(self.backend.spec.memory * 1024 * 1024,
+                                                              self.backend.balloon))
+            self.balloon = balloon
+            stack.push_async_callback(_cancel, asyncio.ensure_future(balloon.run()))
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.ready_event is not None

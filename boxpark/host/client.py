@@ -180,6 +180,9 @@ class GuestClient:
     async def hostname(self, name: str | None = None) -> str:
         return (await self.call(protocol.Hostname(name=name))).name  # type: ignore[no-any-return]
 
+    async def memory_stats(self) -> protocol.MemoryStatsReply:
+        return await self.call(protocol.MemoryStats(), protocol.MemoryStatsReply)  # type: ignore[no-any-return]
+
     async def reboot(self) -> None:
         await self.call(protocol.Reboot())
 

@@ -23,7 +23,7 @@ BOOT_MODULES: tuple[tuple[str, bool], ...] = (
     ("virtio_console", True),
     ("virtio_net", True),
     ("virtio_rng", True),
-    ("virtio_balloon", False),
+    ("virtio_balloon", True),  # free page reporting from the first page freed: memory back to the host
     ("squashfs", True),
     ("overlay", True),
     ("vsock", True),

@@ -20,11 +20,11 @@ import msgspec
 
 from .messages import (PROTOCOL_VERSION, Accepted, AnyMessage, Attach, Connect, EndOfStream, ErrorCode, EventFrame,
                        Events, Exec, ExecResult, Exit, FileData, Hostname, HostnameReply, HostResolver, Info,
-                       InfoReply, Launch, Launched, Listen, ListProcesses, LogBatch, Message, Mkdir, Mount,
-                       NotifyListen, NotifyMessage, Ok, Output, Poweroff, ProcessList, ProtocolError, ReadFile, Reboot,
-                       ResizeDisk, ResizeResult, ResizeTty, ResolveReply, ResolveRequest, SendSignal, SetTime, Signal,
-                       Started, Stat, StatReply, Stdin, Swapoff, Swapon, Sync, TakeConnection, TimeSet, Umount, Wait,
-                       WriteFile)
+                       InfoReply, Launch, Launched, Listen, ListProcesses, LogBatch, MemoryStats, MemoryStatsReply,
+                       Message, Mkdir, Mount, NotifyListen, NotifyMessage, Ok, Output, Poweroff, ProcessList,
+                       ProtocolError, ReadFile, Reboot, ResizeDisk, ResizeResult, ResizeTty, ResolveReply,
+                       ResolveRequest, SendSignal, SetTime, Signal, Started, Stat, StatReply, Stdin, Swapoff, Swapon,
+                       Sync, TakeConnection, TimeSet, Umount, Wait, WriteFile)
 
 __all__ = ["CallKind", "CallSpec", "CALLS", "call_spec", "json_schema"]
 
@@ -99,6 +99,7 @@ CALLS: Mapping[type[Message], CallSpec] = MappingProxyType({
     SetTime: _unary(TimeSet),
     Sync: _unary(Ok),
     Hostname: _unary(HostnameReply),
+    MemoryStats: _unary(MemoryStatsReply),
     Reboot: _unary(Ok),
     Poweroff: _unary(Ok),
     HostResolver: _upgrade(Ok, frames=(ResolveRequest,), sends=(ResolveReply,)),

@@ -20,8 +20,8 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME", "MAX_HANDSHAKE_FRAME", "MAX_FILE_CHU
            "ResizeResult", "NotifyListen", "NotifyMessage", "Connect", "Listen", "Accepted", "TakeConnection",
            "Events", "Resume", "BootStep", "Ready",
            "ProcessExited", "ClockStepped", "ShuttingDown", "Log", "Event", "EventFrame", "SetTime", "TimeSet",
-           "Sync", "Hostname", "HostnameReply", "Reboot", "Poweroff", "HostResolver", "ResolveRequest",
-           "ResolveReply", "Request", "AnyMessage", "REQUEST_TYPES",
+           "Sync", "Hostname", "HostnameReply", "MemoryStats", "MemoryStatsReply", "Reboot", "Poweroff",
+           "HostResolver", "ResolveRequest", "ResolveReply", "Request", "AnyMessage", "REQUEST_TYPES",
            "MESSAGE_TYPES"]
 
 PROTOCOL_VERSION = 1
@@ -617,6 +617,22 @@ class HostnameReply(Message, tag="hostname_reply"):
     name: str
 
 
+class MemoryStats(Message, tag="memory_stats"):
+    """The guest's memory figures, from /proc/meminfo: what the host's balloon policy and `status` read."""
+
+
+class MemoryStatsReply(Message, tag="memory_stats_reply"):
+    """/proc/meminfo's figures in bytes (`available` is MemAvailable: what can be had without swapping)."""
+
+    total: int  # MemTotal: shrinks as a (traditional) balloon inflates
+    free: int
+    available: int
+    cached: int  # Cached: the page cache, shmem (tmpfs) included
+    shmem: int  # Shmem: cache that reclaim cannot drop without swap
+    swap_total: int
+    swap_free: int
+
+
 class Reboot(Message, tag="reboot"):
     """Stop services cleanly and reboot (only when the server is the guest's init)."""
 
@@ -661,7 +677,7 @@ class ResolveReply(Message, tag="resolve_reply"):
 Request = Union[
     Info, Exec, Launch, Attach, Wait, Signal, ListProcesses, ReadFile, WriteFile, Mkdir, Stat, Mount,
     Umount, Swapon, Swapoff, ResizeDisk, NotifyListen, Connect, Listen, TakeConnection, Events, SetTime, Sync,
-    Hostname, Reboot, Poweroff, HostResolver,
+    Hostname, MemoryStats, Reboot, Poweroff, HostResolver,
 ]
 """Every call a client may open with after the handshake."""
 
@@ -670,8 +686,8 @@ AnyMessage = Union[
     Started, Attach, Wait, Signal, ListProcesses, ProcessList, Exit, LogBatch, EndOfStream, Stdin, Output,
     ResizeTty, SendSignal, ReadFile, FileData, WriteFile, Mkdir, Stat, StatReply, Mount, Umount, Swapon,
     Swapoff, ResizeDisk, ResizeResult, NotifyListen, NotifyMessage, Connect, Listen, Accepted, TakeConnection,
-    Events, Resume, EventFrame, SetTime, TimeSet, Sync, Hostname, HostnameReply, Reboot, Poweroff, HostResolver,
-    ResolveRequest, ResolveReply,
+    Events, Resume, EventFrame, SetTime, TimeSet, Sync, Hostname, HostnameReply, MemoryStats, MemoryStatsReply,
+    Reboot, Poweroff, HostResolver, ResolveRequest, ResolveReply,
 ]
 
 REQUEST_TYPES: tuple[type[Message], ...] = Request.__args__  # type: ignore[attr-defined]

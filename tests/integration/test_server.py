@@ -476,7 +476,7 @@ def first_calls(tmp_path) -> list[protocol.Message]:
         protocol.NotifyListen(path=f"{tmp_path}/notify"), protocol.Connect(path=f"{tmp_path}/nobody.sock"),
         protocol.Listen(path=f"{tmp_path}/listen.sock"), protocol.TakeConnection(id=1),
         protocol.Events(), protocol.SetTime(time_ns=time.time_ns()), protocol.Sync(), protocol.Hostname(),
-        protocol.Reboot(), protocol.Poweroff(),
+        protocol.MemoryStats(), protocol.Reboot(), protocol.Poweroff(),
         protocol.HostResolver(),
     ]
 

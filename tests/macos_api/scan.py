@@ -22,7 +22,8 @@ SCANNED = ("boxpark/host/backends/vz.py", "boxpark/host/backends/vzplan.py", "bo
 FRAMEWORKS = {"Virtualization": "Virtualization", "Foundation": "Foundation", "AppKit": "AppKit",
               "dispatch": "libdispatch"}
 # Parameters the code types as Any whose ObjC class its callers fix (VZ's and Foundation's answers).
-PARAMETER_CLASSES = {"error": "NSError", "connection": "VZVirtioSocketConnection", "center": "NSNotificationCenter"}
+PARAMETER_CLASSES = {"error": "NSError", "connection": "VZVirtioSocketConnection", "center": "NSNotificationCenter",
+                     "balloon": "VZVirtioTraditionalMemoryBalloonDevice"}
 RUNTIME_SELECTORS = {"alloc": True, "init": False}  # NSObject's (the runtime's headers, in no framework scan):
 #   a class that declares one itself (e.g. to give it an availability) is checked against its own
 

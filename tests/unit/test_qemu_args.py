@@ -164,3 +164,9 @@ def test_the_backend_refuses_a_kernel_of_another_arch(spec: MachineSpec) -> None
     backend = get_backend("qemu")
     with pytest.raises(SpecError, match="kernel: .* is built for arm64, but the machine is amd64"):
         backend.check(spec)
+
+
+def test_the_balloon_with_free_page_reporting(spec: MachineSpec) -> None:
+    args = qemu_args(spec, Plan(binary="q"))
+    assert "virtio-balloon-pci,id=balloon,free-page-reporting=on" in option(args, "-device")
+    assert get_backend("qemu").balloon == "reporting"  # the agent squeezes the cache, never holds the balloon

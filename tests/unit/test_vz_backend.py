@@ -110,3 +110,42 @@ def test_close_releases_the_vm_on_its_queue(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         fake.stop()
     assert released == ["fake-dispatch-queue"] * 4
+
+
+class FakeBalloonVm:
+    """Stands in for a VZVirtualMachine with one traditional balloon: records each target and its thread."""
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[int, str]] = []
+        vm = self
+
+        class Balloon:
+            def setTargetVirtualMachineMemorySize_(self, size: int) -> None:
+                vm.targets.append((size, threading.current_thread().name))
+
+        self.balloon = Balloon()
+
+    def memoryBalloonDevices(self) -> list[object]:
+        return [self.balloon]
+
+
+def test_the_balloon_target_is_set_on_the_vms_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boxpark.host.backends.vz import VzMachine
+
+    fake = FakeDispatch()
+    monkeypatch.setitem(sys.modules, "dispatch", fake)
+    vm = FakeBalloonVm()
+
+    async def main() -> None:
+        machine = VzMachine(SimpleNamespace(name="t"), asyncio.get_running_loop(),  # type: ignore[arg-type]
+                            accept=lambda kept: None)
+        machine.vm = vm
+        await machine.set_balloon(768 * 1024 * 1024)
+        machine.vm = None  # a machine that is gone: nothing to set, no error
+        await machine.set_balloon(1024)
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake.stop()
+    assert vm.targets == [(768 * 1024 * 1024, "fake-dispatch-queue")]

@@ -65,6 +65,10 @@ class Backend(abc.ABC):
     name: ClassVar[str] = ""
     binds_shares: ClassVar[bool] = False  # the guest sees shares as directories to bind, not virtiofs tags
     grows_disks_online: bool = False  # `grow_disk` works while the guest runs; else grow the file and reboot
+    # How this backend gives the guest's memory back (host/balloon.py): "reporting" (free page reporting returns
+    # freed pages by itself; a balloon squeezes the page cache), "hold" (a traditional balloon only: memory
+    # stays returned while it stays inflated), "" (none: `set_balloon` does nothing).
+    balloon: ClassVar[str] = ""
 
     def __init__(self) -> None:
         self.spec: MachineSpec | None = None
@@ -202,6 +206,10 @@ class Backend(abc.ABC):
         """Grow the attached disk `name` (image and device) to `size` bytes while the guest runs."""
         raise BackendError(f"the {self.name} backend cannot grow a disk while the guest runs; grow the image "
                            f"file and reboot the guest")
+
+    async def set_balloon(self, size: int) -> None:
+        """Ask the guest to shrink to (or grow back to) `size` bytes of memory through its balloon; the guest
+        gets there by itself, as it can. A no-op on a backend without one."""
 
     async def reboot(self, timeout: float = 120.0) -> Ready:
         """Reboot the guest (its init stops its services cleanly) into a new machine with the same spec.

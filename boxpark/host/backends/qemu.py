@@ -53,6 +53,7 @@ class QemuBackend(Backend):
     """`get_backend("qemu")`: a VM. `cpu` overrides -cpu; `extra_args` are appended to QEMU's argv."""
 
     name = "qemu"
+    balloon = "reporting"  # virtio-balloon with free-page-reporting=on (qemuargv)
 
     def __init__(self, *, cpu: str | None = None, extra_args: list[str] | None = None,
                  block_resize: bool | None = None) -> None:
@@ -262,6 +263,14 @@ class QemuBackend(Backend):
             raise BackendError(f"the machine has no disk named {name!r}")
         if size > os.stat(disk.path).st_size:
             await self.resize_disk(name, size)
+
+    # ----------------------------------------------------------------------- memory
+
+    async def set_balloon(self, size: int) -> None:
+        """QMP `balloon`: the guest's logical memory size in bytes (its driver inflates or deflates to it)."""
+        if self.qmp is None:
+            raise BackendError("the machine was not started")
+        await self.qmp.execute("balloon", value=size)
 
     async def resize_disk(self, name: str, size: int) -> None:
         """Grow (or shrink) an attached disk to `size` bytes while the guest runs (QMP block_resize)."""

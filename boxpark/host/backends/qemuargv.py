@@ -137,6 +137,9 @@ def qemu_args(spec: MachineSpec, plan: Plan) -> list[str]:
              "-chardev", f"file,id=initlog,path={_opt(str(state / 'init.log'))}",
              "-device", "virtserialport,chardev=initlog,bus=vser.0,name=boxpark.log"]
     args += ["-device", "virtio-rng-pci"]
+    # The guest hands freed pages back by itself (free page reporting, CONFIG_PAGE_REPORTING); the balloon's
+    # target moves only at the agent's word (host/balloon.py), to squeeze out the page cache.
+    args += ["-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on"]
     if plan.transport == "vsock":
         args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
                  "-device", f"vhost-vsock-pci,guest-cid={plan.cid}"]

@@ -374,6 +374,18 @@ class VzMachine:
         await self._on_queue(request)
         await asyncio.wait_for(stopped.future, STOP_TIMEOUT)
 
+    async def set_balloon(self, size: int) -> None:
+        """The traditional balloon's target: the guest's memory size VZ asks its driver to get down (or up) to."""
+        def set_target(balloon: Any) -> None:  # a VZVirtioTraditionalMemoryBalloonDevice (the only kind)
+            balloon.setTargetVirtualMachineMemorySize_(size)
+
+        def request() -> None:
+            if self.vm is not None:
+                for device in self.vm.memoryBalloonDevices():
+                    set_target(device)
+
+        await self._on_queue(request)
+
     async def close(self) -> None:
         """Stop if running, stop taking connections, and drop every reference (after VZ is done with them)."""
         self.inbox.close()
@@ -422,6 +434,7 @@ class VzBackend(Backend):
     """`get_backend("vz")`: a VM in this process. `rosetta`: auto (when installed), on (required), off."""
 
     name = "vz"
+    balloon = "hold"  # VZVirtioTraditionalMemoryBalloonDevice: a target size, no reporting, no deflate-on-OOM
     machine_class: Callable[..., VzMachine] = VzMachine  # tests put a fake here (tests/integration/test_vz_forward.py)
 
     def __init__(self, *, rosetta: RosettaChoice = "auto") -> None:
@@ -534,6 +547,10 @@ class VzBackend(Backend):
         reason = self.machine.end.reason if self.machine is not None else ""
         return with_logs(f"the vz machine stopped {when}: {reason or f'code {code}'}", self.log_files(),
                          empty_hint=False)
+
+    async def set_balloon(self, size: int) -> None:
+        if self.machine is not None and self.plan is not None and self.plan.balloon:
+            await self.machine.set_balloon(size)
 
     def describe(self) -> dict[str, object]:
         plan = self.plan

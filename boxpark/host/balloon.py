@@ -1,0 +1,189 @@
+"""Memory back to the host: the balloon policy (pure functions) and the agent's task that applies it.
+
+A VM's memory, once the guest touched it, stays with the VM's process unless the guest gives it back. Two
+ways exist, and the backend says which it has (`Backend.balloon`):
+
+- "reporting" (QEMU): virtio-balloon with free page reporting. The guest's kernel reports the pages it frees
+  and QEMU drops them, with nobody's help. What it never frees is the page cache: a build that read 1 GiB
+  keeps 1 GiB of the host's memory cached. So when the guest has been quiet and holds more than it needs,
+  the policy *squeezes*: the balloon's target goes down to what the guest uses plus headroom, the guest's
+  reclaim drops its coldest cache to inflate it (QEMU drops each page it gets), and once the guest got there
+  (or stopped getting closer) the target goes back to the full size. Deflating hands the guest pages that
+  the host no longer backs, so the memory stays with the host until the guest really uses it again, and
+  the guest keeps its whole size the rest of the time (no OOM risk outside a squeeze of a few seconds).
+  Reclaim picks the coldest pages; `drop_caches` would drop the hot ones too (dockerd's own binaries).
+- "hold" (VZ): only a traditional balloon, a target size (no statistics, no reporting, no deflate on OOM).
+  Memory is back with the host only while the balloon stays inflated, so the target *follows* the guest:
+  down to what it uses plus headroom when it has been quiet, up to the full size the moment it needs
+  memory (MemAvailable below half the headroom, or swap being used more), up to use plus headroom as use
+  grows.
+
+Never an OOM: the target never goes below what the guest uses plus headroom, nor below a floor (a quarter
+of the machine, at least 256 MiB); the guest's balloon driver inflates with allocations that fail rather than
+reclaim hard or call the OOM killer; a guest short of memory gets the full size back at the next poll.
+"Uses" is MemTotal - MemAvailable: MemTotal shrinks as the balloon inflates, and MemAvailable counts the
+cache reclaim can drop, so the figure is what the guest's work holds.
+
+Quiet at idle: the task polls the guest's `MemoryStats` every `idle_interval` (30 s) while the balloon is
+empty and nothing changes, every `watch_interval` (5 s) while it is inflated or use is moving. Nothing here
+may block the agent's loop: a poll is one quick call, a target one QMP command or VZ call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from .. import protocol
+from ..transport import RemoteError, TransportError
+from .backends.base import Backend, BackendError
+from .client import GuestClient
+
+log = logging.getLogger("boxpark.agent.balloon")
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The guest's memory, in bytes, as its /proc/meminfo says (`protocol.MemoryStatsReply`)."""
+
+    total: int  # MemTotal: without what the balloon holds
+    free: int
+    available: int
+    cached: int = 0
+    shmem: int = 0
+    swap_total: int = 0
+    swap_free: int = 0
+
+    @classmethod
+    def of(cls, reply: protocol.MemoryStatsReply) -> Figures:
+        return cls(reply.total, reply.free, reply.available, reply.cached, reply.shmem, reply.swap_total,
+                   reply.swap_free)
+
+    @property
+    def used(self) -> int:
+        """What the guest's work holds: all but what it can have at once (free and droppable cache)."""
+        return max(0, self.total - self.available)
+
+    @property
+    def swapped(self) -> int:
+        return max(0, self.swap_total - self.swap_free)
+
+    @property
+    def resident(self) -> int:
+        """What the guest keeps in pages (cache included): about what the host backs, under free page reporting."""
+        return max(0, self.total - self.free)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs. `size`: the guest's memory with the balloon empty; `mode`: the backend's `balloon`."""
+
+    size: int
+    mode: str  # "reporting" or "hold"
+    headroom: int = 0  # what the guest may take at once beyond its use; 0: an eighth of size, at least 256 MiB
+    floor: int = 0  # the least the guest is ever left; 0: a quarter of size, at least 256 MiB
+    step: int = 64 * MiB  # changes smaller than this are noise: no target moves for them
+    idle_interval: float = 30.0
+    watch_interval: float = 5.0
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.headroom or max(256 * MiB, self.size // 8)
+
+    @property
+    def floor_bytes(self) -> int:
+        return min(self.size, self.floor or max(256 * MiB, self.size // 4))
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int  # the guest's memory size to ask for (== policy.size: the balloon empty)
+    interval: float  # seconds to the next look
+    why: str
+
+
+def wanted(figures: Figures, policy: Policy) -> int:
+    """The guest's use plus headroom, between the floor and the full size."""
+    return max(policy.floor_bytes, min(policy.size, figures.used + policy.headroom_bytes))
+
+
+def needs_memory(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
+    """The guest is short now: little available, or it swaps more than it did."""
+    if figures.available < policy.headroom_bytes // 2:
+        return True
+    return previous is not None and figures.swapped > previous.swapped + policy.step
+
+
+def quiet(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
+    """Neither use nor what the guest keeps in pages (its cache: a build reading files) moved by a step since
+    the last look (the first look is never quiet)."""
+    return (previous is not None and abs(figures.used - previous.used) < policy.step
+            and abs(figures.resident - previous.resident) < policy.step)
+
+
+def decide(figures: Figures, previous: Figures | None, current: int, policy: Policy) -> Decision:
+    """The next balloon target and when to look again, from the figures now and at the last look.
+
+    `current` is the target in force (policy.size when the balloon is empty).
+    """
+    size, idle, watch = policy.size, policy.idle_interval, policy.watch_interval
+    still = quiet(figures, previous, policy)
+    want = wanted(figures, policy)
+    if needs_memory(figures, previous, policy):
+        return Decision(size, watch, "the guest needs memory: balloon emptied")
+    if policy.mode == "reporting":
+        if current < size:
+            reached = figures.total <= current + policy.step
+            stuck = previous is not None and previous.total - figures.total < policy.step
+            if reached or stuck:
+                return Decision(size, watch, "squeeze done: balloon emptied (reclaimed pages stay with the host)")
+            return Decision(current, watch, "squeezing")
+        if still and figures.resident > want + policy.step and want < size - policy.step:
+            return Decision(want, watch, f"quiet with {figures.resident // MiB} MiB resident, using "
+                                         f"{figures.used // MiB} MiB: squeezing the page cache")
+        return Decision(size, idle if still else watch, "")
+    if want > current:
+        return Decision(want, watch, f"use grew to {figures.used // MiB} MiB: balloon deflated")
+    if still and want < current - policy.step:
+        return Decision(want, watch, f"quiet using {figures.used // MiB} MiB: balloon inflated")
+    return Decision(current, idle if still and current == size else watch, "")
+
+
+class Balloon:
+    """The agent's task: look at the guest's figures, move the backend's balloon as `decide` says."""
+
+    def __init__(self, dial: Callable[[], Awaitable[GuestClient]], backend: Backend, policy: Policy) -> None:
+        self._dial = dial
+        self._backend = backend
+        self.policy = policy
+        self.target = policy.size
+        self.figures: Figures | None = None  # the last look (for `status`)
+
+    async def run(self) -> None:
+        client: GuestClient | None = None
+        while True:
+            interval = self.policy.idle_interval
+            try:
+                if client is None:
+                    client = await self._dial()
+                figures = Figures.of(await client.memory_stats())
+                decision = decide(figures, self.figures, self.target, self.policy)
+                self.figures, interval = figures, decision.interval
+                if decision.target != self.target:
+                    await self._backend.set_balloon(decision.target)
+                    log.info("%s (target %d MiB)", decision.why, decision.target // MiB)
+                    self.target = decision.target
+            except (TransportError, RemoteError, ConnectionError) as exc:
+                log.warning("balloon: no memory figures from the guest: %s", exc)
+                if client is not None:
+                    await client.close()
+                client = None
+            except BackendError as exc:
+                log.warning("balloon: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - QMP refusing `balloon` must not end the agent
+                log.warning("balloon: the backend refused the target: %s", exc)
+            await asyncio.sleep(interval)

@@ -1,0 +1,123 @@
+"""The balloon policy as pure functions: memory figures in, a target and the next look's delay out."""
+
+from __future__ import annotations
+
+from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, wanted
+
+GiB = 1024 * MiB
+SIZE = 2 * GiB
+REPORTING = Policy(SIZE, "reporting")
+HOLD = Policy(SIZE, "hold")
+
+
+def figures(used: int, free: int | None = None, total: int = SIZE - 100 * MiB, swapped: int = 0) -> Figures:
+    """A guest using `used` bytes; what it neither uses nor has free is droppable cache."""
+    available = total - used
+    free = available if free is None else free
+    return Figures(total=total, free=free, available=available, cached=available - free,
+                   swap_total=GiB, swap_free=GiB - swapped)
+
+
+def test_defaults_scale_with_the_machine() -> None:
+    assert HOLD.headroom_bytes == 256 * MiB and HOLD.floor_bytes == 512 * MiB
+    big = Policy(16 * GiB, "hold")
+    assert big.headroom_bytes == 2 * GiB and big.floor_bytes == 4 * GiB
+    assert Policy(200 * MiB, "hold").floor_bytes == 200 * MiB  # never above the machine
+
+
+def test_wanted_is_use_plus_headroom_within_floor_and_size() -> None:
+    assert wanted(figures(600 * MiB), HOLD) == 600 * MiB + 256 * MiB
+    assert wanted(figures(10 * MiB), HOLD) == HOLD.floor_bytes
+    assert wanted(figures(SIZE - 150 * MiB), HOLD) == SIZE
+
+
+def test_first_look_never_shrinks() -> None:
+    idle = figures(300 * MiB, free=200 * MiB)  # lots of cache: but nothing is known to be quiet yet
+    assert decide(idle, None, SIZE, REPORTING).target == SIZE
+    assert decide(idle, None, SIZE, HOLD).target == SIZE
+
+
+def test_reporting_squeezes_a_quiet_guest_full_of_cache_then_empties() -> None:
+    before = figures(300 * MiB, free=200 * MiB)  # 1.6 GiB of cache held by the host
+    now = figures(310 * MiB, free=200 * MiB)
+    squeeze = decide(now, before, SIZE, REPORTING)
+    assert squeeze.target == 310 * MiB + 256 * MiB < SIZE and squeeze.interval == REPORTING.watch_interval
+    # still inflating (MemTotal going down): keep the target
+    going = figures(310 * MiB, free=50 * MiB, total=1200 * MiB)
+    assert decide(going, now, squeeze.target, REPORTING).target == squeeze.target
+    # got there: the balloon empties, the guest has its full size again
+    there = figures(310 * MiB, free=100 * MiB, total=squeeze.target + 10 * MiB)
+    assert decide(there, going, squeeze.target, REPORTING).target == SIZE
+
+
+def test_reporting_empties_a_squeeze_that_stopped_getting_closer() -> None:
+    stuck = figures(310 * MiB, free=150 * MiB, total=1500 * MiB)
+    assert decide(stuck, stuck, 600 * MiB, REPORTING).target == SIZE
+
+
+def test_reporting_leaves_a_guest_whose_free_memory_went_back_by_itself() -> None:
+    idle = figures(300 * MiB)  # everything not used is free: free page reporting returned it already
+    decision = decide(idle, idle, SIZE, REPORTING)
+    assert decision == Decision(SIZE, REPORTING.idle_interval, "")
+
+
+def test_a_busy_guest_is_watched_not_squeezed() -> None:
+    before = figures(300 * MiB, free=200 * MiB)
+    busy = figures(900 * MiB, free=100 * MiB)
+    for policy in (REPORTING, HOLD):
+        decision = decide(busy, before, SIZE, policy)
+        assert decision.target == SIZE and decision.interval == policy.watch_interval
+
+
+def test_a_guest_filling_its_cache_is_not_quiet() -> None:
+    before = figures(300 * MiB, free=1000 * MiB)
+    reading = figures(300 * MiB, free=600 * MiB)  # use unchanged, 400 MiB more cached: a build reading files
+    assert decide(reading, before, SIZE, REPORTING).target == SIZE
+    assert decide(reading, before, SIZE, HOLD).target == SIZE
+    assert decide(reading, reading, SIZE, REPORTING).target < SIZE  # once it stops, the squeeze comes
+
+
+def test_hold_follows_a_quiet_guest_down_and_stays_watched() -> None:
+    idle = figures(300 * MiB, free=1400 * MiB)
+    down = decide(idle, idle, SIZE, HOLD)
+    assert down.target == wanted(idle, HOLD) == 556 * MiB and down.interval == HOLD.watch_interval
+    inflated = figures(300 * MiB, total=down.target - 50 * MiB)
+    steady = decide(inflated, inflated, down.target, HOLD)
+    assert steady.target == down.target and steady.interval == HOLD.watch_interval  # held: keep looking
+
+
+def test_hold_gives_everything_back_the_moment_the_guest_needs_it() -> None:
+    short = figures(440 * MiB, total=556 * MiB)  # 116 MiB available: under half the headroom
+    assert needs_memory(short, None, HOLD)
+    decision = decide(short, figures(300 * MiB, total=556 * MiB), 556 * MiB, HOLD)
+    assert decision.target == SIZE and decision.interval == HOLD.watch_interval
+
+
+def test_swapping_more_is_needing_memory() -> None:
+    before = figures(300 * MiB, total=800 * MiB)
+    swapping = figures(300 * MiB, total=800 * MiB, swapped=200 * MiB)
+    assert decide(swapping, before, 800 * MiB, HOLD).target == SIZE
+    assert decide(swapping, before, SIZE, REPORTING).target == SIZE
+
+
+def test_hold_grows_with_use_before_the_guest_is_short() -> None:
+    before = figures(300 * MiB, total=700 * MiB)
+    growing = figures(480 * MiB, total=700 * MiB)  # 220 MiB available: not short, but less than the headroom
+    assert not needs_memory(growing, before, HOLD)
+    decision = decide(growing, before, 700 * MiB, HOLD)
+    assert decision.target == 480 * MiB + HOLD.headroom_bytes and decision.interval == HOLD.watch_interval
+
+
+def test_small_moves_are_noise() -> None:
+    idle = figures(300 * MiB, total=600 * MiB)
+    current = wanted(idle, HOLD) + 32 * MiB  # within a step of what it would ask for
+    assert decide(idle, idle, current, HOLD).target == current
+
+
+def test_never_below_the_floor_nor_use_plus_headroom() -> None:
+    for used in (0, 100 * MiB, 700 * MiB, 1500 * MiB, 1900 * MiB):
+        idle = figures(used, free=50 * MiB if used < 1800 * MiB else 10 * MiB)
+        for policy in (HOLD, REPORTING):
+            target = decide(idle, idle, SIZE, policy).target
+            assert target >= policy.floor_bytes
+            assert target >= min(SIZE, used + policy.headroom_bytes)
