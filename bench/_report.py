@@ -82,10 +82,11 @@ def boxpark(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def sandbox_machine() -> Iterator[Path]:
-    """A sandbox machine up for the block (`boxpark up`), down and removed after it; yields its directory."""
+def sandbox_machine(backend: str = "sandbox", config: str = "") -> Iterator[Path]:
+    """A machine (sandbox unless told) up for the block (`boxpark up`), down and removed after it; yields its
+    directory. `config` is more of boxpark.toml."""
     home = Path(tempfile.mkdtemp(prefix="bpb", dir="/tmp"))
-    (home / "boxpark.toml").write_text('backend = "sandbox"\n')
+    (home / "boxpark.toml").write_text(f'backend = "{backend}"\n{config}')
     try:
         up = boxpark(home, "up", "--name", "b", "--config", str(home / "boxpark.toml"), "--no-context")
         if up.returncode != 0:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bench._report import guest_init_pid
-from bench.efficiency import counters
+from bench.efficiency import counters, switches_between
 from tests.upmachine import IMAGE, UpMachine, busybox_tarball
 
 MIB = 1 << 20
@@ -91,7 +91,7 @@ def quiet_at_idle(m: UpMachine, sandbox: bool) -> None:
     for _ in range(3):
         before = {name: counters(pid)[1] for name, pid in pids.items()}
         time.sleep(IDLE_WINDOW)
-        switches = {name: counters(pid)[1] - before[name] for name, pid in pids.items()}
+        switches = {name: switches_between(before[name], counters(pid)[1]) for name, pid in pids.items()}
         seen.append(switches)
         if max(switches.values()) <= IDLE_SWITCHES:
             return
