@@ -40,7 +40,7 @@ from boxpark.transport import read_secret  # noqa: E402
 MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WINDOW = float(os.environ.get("BOXPARK_EFFICIENCY_WINDOW", "60"))
-DATA = "/var/lib/docker/efficiency.bin"
+DATA = "/var/lib/boxpark/efficiency.bin"  # on the data disk (initphase.DATA_MOUNT)
 BURST = 1536 * MIB
 FILE = 1024 * MIB
 # The guest init's counters, from inside the guest: utime+stime ticks, then "tid switches" of every thread.
