@@ -6,8 +6,9 @@ the guest (peak RSS, RSS 60 s after); 1 GiB written to the data disk (its alloca
 after); that file dropped from the page cache and read back through it (peak RSS, RSS 60 s after); the
 file deleted (allocated bytes 60 s after). CPU is utime+stime of /proc/PID/stat; wake-ups are voluntary +
 nonvoluntary context switches summed over the process's threads (/proc/PID/task/*/status; a thread that
-ends inside the window takes its count with it). The guest's init is read inside the guest by one `exec`
-that samples, sleeps through the window and samples again, so the call's own cost is at its two ends.
+ends inside the window takes its count with it). The guest's init is read inside the guest (schedstat's
+run time, switches) by one `exec` that samples, sleeps through the window and samples again; the same
+exec without the sleep, just before, measures what the call itself costs the init, taken off.
 
 References in the same run are the physical limit the issue sets: a host process blocked with nothing to
 do (its CPU and wake-ups over the same window, measured here) and zero extra bytes after a burst (RSS
@@ -43,9 +44,10 @@ WINDOW = float(os.environ.get("BOXPARK_EFFICIENCY_WINDOW", "60"))
 DATA = "/var/lib/boxpark/efficiency.bin"  # on the data disk (initphase.DATA_MOUNT)
 BURST = 1536 * MIB
 FILE = 1024 * MIB
-# The guest init's counters, from inside the guest: utime+stime ticks, then "tid switches" of every thread.
-GUEST_SAMPLE = ("awk '{print $14 + $15}' /proc/1/stat; for t in /proc/1/task/*; do "
-                "echo ${t##*/} $(awk '/ctxt_switches/ {s += $2} END {print s}' $t/status); done; echo end")
+# The guest init's counters, from inside the guest: "tid switches run-ns" of every thread (schedstat: ns,
+# where utime+stime are whole ticks), then "end".
+GUEST_SAMPLE = ("for t in /proc/1/task/*; do echo ${t##*/} $(awk '/ctxt_switches/ {s += $2} END {print s}' "
+                "$t/status) $(cut -d' ' -f1 $t/schedstat); done; echo end")
 
 
 def tasks(pid: int) -> dict[int, int]:
@@ -80,21 +82,26 @@ def rss(pid: int) -> int:
 
 
 def idle_cost(pids: dict[str, int], seconds: float,
-              guest: Callable[[], tuple[float, int]] | None = None) -> dict[str, tuple[float, float]]:
+              guest: Callable[[threading.Event], tuple[float, int]] | None = None) -> dict[str, tuple[float, float]]:
     """{name: (CPU ms/s, wake-ups/s)} of host processes over `seconds`; with `guest` (a call that blocks for
-    the window and returns the guest init's (CPU s, switches) delta) also "init (guest)"."""
+    the window, sets the event it is given as its window begins, and returns the guest init's (CPU s,
+    switches) delta) also "init"."""
     result: dict[str, tuple[float, float]] = {}
     inside: dict[str, tuple[float, int]] = {}
     failed: list[BaseException] = []
     worker = None
+    begun = threading.Event()
     if guest is not None:
         def measure() -> None:
             try:
-                inside["init"] = guest()
+                inside["init"] = guest(begun)
             except BaseException as exc:  # said by the caller's thread, with the figures it has
                 failed.append(exc)
+            finally:
+                begun.set()
         worker = threading.Thread(target=measure)
         worker.start()
+        begun.wait()
     before = {name: counters(pid) for name, pid in pids.items()}
     start = time.monotonic()
     time.sleep(seconds)
@@ -113,23 +120,30 @@ def idle_cost(pids: dict[str, int], seconds: float,
 
 
 def guest_window(client_of: Callable[[], Awaitable[GuestClient]],
-                 seconds: float) -> Callable[[], tuple[float, int]]:
-    """The guest init's (CPU s, switches) over `seconds`, read by one exec inside the guest."""
-    def run() -> tuple[float, int]:
+                 seconds: float) -> Callable[[threading.Event], tuple[float, int]]:
+    """The guest init's (CPU s, switches) over `seconds`, read by one exec inside the guest. The exec costs
+    the init something between its two samples whatever the window (its output read, ~30 ms of CPU on
+    KVM): a run with no window in between is that cost, taken off the figure."""
+    async def sampled(client: GuestClient, between: str) -> tuple[float, int]:
+        result = await client.exec(["sh", "-c", f"{GUEST_SAMPLE}; {between}{GUEST_SAMPLE}"], timeout=seconds + 60)
+        if result.code != 0:
+            raise RuntimeError(f"the sampling script exited {result.code}: {result.stderr[-300:]!r}")
+        first, second = ({int(line.split()[0]): (int(line.split()[1]), int(line.split()[2]))
+                          for line in sample.split("\n") if line}
+                         for sample in result.stdout.decode().split("end\n")[:2])
+        cpu = sum(ns - first.get(tid, (0, 0))[1] for tid, (_, ns) in second.items()) / 1e9
+        return cpu, switches_between({t: c for t, (c, _) in first.items()}, {t: c for t, (c, _) in second.items()})
+
+    def run(begun: threading.Event) -> tuple[float, int]:
         async def go() -> tuple[float, int]:
             client = await client_of()
             try:
-                script = f"{GUEST_SAMPLE}; sleep {seconds:g}; {GUEST_SAMPLE}"
-                result = await client.exec(["sh", "-c", script], timeout=seconds + 60)
+                cost_cpu, cost_switches = await sampled(client, "")
+                begun.set()  # the host's processes are measured from here: the cost run is not theirs
+                cpu, switches = await sampled(client, f"sleep {seconds:g}; ")
             finally:
                 await client.close()
-            if result.code != 0:
-                raise RuntimeError(f"the sampling script exited {result.code}: {result.stderr[-300:]!r}")
-            first, second = (sample.split("\n") for sample in result.stdout.decode().split("end\n")[:2])
-            samples = [(int(lines[0]), {int(line.split()[0]): int(line.split()[1]) for line in lines[1:] if line})
-                       for lines in (first, second)]
-            (ticks0, before), (ticks1, after) = samples
-            return (ticks1 - ticks0) / 100, switches_between(before, after)  # the guest's USER_HZ is 100
+            return max(cpu - cost_cpu, 0.0), max(switches - cost_switches, 0)
         return asyncio.run(go())
     return run
 
@@ -159,7 +173,8 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def report_idle(pids: dict[str, int], seconds: float, guest: Callable[[], tuple[float, int]] | None) -> None:
+def report_idle(pids: dict[str, int], seconds: float,
+                guest: Callable[[threading.Event], tuple[float, int]] | None) -> None:
     costs = idle_cost(pids, seconds, guest)
     floor_cpu, floor_wakeups = reference_idle(min(seconds, 20.0))
     goals = {"agent": ("<= 1 ms/s", "<= 1/s"), "init": ("<= 0.5 ms/s", "<= 1/s"), "qemu": ("", "")}
