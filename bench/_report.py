@@ -120,10 +120,10 @@ def down(home: Path, name: str = "b") -> None:
 
 
 @contextlib.contextmanager
-def sandbox_machine(config: str = "") -> Iterator[Path]:
-    """A sandbox machine up for the block (`boxpark up`), down and removed after it; yields its directory
-    (its BOXPARK_HOME is the directory's parent)."""
-    home = machine_home("sandbox", config)
+def sandbox_machine(backend: str = "sandbox", config: str = "") -> Iterator[Path]:
+    """A machine (sandbox unless told) up for the block (`boxpark up`), down and removed after it; yields its
+    directory (its BOXPARK_HOME is the directory's parent). `config` is more of boxpark.toml."""
+    home = machine_home(backend, config)
     try:
         up(home)
         yield home / "b"

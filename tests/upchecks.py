@@ -7,7 +7,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench._report import guest_init_pid
+from bench.efficiency import counters, switches_between
 from tests.upmachine import IMAGE, UpMachine, busybox_tarball
+
+MIB = 1 << 20
+IDLE_WINDOW = 30.0  # s
+IDLE_SWITCHES = 15  # context switches per window, all threads: 0.5/s, half the goal; a 1 s tick made 30+
 
 
 
@@ -56,6 +62,40 @@ def exec_and_status(m: UpMachine) -> None:
     assert 0 < status["boot"]["monotonic_ms"] <= status["phases"]["boot"] * 1000, status
     text = m.cli("status").stdout
     assert "ready" in text and "DOCKER_HOST=" in text
+
+
+def status_shows_resources(m: UpMachine, vm: bool) -> None:
+    """`status --json` says what the machine costs; the sandbox has no VM process and no data disk."""
+    resources = m.status()["resources"]
+    memory = resources["guest_memory"]
+    assert memory is not None, resources
+    assert 0 < memory["used"] < memory["total"] and 0 < memory["available"] <= memory["total"], memory
+    if vm:
+        rss, disk = resources["vm_rss"], resources["data_disk"]
+        assert rss is not None and 32 * MIB < rss, resources  # a booted guest and dockerd are resident
+        assert disk is not None and 0 < disk["allocated"] and disk["size"] >= 1024 * MIB, disk
+    else:
+        assert resources["vm_rss"] is None and resources["data_disk"] is None, resources
+    text = m.cli("status").stdout
+    assert "used" in text and "available" in text, text
+
+
+def quiet_at_idle(m: UpMachine, sandbox: bool) -> None:
+    """At idle the agent (and, in the sandbox, the guest's init: a host process there) barely wakes: at most
+    IDLE_SWITCHES context switches over IDLE_WINDOW, in one of three windows (anything else this machine
+    runs may wake them once; a timer would in every window). Counts, not time: robust under load."""
+    agent = m.agent_pid()
+    assert agent is not None
+    pids = {"agent": agent, **({"init": guest_init_pid(m.dir)} if sandbox else {})}
+    seen = []
+    for _ in range(3):
+        before = {name: counters(pid)[1] for name, pid in pids.items()}
+        time.sleep(IDLE_WINDOW)
+        switches = {name: switches_between(before[name], counters(pid)[1]) for name, pid in pids.items()}
+        seen.append(switches)
+        if max(switches.values()) <= IDLE_SWITCHES:
+            return
+    raise AssertionError(f"not quiet at idle: context switches per {IDLE_WINDOW:g} s window: {seen}")
 
 
 def mounts_parent_first(m: UpMachine) -> None:

@@ -260,6 +260,8 @@ def status(args: argparse.Namespace) -> int:
               + (f", next start in {docker['next_start_in']:.1f} s" if docker.get("next_start_in") else ""))
         if docker.get("last_error") and docker["state"] != "ready":
             print(f"  dockerd said: {docker['last_error']}")
+    for line in resource_lines(info.get("resources"), ready=info["state"] == "ready"):
+        print(f"  {line}")
     disk = disk_line(info)
     if disk:
         print(f"  {disk}")
@@ -296,6 +298,38 @@ def disk_line(info: dict[str, Any]) -> str | None:
         return ("data disk: cannot give space back to the host (its device offers no discard); "
                 "deleted images and containers stay allocated in its image")
     return None
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: 512 B, 1.5 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def resource_lines(resources: dict[str, Any] | None, ready: bool = True) -> list[str]:
+    """The `status` lines for what the machine costs (agent.resources): the guest's memory, the VM process's
+    RSS, the data disk; a figure the agent could not read is left out or said to be unknown."""
+    if not resources:
+        return []
+    lines = []
+    memory = resources.get("guest_memory")
+    if memory:
+        balloon = memory.get("balloon")
+        lines.append(f"memory: {size_text(memory['used'])} used, {size_text(memory['available'])} available "
+                     f"of {size_text(memory['total'])} in the guest"
+                     + (f", {size_text(balloon)} given back by the balloon" if balloon else ""))
+    elif ready:
+        lines.append("memory: the guest's figures are unknown (it did not answer in time)")
+    if resources.get("vm_rss") is not None:
+        lines.append(f"VM process: {size_text(resources['vm_rss'])} resident on the host")
+    disk = resources.get("data_disk")
+    if disk:
+        lines.append(f"data disk: {size_text(disk['size'])}, {size_text(disk['allocated'])} allocated on the host")
+    return lines
 
 
 # --------------------------------------------------------------------------------------- logs

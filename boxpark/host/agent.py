@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
-from . import hostservices, initphase
+from . import hostservices, initphase, resources
 from .balloon import Balloon, Policy
 from .backends.base import Backend
 from .client import GuestClient
@@ -93,6 +93,7 @@ class Agent:
         self.started = time.time()
         self.phase_times: dict[str, float] = {}
         self._phase_started = time.monotonic()
+        self.data_disk: Path | None = None  # its image on the host, for `status`
 
     # ------------------------------------------------------------------------------- progress
 
@@ -137,7 +138,7 @@ class Agent:
                 writer.write(b'{"error": "expected a JSON object with an op"}\n')
                 return
             if op == "status":
-                writer.write(json.dumps(self.status()).encode() + b"\n")
+                writer.write(json.dumps({**self.status(), "resources": await self.resources()}).encode() + b"\n")
             elif op in ("follow", "down"):
                 if op == "down":
                     self._stop.set()
@@ -198,6 +199,13 @@ class Agent:
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
         }
+
+    async def resources(self) -> dict[str, Any]:
+        """What the machine costs (`status`): read now, the guest's part only once it is ready."""
+        backend, balloon = self.backend, self.balloon
+        return await resources.resources(self.dial if self.state == "ready" else None,
+                                         backend.vm_pid() if backend is not None else None, self.data_disk,
+                                         balloon.policy.size - balloon.target if balloon is not None else None)
 
     # ------------------------------------------------------------------------------- guest access
 
@@ -303,6 +311,7 @@ class Agent:
         self.progress("preparing", phase="prepare", state="starting")
         config = self.config
         disk = initphase.prepare_data_disk(self.machine, config) if config.backend != "sandbox" else None
+        self.data_disk = disk.path if disk else None
         try:
             return disk, spec_from_config(config, self.machine, data_disk=disk.path if disk else None)
         except SpecError as exc:

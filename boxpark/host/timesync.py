@@ -5,6 +5,8 @@ so the host is the time source that wins. A push is one `SetTime` call; the gues
 off by more than the threshold and reports the step as a `ClockStepped` event. The pusher notices a gap —
 it was not scheduled for far longer than it asked (host sleep) — and pushes at once; `poke()` lets
 anything else that knows better (a macOS did-wake notification, a QEMU RESUME event) ask for a push.
+At idle it wakes only every `TICK` (a gap is noticed within a tick of the host waking) and at each push:
+an idle machine must cost the host nothing it can avoid (issue 12).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ log = logging.getLogger("boxpark.agent.time")
 
 THRESHOLD_NS = 5_000_000  # 5 ms: below that, stepping the clock does more harm than good
 GAP = 2.0  # seconds of unexplained delay that mean the host slept or stalled
-TICK = 1.0
+TICK = 10.0  # s between looks for a gap: a few wake-ups a minute, and the did-wake notification is sooner
 
 
 class TimePusher:
@@ -63,15 +65,18 @@ class TimePusher:
                         await client.close()
                     client = None
                 due = time.monotonic() + self.interval
-            # Tick every second: CLOCK_MONOTONIC stops while the host sleeps, the wall clock does not,
-            # so a jump between the two is a sleep (or a stall) that the guest did not see either.
+            # Tick now and then: CLOCK_MONOTONIC stops while the host sleeps, the wall clock does not, so a
+            # jump between the two is a sleep (or a stall) that the guest did not see either.
+            tick = min(TICK, max(due - time.monotonic(), 0.0))
             wall, mono = time.time(), time.monotonic()
             try:
-                await asyncio.wait_for(self._poke.wait(), TICK)
+                await asyncio.wait_for(self._poke.wait(), tick)
             except asyncio.TimeoutError:
                 pass
-            gap = (time.time() - wall) - TICK
-            stall = (time.monotonic() - mono) - TICK
+            if self._poke.is_set():
+                continue
+            gap = (time.time() - wall) - tick
+            stall = (time.monotonic() - mono) - tick
             if max(gap, stall) > GAP:
                 log.info("the host slept or stalled for %.1f s: pushing the time", max(gap, stall))
                 self._poke.set()

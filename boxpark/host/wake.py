@@ -1,13 +1,14 @@
 """Host sleep: on macOS, when the Mac wakes, the agent pushes the guest's time at once.
 
 A sleeping Mac stops the guest with it, and VZ's Linux guest has no RTC to catch up from, so its clock is
-behind by the whole sleep. `TimePusher` notices the gap within a tick anyway; the workspace's did-wake
+behind by the whole sleep. `TimePusher` notices the gap within its tick anyway; the workspace's did-wake
 notification (NSWorkspaceDidWakeNotification) says it before the first tick. `watch_wake(callback)` calls
 `callback` on the running loop for each wake; elsewhere, or without PyObjC, it is a watch that does nothing.
 
 The observer's block runs on an operation queue of its own (a foreign thread): it reaches the loop through
 `gcdbridge.Inbox`. The workspace posts from the main thread's run loop, which asyncio does not run, so while
-the watch is open the loop gives the main run loop a non-blocking turn every second.
+the watch is open the loop gives the main run loop a non-blocking turn every `PUMP_INTERVAL`: a wake is
+pushed within that, and an idle agent wakes no more than that for it (issue 12).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .gcdbridge import Inbox
 
 log = logging.getLogger("boxpark.agent.wake")
 
-PUMP_INTERVAL = 1.0
+PUMP_INTERVAL = 5.0  # s: sooner than the pusher's tick, rare enough to be nothing at idle
 
 
 class WakeWatch:

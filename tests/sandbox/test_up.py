@@ -51,6 +51,14 @@ def test_exec_and_status(machine) -> None:
     upchecks.exec_and_status(machine)
 
 
+def test_status_shows_what_the_machine_costs(machine) -> None:
+    upchecks.status_shows_resources(machine, vm=False)
+
+
+def test_agent_and_init_are_quiet_at_idle(machine) -> None:
+    upchecks.quiet_at_idle(machine, sandbox=True)
+
+
 def test_exec_stdin_from_a_file_or_dev_null(machine, tmp_path) -> None:
     # epoll refuses regular files and /dev/null: `exec -i` once waited on them forever
     import subprocess

@@ -74,6 +74,10 @@ def test_exec_and_status(machine) -> None:
     upchecks.exec_and_status(machine)
 
 
+def test_status_shows_what_the_machine_costs(machine) -> None:
+    upchecks.status_shows_resources(machine, vm=True)
+
+
 def test_mounts_parent_first(machine) -> None:
     upchecks.mounts_parent_first(machine)
 

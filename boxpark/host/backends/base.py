@@ -148,6 +148,11 @@ class Backend(abc.ABC):
         """This backend's own facts for machine.json (its loop device, its accelerator, ...)."""
         return {}
 
+    def vm_pid(self) -> int | None:
+        """The host process that holds the guest's memory (its RSS is what the machine costs), if one of ours
+        does: QEMU's. None for the sandbox (no VM) and VZ (the VM runs in Apple's own XPC process)."""
+        return None
+
     # ----------------------------------------------------------------------- the calls
 
     async def start(self, spec: MachineSpec) -> None:

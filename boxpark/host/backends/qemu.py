@@ -247,6 +247,9 @@ class QemuBackend(Backend):
             self.qmp.close()
         self.child.close()
 
+    def vm_pid(self) -> int | None:
+        return self.child.pid if self.child is not None and self.child.returncode is None else None
+
     def describe(self) -> dict[str, object]:
         return {"accel": self.plan.accel if self.plan else None, "accel_reason": self.accel_reason,
                 "qmp": self.spec.state_file("qmp.sock") if self.spec else None}
