@@ -16,7 +16,8 @@ settle, the end figures. Traffic goes to loopback only; everything started is st
 machine goes down.
 
 Figures (JSON lines, `_report.figure`): probe p50/p99/max (goals p99 <= 50 ms, max <= 1 s) and failures
-outside the agent-kill window; agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
+outside the agent-kill window, beside the same figures of a reference (`REFERENCE`: an asyncio echo
+server probed alike, so what CPU contention alone costs on this machine shows); agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
 growth <= 10%); lines lost within ring bounds (goal 0); docker working at the end (goal 1).
 Run: `python -m bench soak` (BOXPARK_SOAK_SECONDS=N to shorten) or `python bench/soak.py --duration N`.
 `run()` is what tests/sandbox/test_soak.py calls for its short run.
@@ -81,6 +82,38 @@ async def main():
 asyncio.run(main())
 """ % {"every": PROBE_EVERY}
 
+REFERENCE = """
+import asyncio, ctypes, os, signal, socket, sys, time
+path, out = sys.argv[1], sys.argv[2]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen()
+if os.fork() == 0:  # the server, in a process of its own like the init: it dies with the probe
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    async def echo(reader, writer):
+        while line := await reader.readline():
+            writer.write(line)
+            await writer.drain()
+    async def serve():
+        server = await asyncio.start_unix_server(echo, sock=listener)
+        await server.serve_forever()
+    asyncio.run(serve())
+async def main():
+    reader, writer = await asyncio.open_unix_connection(path)
+    following = time.monotonic()
+    with open(out, "a", buffering=1) as log:
+        while True:
+            start = time.monotonic()
+            writer.write(b"info\\n")
+            await reader.readline()
+            log.write(f"{start:.6f} {(time.monotonic() - start) * 1000:.3f} ok\\n")
+            following = max(following + %(every)r, time.monotonic() - 1)
+            await asyncio.sleep(max(0.0, following - time.monotonic()))
+asyncio.run(main())
+""" % {"every": PROBE_EVERY}
+"""The reference: a trivial asyncio echo server (a process of its own) probed the same way, in the same run.
+Its tail is what CPU contention alone costs here; what the `info` probe has beyond it is the machine's."""
+
 
 @dataclasses.dataclass
 class Usage:
@@ -133,6 +166,7 @@ class Result:
     duration: float
     probe_ms: list[float]  # every answered probe outside the agent-kill window
     probe_failures: list[str]  # probes outside that window that got no answer: "time reason"
+    reference_ms: list[float]  # the reference probe (REFERENCE) over the same time
     baseline: dict[str, Usage]
     end: dict[str, Usage]
     settled: bool  # both came back within the tolerance of the baseline before the deadline
@@ -152,8 +186,8 @@ class Result:
                 f"dropped {self.dropped}, lost {self.lost}; docker working {self.docker_working}\n"
                 f"baseline {self.baseline}\nend {self.end} (settled {self.settled})\nloads {tallies}\n{self.logs}")
 
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.probe_ms)
+    def percentile(self, fraction: float, samples: list[float] | None = None) -> float:
+        ordered = sorted(self.probe_ms if samples is None else samples)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
@@ -390,10 +424,9 @@ def _probe_results(path: Path, windows: list[tuple[float, float]]) -> tuple[list
 
 
 @contextlib.contextmanager
-def _probe(machine: Path, out: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _probe(script: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-c", PROBE, f"unix:{machine}/api.sock", str(out)],
-                               stdin=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.DEVNULL, env=env)
     try:
         yield process
     finally:
@@ -430,12 +463,14 @@ def run(duration: float = DEFAULT_SECONDS, *, dockerd_kill_every: float = DOCKER
             soak = Soak(machine, work)
             try:
                 soak.prepare()
-                with _probe(machine, work / "probe.log"):
+                with _probe(PROBE, f"unix:{machine}/api.sock", str(work / "probe.log")), \
+                        _probe(REFERENCE, str(work / "reference.sock"), str(work / "reference.log")):
                     result = _schedule(soak, duration, dockerd_kill_every, tolerance, slack, relay.IDLE_SECONDS)
                     docker_working = soak.run_docker("run", "--rm", "--pull", "never", IMAGE, "echo",
                                                      "soak").stdout == "soak\n"
                 answered, failures = _probe_results(work / "probe.log", soak.agent_window)
-                return Result(duration=duration, probe_ms=answered, probe_failures=failures,
+                reference, _ = _probe_results(work / "reference.log", soak.agent_window)
+                return Result(duration=duration, probe_ms=answered, probe_failures=failures, reference_ms=reference,
                               docker_working=docker_working, lines=soak.lines, dropped=soak.dropped,
                               lost=soak.lost, tallies=soak.tallies, agent_window=soak.agent_window,
                               dockerd_windows=soak.dockerd_windows,
@@ -500,6 +535,9 @@ def report(result: Result) -> None:
     figure("soak_probe_p99", result.percentile(0.99), "ms", None, "<= 50 ms")
     figure("soak_probe_max", max(result.probe_ms, default=float("nan")), "ms", None, "<= 1000 ms")
     figure("soak_probe_failures", len(result.probe_failures), "probes", None, "0")
+    figure("soak_reference_p99", result.percentile(0.99, result.reference_ms), "ms", None,
+           "an asyncio echo server probed alike: CPU contention alone")
+    figure("soak_reference_max", max(result.reference_ms, default=float("nan")), "ms", None, "idem")
     for who in ("agent", "init"):
         before, after = result.baseline[who], result.end[who]
         figure(f"soak_{who}_fds", after.fds, "fds", before.fds, "ratio <= 1.05")

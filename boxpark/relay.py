@@ -49,7 +49,10 @@ class _Joined:
             last = self._left == 0
         if last:
             self.close_now()
-            self.done()
+            # `done` often closes over this relay (to forget it): dropped, it leaves no cycle, so a burst's
+            # relays and sockets are freed now, not at the next full collection (the soak's RSS growth)
+            done, self.done = self.done, _nothing
+            done()
 
     def abort(self) -> None:
         """Wake both threads (they see end of stream) so they finish and close everything."""
@@ -147,6 +150,10 @@ class DatagramRelay(_Joined):
         finally:
             _shutdown(self.client, socket.SHUT_RDWR)
             self._finished()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -273,6 +280,7 @@ class _Pool:
                     job()
                 except Exception:  # a relay bug must not kill the thread silently
                     log.exception("relay failed")
+                job = None  # an idle thread must not keep its last relay (and its sockets) alive
                 with self._lock:
                     if len(self._idle) >= self.max_idle:
                         return

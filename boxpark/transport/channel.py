@@ -99,6 +99,7 @@ class _FrameProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
+        self.fast_path = None  # its closure holds the channel, which holds us: no cycle left for the GC
         self._wake()
         for waiter in self.drain_waiters:
             if not waiter.done():

@@ -7,11 +7,13 @@ a burst must not leave more idle threads (and pipes) than the pool keeps. The pi
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
 import threading
 import time
+import weakref
 from typing import Iterator
 
 import pytest
@@ -128,3 +130,30 @@ def test_a_trickle_of_connections_lets_the_rest_of_a_bursts_threads_exit(monkeyp
     assert relay_threads() <= before_threads + 4, \
         f"{relay_threads() - before_threads} relay threads kept under a trickle of connections"
     assert wait_until(lambda: pipe_fds() <= before_pipes + 2 * 4)
+
+
+def test_a_finished_relay_is_freed_without_a_cyclic_collection(monkeypatch) -> None:
+    """Like the Guest Proxy's, this relay's `done` closes over the relay (to forget it): once both directions
+    are done nothing may keep it (and its sockets) alive until the next full collection."""
+    use_pool(monkeypatch, idle_seconds=0.5)
+    finished = threading.Event()
+    (client, relay_client), (relay_target, target) = next(tcp_pairs(1)), next(tcp_pairs(1))
+    kept: set[relay.Relay] = set()
+
+    def joined_relay() -> relay.Relay:  # as the proxy's: `done` forgets the relay it closes over
+        joined = relay.Relay(relay_client, relay_target, b"", lambda: (kept.discard(joined), finished.set()))
+        kept.add(joined)
+        return joined
+
+    joined = joined_relay()
+    ref = weakref.ref(joined)
+    gc.disable()  # a collection would hide the cycle
+    try:
+        joined.start()
+        del joined, relay_client, relay_target
+        client.close()
+        target.close()
+        assert finished.wait(DEADLINE), "the relay did not finish"
+        assert wait_until(lambda: ref() is None), "the finished relay is held by a reference cycle"
+    finally:
+        gc.enable()

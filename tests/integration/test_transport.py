@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -242,3 +244,30 @@ def test_a_client_with_a_secret_gets_its_first_request_answered_where_no_proof_i
             assert isinstance(reply, protocol.Error) and reply.message == str(len(protocol.encode(request)))
 
     asyncio.run(scenario())
+
+
+def test_a_closed_channel_with_a_fast_path_is_freed_without_a_cyclic_collection() -> None:
+    """The guest server's fast path closes over its channel; once the peer has gone nothing may keep the
+    channel (its protocol, decoder and buffers) alive until the next full collection."""
+    async def main() -> weakref.ref[Channel]:
+        near, far = socket.socketpair()
+        channel = await Channel.from_socket(near)
+        hold_in_fast_path(channel)
+        far.close()
+        assert await channel.recv() is None
+        channel.abort()
+        ref = weakref.ref(channel)
+        del channel
+        for _ in range(10):  # connection_lost comes on a later turn of the loop
+            await asyncio.sleep(0.01)
+        return ref
+
+    def hold_in_fast_path(channel: Channel) -> None:  # as the server's does (a closure of its own)
+        channel.set_fast_path(lambda message: channel is None)
+
+    gc.disable()  # a collection would hide the cycle
+    try:
+        ref = asyncio.run(main())
+        assert ref() is None, "the closed channel is held by a reference cycle"
+    finally:
+        gc.enable()
