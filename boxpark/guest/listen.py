@@ -22,7 +22,7 @@ import stat
 
 from .. import protocol
 from ..protocol import ErrorCode
-from ..relay import Relay
+from .proxy import relay_call
 from ..transport import Channel
 from .errors import GuestError
 
@@ -97,32 +97,8 @@ class Listeners:
                              f"take connection {message.id}: no such connection waits (taken, timed out or closed)")
         conn, timer = entry
         timer.cancel()
-        try:
-            client, leftover = channel.take_socket()
-        except BaseException:
-            conn.close()
-            raise
         conn.setblocking(True)
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone (server shut down): nobody waits
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
-
-        relay = Relay(client, conn, leftover, done)
-        try:
-            client.sendall(protocol.encode(protocol.Ok()))
-        except OSError:
-            relay.close_now()
-            return None
-        relay.start()
-        try:
-            await finished
-        except asyncio.CancelledError:
-            relay.abort()
-            raise
-        return None
+        await relay_call(channel, conn)
 
     def close(self) -> None:
         for listener in list(self._listeners.values()):

@@ -155,6 +155,13 @@ def _dial_error(exc: OSError, name: str, unix: bool) -> GuestError:
 async def connect(channel: Channel, message: protocol.Connect) -> None:
     """The `Connect` call: dial, reply `Ok`, then relay raw bytes until both directions are done."""
     target = await dial_target(message)
+    await relay_call(channel, target, DatagramRelay if message.udp else Relay)
+
+
+async def relay_call(channel: Channel, target: socket.socket,
+                     kind: type[Relay] | type[DatagramRelay] = Relay) -> None:
+    """A raw call's end: take the channel's socket, reply `Ok`, relay it with `target` (a blocking socket, now
+    the relay's) in threads until both directions are done; the loop only waits for that."""
     try:
         client, leftover = channel.take_socket()
     except BaseException:
@@ -169,8 +176,7 @@ async def connect(channel: Channel, message: protocol.Connect) -> None:
         except RuntimeError:  # the loop is gone (server shut down): nobody waits any more
             pass
 
-    relay: Relay | DatagramRelay
-    relay = (DatagramRelay if message.udp else Relay)(client, target, leftover, done)
+    relay = kind(client, target, leftover, done)
     try:
         client.sendall(protocol.encode(protocol.Ok()))
     except OSError:

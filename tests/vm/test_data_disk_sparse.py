@@ -30,16 +30,8 @@ DEADLINE = 90.0  # ext4 trims at each journal commit (every 5 s): generous under
 
 @pytest.fixture(scope="module")
 def machine(request: pytest.FixtureRequest) -> Iterator[UpMachine]:
-    m = UpMachine("qemu", 'memory = "1GiB"\n[disk]\nsize = "4GiB"\n[swap]\nsize = "0"\n')
-    try:
-        result = m.up()
-        if result.returncode != 0:
-            pytest.fail(f"boxpark up failed:\n{result.stderr}\n{m.logs()}")
+    with UpMachine("qemu", 'memory = "1GiB"\n[disk]\nsize = "4GiB"\n[swap]\nsize = "0"\n').running(request) as m:
         yield m
-        if request.session.testsfailed:
-            print(m.logs())
-    finally:
-        m.destroy()
 
 
 def guest(m: UpMachine, *argv: str) -> str:

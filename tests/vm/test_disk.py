@@ -42,16 +42,10 @@ def config(disk: int, swap: int) -> str:
 def machine(request: pytest.FixtureRequest) -> Iterator[UpMachine]:
     before = os.environ.get("BOXPARK_QEMU_BLOCK_RESIZE")
     os.environ["BOXPARK_QEMU_BLOCK_RESIZE"] = "0"  # the agent `up` starts inherits it
-    m = UpMachine("qemu", config(256 * MiB, 32 * MiB))
     try:
-        result = m.up()
-        if result.returncode != 0:
-            pytest.fail(f"boxpark up failed:\n{result.stderr}\n{m.logs()}")
-        yield m
-        if request.session.testsfailed:
-            print(m.logs())
+        with UpMachine("qemu", config(256 * MiB, 32 * MiB)).running(request) as m:
+            yield m
     finally:
-        m.destroy()
         if before is None:
             os.environ.pop("BOXPARK_QEMU_BLOCK_RESIZE", None)
         else:

@@ -33,16 +33,8 @@ size = "4GiB"
 
 @pytest.fixture(scope="module")
 def machine(request: pytest.FixtureRequest):
-    m = UpMachine("qemu", CONFIG)
-    result = m.up()
-    if result.returncode != 0:
-        logs = m.logs()
-        m.destroy()
-        pytest.fail(f"boxpark up failed:\n{result.stderr}\n{logs}")
-    yield m
-    if request.session.testsfailed:
-        print(m.logs())
-    m.destroy()
+    with UpMachine("qemu", CONFIG).running(request) as m:
+        yield m
 
 
 def qemu_pid(m: UpMachine) -> int:
