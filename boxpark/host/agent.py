@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgspec
+
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
 from . import hostservices, initphase, resources
@@ -198,6 +200,7 @@ class Agent:
                               "note": self.host_services_note or None},
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
+            "config": msgspec.to_builtins(self.config),  # what it runs with: `up` names what changed since
         }
 
     async def resources(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import re
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import msgspec
 
@@ -442,6 +442,29 @@ def load(path: str | Path | None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"not UTF-8 text (byte {exc.start}); save it as UTF-8", str(path)) from None
     return loads(text, str(path))
+
+
+SIZES = ("memory", "disk.size", "swap.size", "docker.log_size")  # equal when they are the same bytes
+
+
+def changed_settings(running: dict[str, Any], config: Config) -> list[str]:
+    """The settings (dotted keys) in which `config` differs from what a running machine started with
+    (`running`: its config as builtins, from the agent's status)."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    def same(key: str, old: Any, new: Any) -> bool:
+        if key in SIZES and old is not None and new is not None:
+            try:
+                return parse_size(old, key) == parse_size(new, key)
+            except ConfigError:
+                return False
+        return bool(old == new)
+
+    was, now = flat(running), flat(msgspec.to_builtins(config))
+    return sorted(key for key in was.keys() | now.keys() if not same(key, was.get(key), now.get(key)))
 
 
 def sorted_mounts(mounts: list[Mount]) -> list[Mount]:
