@@ -286,6 +286,8 @@ def status(args: argparse.Namespace) -> int:
                   f"{n} connection{'' if n == 1 else 's'})")
         for problem in ports["problems"]:
             print(f"  port NOT forwarded: {problem}")
+    if (info.get("mount_guard") or {}).get("on") is False:
+        print("  mount guard: off (docker.mount_guard = false): a bind of a path the guest lacks is made empty")
     services = info.get("host_services") or {}
     for forward in services.get("forwards", []):
         state = "listening" if forward["listening"] else "NOT listening (retrying)"

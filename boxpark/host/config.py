@@ -49,6 +49,8 @@ restart_delay_max = 30.0  # ... up to this; back to restart_delay once it has be
 ready_timeout = 120.0   # seconds dockerd has to send READY=1 before it is stopped and started again
 log_size = "10MiB"      # docker.log rolls over at this size ...
 log_files = 3           # ... keeping this many old ones (docker.log.1 is the newest)
+mount_guard = true      # refuse a bind mount of a path neither shared from the host nor in the guest
+                        # (with a sentence saying how to share it); false: dockerd makes it empty, silently
 
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
@@ -143,6 +145,7 @@ class Docker(msgspec.Struct, forbid_unknown_fields=True):
     ready_timeout: float = 120.0
     log_size: str | int = "10MiB"
     log_files: int = 3
+    mount_guard: bool = True
 
 
 class Time(msgspec.Struct, forbid_unknown_fields=True):
