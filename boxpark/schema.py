@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,8 +17,18 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else DEFAULT
-    path.write_text(render())
+    parser = argparse.ArgumentParser(
+        prog="python -m boxpark.schema",
+        description="Write the Guest API's JSON Schema (every message of the contract) to a file.")
+    parser.add_argument("path", nargs="?", type=Path, default=DEFAULT,
+                        help=f"where to write it (default: {DEFAULT.relative_to(DEFAULT.parent.parent)}, "
+                             "which a unit test keeps in step with the code)")
+    path = parser.parse_args(argv).path
+    try:
+        path.write_text(render())
+    except OSError as exc:
+        print(f"boxpark.schema: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

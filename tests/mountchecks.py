@@ -49,6 +49,19 @@ def unshared_bind_is_refused(m: UpMachine, home: Path, tmp: Path) -> None:
     assert looked.returncode != 0, "the refused path was made in the guest"
 
 
+def guard_off_lets_binds_through(m: UpMachine, tmp: Path) -> None:
+    """`[docker] mount_guard = false`: no plugin in daemon.json or the guest's services, status says off, and
+    a bind of a path the guest lacks is dockerd's again (made empty, the run succeeds)."""
+    guard = m.status()["mount_guard"]
+    assert guard == {"on": False, "starts": 0}, guard
+    daemon = m.cli("exec", "--", "cat", "/etc/docker/daemon.json")
+    assert daemon.returncode == 0 and PLUGIN not in daemon.stdout, (daemon.stdout, daemon.stderr)
+    load_busybox(m, tmp)
+    unshared = tmp / "not-shared-unguarded"
+    ran = m.docker("run", "--rm", "-v", f"{unshared}:/data", IMAGE, "ls", "-A", "/data")
+    assert ran.returncode == 0 and ran.stdout == "", (ran.stdout, ran.stderr)
+
+
 def shared_guest_and_volume_sources_work(m: UpMachine, home: Path, tmp: Path) -> None:
     """A path under the home share, the guest's own docker.sock and /proc, a named volume and a tmpfs mount."""
     load_busybox(m, tmp)
@@ -113,6 +126,8 @@ def guard_comes_back_after_it_is_killed(m: UpMachine, tmp: Path) -> None:
     load_busybox(m, tmp)
     unshared = tmp / "after-kill"
     unshared.mkdir()
+    starts = m.status()["mount_guard"]["starts"]
+    assert starts >= 1
     secret = m.dir / "backend" / "secret"
     extra = ["--secret-file", str(secret)] if secret.exists() else []
     killed = _guest_call(m, "signal", f'{{"name": "{PLUGIN}", "signal": 9}}', extra)
@@ -125,3 +140,4 @@ def guard_comes_back_after_it_is_killed(m: UpMachine, tmp: Path) -> None:
         time.sleep(0.5)
     assert_refused(ran, unshared)
     assert m.docker("version").returncode == 0
+    assert m.status()["mount_guard"] == {"on": True, "starts": starts + 1}

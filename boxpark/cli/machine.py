@@ -79,6 +79,7 @@ def up(args: argparse.Namespace) -> int:
         if status["state"] == "ready":
             _print_ready(machine, status, args)
             print(f"boxpark: machine {machine.name!r} is already running", file=sys.stderr)
+            _say_changed(machine, status, config)
             return 0
         print(f"boxpark: machine {machine.name!r} is already starting; following it", file=sys.stderr)
     else:
@@ -105,6 +106,18 @@ def up(args: argparse.Namespace) -> int:
                             f"see {machine.agent_log} (boxpark logs agent)")
     _print_ready(machine, next(control(machine, "status")), args)
     return 0
+
+
+def _say_changed(machine: Machine, status: dict[str, Any], config: Any) -> None:
+    """A running machine keeps the settings it started with: name the ones the config now changes."""
+    from ..host.config import changed_settings
+
+    if "config" not in status:  # an agent from before status carried its config
+        return
+    changed = changed_settings(status["config"], config)
+    if changed:
+        print(f"boxpark: changed since it started, taking effect when it starts again: {', '.join(changed)} "
+              f"(boxpark down --name {machine.name} && boxpark up --name {machine.name})", file=sys.stderr)
 
 
 def _wait_gone(machine: Machine, timeout: float = 60.0) -> None:
@@ -273,6 +286,8 @@ def status(args: argparse.Namespace) -> int:
                   f"{n} connection{'' if n == 1 else 's'})")
         for problem in ports["problems"]:
             print(f"  port NOT forwarded: {problem}")
+    if (info.get("mount_guard") or {}).get("on") is False:
+        print("  mount guard: off (docker.mount_guard = false): a bind of a path the guest lacks is made empty")
     services = info.get("host_services") or {}
     for forward in services.get("forwards", []):
         state = "listening" if forward["listening"] else "NOT listening (retrying)"

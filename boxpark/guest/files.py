@@ -6,7 +6,7 @@ other end decides when a read or write could finish), and a device that has noth
 now is refused rather than waited on. Paths are absolute (the server's working directory means nothing to
 a client). A whole-file write goes to a
 temporary file beside the target and is renamed over it, so a reader never sees half a file, and a
-power cut leaves the old file or the new one. Every error names the path it is about.
+power cut leaves the old file or the new one; a device is written in place (like `>`), never replaced. Every error names the path it is about.
 """
 
 from __future__ import annotations
@@ -170,8 +170,21 @@ def _append(path: str, data: bytes, mode: int) -> None:
 def _replace(path: str, data: bytes, mode: int) -> None:
     if os.path.islink(path):  # write through a symlink (like `>`), not over it
         path = os.path.realpath(path)
-    if os.path.isdir(path):
+    try:
+        kind = os.stat(path).st_mode
+    except FileNotFoundError:
+        kind = stat_.S_IFREG
+    if stat_.S_ISDIR(kind):
         raise OSError(errno.EISDIR, "is a directory")
+    if refusal := _not_a_file("write_file", path, kind):
+        raise refusal
+    if stat_.S_ISCHR(kind) or stat_.S_ISBLK(kind):  # a device is written to, never replaced by a file
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            _write_all(fd, data, "write_file", path)
+        finally:
+            os.close(fd)
+        return
     directory, name = os.path.split(path)
     temp = os.path.join(directory, f".{name}.boxpark-{secrets.token_hex(4)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY, 0o600)

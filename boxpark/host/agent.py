@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgspec
+
 from .. import __version__, protocol
 from ..transport import listen_socket, parse_address
 from . import hostservices, initphase, resources
@@ -84,6 +86,7 @@ class Agent:
         self.ready_ms: float | None = None  # the machine's start to Ready, by the guest's clock
         self.disk_discard: bool | None = None  # whether the data disk gives freed space back (None: unknown)
         self.service: DockerService | None = None
+        self.guard: MountGuard | None = None  # the mount guard, unless docker.mount_guard = false
         self.time: TimePusher | None = None
         self.proxies: list[GuestProxy] = []
         self.ports: PortForwards | None = None
@@ -193,11 +196,14 @@ class Agent:
                                                     "last_offset_ms": None if self.time.last_offset_ns is None
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],
+            "mount_guard": {"on": self.config.docker.mount_guard,
+                            "starts": self.guard.starts if self.guard is not None else 0},
             "ports": None if self.ports is None else self.ports.status(),
             "host_services": {"forwards": [f.status() for f in self.host_services],
                               "note": self.host_services_note or None},
             "recent": [e["message"] for e in self.events[-5:]],
             "failure": self.failure or None,
+            "config": msgspec.to_builtins(self.config),  # what it runs with: `up` names what changed since
         }
 
     async def resources(self) -> dict[str, Any]:
@@ -407,8 +413,11 @@ class Agent:
 
     async def _guard_mounts(self, client: GuestClient, mounted: list[str], stack: contextlib.AsyncExitStack) -> None:
         """The mount guard (dockerd's authorization plugin): a bind of a path the guest neither shares nor has
-        is refused with a sentence, before dockerd starts; it comes back if it dies."""
-        guard = MountGuard(self.dial, plugin_argv(self.config.all_mounts(), mounted))
+        is refused with a sentence, before dockerd starts; it comes back if it dies. `docker.mount_guard =
+        false` turns it off."""
+        if not self.config.docker.mount_guard:
+            return
+        self.guard = guard = MountGuard(self.dial, plugin_argv(self.config.all_mounts(), mounted))
         await guard.start(client)
         stack.push_async_callback(_cancel, asyncio.ensure_future(guard.run()))
 
@@ -418,7 +427,8 @@ class Agent:
         data_root = f"{initphase.DATA_MOUNT}/docker" if disk is not None else ""
         extra: dict[str, Any] = {"bridge": "none", "iptables": False} if self.config.backend == "sandbox" else {}
         with _fails_as(""):
-            return with_plugin(daemon_config(self.config.docker.daemon_json, data_root, extra))
+            daemon = daemon_config(self.config.docker.daemon_json, data_root, extra)
+        return with_plugin(daemon) if self.config.docker.mount_guard else daemon
 
     async def _launch_docker(self, daemon: dict[str, Any], stack: contextlib.AsyncExitStack) -> None:
         """dockerd as a supervised service (its sd_notify socket first, then the launch), until READY=1."""

@@ -11,7 +11,7 @@ import re
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import msgspec
 
@@ -49,6 +49,8 @@ restart_delay_max = 30.0  # ... up to this; back to restart_delay once it has be
 ready_timeout = 120.0   # seconds dockerd has to send READY=1 before it is stopped and started again
 log_size = "10MiB"      # docker.log rolls over at this size ...
 log_files = 3           # ... keeping this many old ones (docker.log.1 is the newest)
+mount_guard = true      # refuse a bind mount of a path neither shared from the host nor in the guest
+                        # (with a sentence saying how to share it); false: dockerd makes it empty, silently
 
 [time]
 push_interval = 60      # seconds between pushes of the host's time to the guest
@@ -143,6 +145,7 @@ class Docker(msgspec.Struct, forbid_unknown_fields=True):
     ready_timeout: float = 120.0
     log_size: str | int = "10MiB"
     log_files: int = 3
+    mount_guard: bool = True
 
 
 class Time(msgspec.Struct, forbid_unknown_fields=True):
@@ -442,6 +445,29 @@ def load(path: str | Path | None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"not UTF-8 text (byte {exc.start}); save it as UTF-8", str(path)) from None
     return loads(text, str(path))
+
+
+SIZES = ("memory", "disk.size", "swap.size", "docker.log_size")  # equal when they are the same bytes
+
+
+def changed_settings(running: dict[str, Any], config: Config) -> list[str]:
+    """The settings (dotted keys) in which `config` differs from what a running machine started with
+    (`running`: its config as builtins, from the agent's status)."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    def same(key: str, old: Any, new: Any) -> bool:
+        if key in SIZES and old is not None and new is not None:
+            try:
+                return parse_size(old, key) == parse_size(new, key)
+            except ConfigError:
+                return False
+        return bool(old == new)
+
+    was, now = flat(running), flat(msgspec.to_builtins(config))
+    return sorted(key for key in was.keys() | now.keys() if not same(key, was.get(key), now.get(key)))
 
 
 def sorted_mounts(mounts: list[Mount]) -> list[Mount]:

@@ -1,8 +1,8 @@
 """What a running machine costs, for `boxpark status`: the guest's memory, the VM process's RSS on the host,
 the data disk's size and the bytes it really takes.
 
-Read on demand, once per `status` request, never polled: the guest's /proc/meminfo over the Guest API's
-`ReadFile` (bounded by a short timeout, so a busy guest makes `status` say "unknown", never hang), the VM
+Read on demand, once per `status` request, never polled: the guest's memory over the Guest API's
+`MemoryStats` (the guest parses its /proc/meminfo, guest/memory.py; bounded by a short timeout, so a busy guest makes `status` say "unknown", never hang), the VM
 process's VmRSS from the host's /proc, the data disk's st_size and st_blocks. Nothing here changes anything.
 """
 
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from .. import protocol
 from ..transport import RemoteError, TransportError
 from .client import GuestClient
 
@@ -20,41 +21,29 @@ GUEST_TIMEOUT = 2.0  # s: `status` stays quick even when the guest is slow to an
 KIB = 1024
 
 
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo as {field: bytes} (its kB are KiB)."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            fields[name] = int(parts[0]) * (KIB if parts[1:] == ["kB"] else 1)
-    return fields
-
-
-def guest_memory_of(meminfo: dict[str, int]) -> dict[str, int | None] | None:
+def guest_memory_of(stats: protocol.MemoryStatsReply) -> dict[str, int | None] | None:
     """Total, used (total - available: what the guest could not give up now), available and cached bytes."""
-    total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
-    if total is None or available is None:
+    if not stats.total:
         return None
     # "balloon": what the balloon holds back from the guest (set by `resources` from the agent's balloon)
-    return {"total": total, "used": total - available, "available": available,
-            "cached": meminfo.get("Cached"), "balloon": None}
+    return {"total": stats.total, "used": stats.total - stats.available, "available": stats.available,
+            "cached": stats.cached, "balloon": None}
 
 
 async def guest_memory(dial: Callable[[], Awaitable[GuestClient]],
                        timeout: float = GUEST_TIMEOUT) -> dict[str, int | None] | None:
     """The guest's memory figures, or None when the guest does not answer within `timeout`."""
-    async def read() -> bytes:
+    async def read() -> protocol.MemoryStatsReply:
         client = await dial()
         try:
-            return (await client.read_file("/proc/meminfo")).data
+            return await client.memory_stats()
         finally:
             await client.close()
     try:
-        data = await asyncio.wait_for(read(), timeout)
+        stats = await asyncio.wait_for(read(), timeout)
     except (asyncio.TimeoutError, TransportError, RemoteError, ConnectionError, OSError):
         return None
-    return guest_memory_of(parse_meminfo(data.decode("ascii", "replace")))
+    return guest_memory_of(stats)
 
 
 def process_rss(pid: int | None) -> int | None:

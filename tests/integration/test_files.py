@@ -207,6 +207,35 @@ def test_append_to_a_fifo_is_refused_and_never_blocks_the_server(tmp_path: Path)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
+def test_a_whole_file_write_to_a_device_writes_to_it_and_leaves_the_node(tmp_path: Path) -> None:
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # the null device, made here, not the host's
+    except PermissionError:
+        pytest.skip("making a device node needs CAP_MKNOD, which this user lacks")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    leader, follower = os.openpty()
+
+    async def body(client: GuestClient, address: str) -> None:
+        await client.write_file(str(null), b"taken and dropped")
+        # a terminal is a device too: the bytes reach it (and whoever reads its other end)
+        await client.write_file(os.ttyname(follower), b"hello, terminal")
+        assert os.read(leader, 100) == b"hello, terminal"
+        failure = await answered_meanwhile(address, client.write_file(str(fifo), b"hi"))
+        assert isinstance(failure, RemoteError) and failure.code == ErrorCode.INVALID_ARGUMENT, failure
+        assert "fifo" in failure.message, failure.message
+
+    try:
+        with_server(tmp_path, body)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert stat.S_ISCHR(os.stat(null).st_mode), "the device node was replaced by a file"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_reading_a_device_that_would_block_is_refused_and_never_blocks_the_server(tmp_path: Path) -> None:
     leader, follower = os.openpty()  # a terminal nobody types into: a blocking read waits forever
 

@@ -1,5 +1,6 @@
 """The home share's options end to end on the sandbox (a machine each: they cannot share one with the
-everyday tests' writable share): `read_only = true` and `share = false`."""
+everyday tests' writable share): `read_only = true` and `share = false` (with the mount guard off, which
+needs a machine of its own too)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import sharechecks, upchecks
+from tests import mountchecks, sharechecks, upchecks
 from tests.upmachine import UpMachine
 
 pytestmark = [pytest.mark.sandbox,
@@ -36,10 +37,11 @@ def test_a_read_only_home_is_read_and_never_written(tmp_path) -> None:
         m.destroy()
 
 
-def test_a_home_not_shared_is_not_in_the_guest() -> None:
-    m, home = machine_with_home("share = false")
+def test_a_home_not_shared_is_not_in_the_guest_and_the_mount_guard_can_be_off(tmp_path) -> None:
+    m, home = machine_with_home("share = false\n[docker]\nmount_guard = false")
     try:
         sharechecks.home_not_shared(m, home)
+        mountchecks.guard_off_lets_binds_through(m, tmp_path)
         upchecks.down_leaves_nothing(m)
     finally:
         m.destroy()

@@ -100,9 +100,20 @@ def test_mounts_parent_first(machine) -> None:
     upchecks.mounts_parent_first(machine)
 
 
-def test_second_up_says_already_running(machine) -> None:
+def test_second_up_says_already_running_and_what_changed(machine) -> None:
     again = machine.up()
     assert again.returncode == 0 and "already running" in again.stderr
+    assert "changed since it started" not in again.stderr, again.stderr
+    original = machine.config.read_text()
+    try:  # the same memory in other words is no change; another cpus and swap size are
+        machine.config.write_text(original.replace('cpus = 1\nmemory = "1536MiB"',
+                                                   f'cpus = 2\nmemory = {1536 << 20}\n[swap]\nsize = "2GiB"'))
+        changed = machine.up()
+    finally:
+        machine.config.write_text(original)
+    assert changed.returncode == 0, changed.stderr
+    line = next((l for l in changed.stderr.splitlines() if "changed since it started" in l), "")
+    assert "cpus, swap.size" in line and "memory" not in line, changed.stderr
 
 
 def test_dockerd_killed_and_restarted(machine) -> None:

@@ -244,3 +244,13 @@ def test_qemu_is_not_offered_on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.key == "backend"
     assert str(info.value) == ("boxpark.toml: backend: qemu is not offered on macOS; use vz (Apple's "
                                "Virtualization.framework) here")
+
+
+def test_changed_settings_names_dotted_keys_and_compares_sizes_by_bytes() -> None:
+    import msgspec
+
+    running = msgspec.to_builtins(cfg.loads('memory = "2GiB"\n[disk]\nsize = "20GiB"\n'))
+    assert cfg.changed_settings(running, cfg.loads('memory = 2147483648\n[disk]\nsize = "20480MiB"\n')) == []
+    changed = cfg.loads('memory = "4GiB"\ncpus = 4\n[disk]\nsize = "40GiB"\n[[mounts]]\nsource = "tmpfs"\n'
+                        'target = "/srv"\ntype = "tmpfs"\n')
+    assert cfg.changed_settings(running, changed) == ["cpus", "disk.size", "memory", "mounts"]

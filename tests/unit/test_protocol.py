@@ -120,6 +120,20 @@ def test_committed_schema_is_fresh() -> None:
     assert committed.read_text() == schema.render(), "run: python -m boxpark.schema"
 
 
+def test_schema_command_writes_its_argument_and_takes_help_as_a_flag(tmp_path, monkeypatch, capsys) -> None:
+    from boxpark import schema
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        schema.main(["--help"])
+    assert exit_.value.code == 0 and "JSON Schema" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [], "--help must not be taken for a file name"
+    assert schema.main([str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "s.json").read_text() == schema.render()
+    assert schema.main([str(tmp_path / "missing" / "s.json")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- the call table
 
 

@@ -1,11 +1,12 @@
-"""What `status` reads of a machine's cost: /proc/meminfo parsed, a process's RSS, a sparse image's blocks."""
+"""What `status` reads of a machine's cost: the guest's memory figures, a process's RSS, a sparse image's blocks."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from boxpark.host.resources import disk_usage, guest_memory_of, parse_meminfo, process_rss
+from boxpark.guest.memory import parse_meminfo
+from boxpark.host.resources import disk_usage, guest_memory_of, process_rss
 
 MEMINFO = """\
 MemTotal:        2014876 kB
@@ -17,15 +18,13 @@ HugePages_Total:       0
 
 
 def test_meminfo_is_read_in_bytes_and_used_is_what_is_not_available() -> None:
-    fields = parse_meminfo(MEMINFO)
-    assert fields["MemTotal"] == 2014876 * 1024 and fields["HugePages_Total"] == 0
-    memory = guest_memory_of(fields)
+    memory = guest_memory_of(parse_meminfo(MEMINFO))
     assert memory == {"total": 2014876 * 1024, "used": (2014876 - 1800000) * 1024,
                       "available": 1800000 * 1024, "cached": 250000 * 1024, "balloon": None}
 
 
-def test_a_meminfo_without_available_memory_gives_no_figures() -> None:
-    assert guest_memory_of(parse_meminfo("MemTotal: 100 kB\ngarbage\n")) is None
+def test_a_meminfo_without_a_total_gives_no_figures() -> None:
+    assert guest_memory_of(parse_meminfo("MemAvailable: 100 kB\ngarbage\n")) is None
 
 
 def test_rss_is_this_process_and_none_for_no_process() -> None:
