@@ -44,6 +44,7 @@ MNT_DETACH = 2
 # swapon(2) flags
 SWAP_FLAG_PREFER = 0x8000
 SWAP_FLAG_PRIO_MASK = 0x7FFF
+SWAP_FLAG_DISCARD = 0x10000  # discard the area at swapon and each cluster as it is freed
 
 # reboot(2) commands
 RB_AUTOBOOT = 0x01234567
@@ -90,7 +91,8 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def swapon(path: str, flags: int = 0) -> None:
-    """swapon(2): machine-wide even inside namespaces. `flags` may carry SWAP_FLAG_PREFER | priority."""
+    """swapon(2): machine-wide even inside namespaces. `flags` may carry SWAP_FLAG_PREFER | priority and
+    SWAP_FLAG_DISCARD."""
     _check(_lib().swapon(_path(path), ctypes.c_int(flags)), "swapon", path)
 
 

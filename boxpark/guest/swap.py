@@ -68,6 +68,8 @@ def swapon(message: protocol.Swapon) -> protocol.Ok:
                          f"swapon {message.path}: priority {priority} is out of range (-1 to 32767)")
     check_swap(message.path)
     flags = libc.SWAP_FLAG_PREFER | priority if priority is not None and priority >= 0 else 0
+    if message.discard:  # a device without discard ignores it
+        flags |= libc.SWAP_FLAG_DISCARD
     try:
         libc.swapon(message.path, flags)
     except OSError as exc:

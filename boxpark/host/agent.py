@@ -401,7 +401,8 @@ class Agent:
 
     async def _swap(self, client: GuestClient, disk: initphase.DiskPlan | None) -> None:
         if disk is not None and self.config.swap_bytes:
-            self.progress(await initphase.swap(client, self.config.swap_bytes, self.progress))
+            self.progress(await initphase.swap(client, self.config.swap_bytes, self.progress,
+                                               discard=self.disk_discard is True))
 
     async def _mounts(self, client: GuestClient, spec: MachineSpec) -> list[str]:
         assert self.backend is not None

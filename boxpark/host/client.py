@@ -162,8 +162,8 @@ class GuestClient:
     async def umount(self, target: str, *, lazy: bool = False, force: bool = False) -> None:
         await self.call(protocol.Umount(target=target, lazy=lazy, force=force))
 
-    async def swapon(self, path: str, priority: int | None = None) -> None:
-        await self.call(protocol.Swapon(path=path, priority=priority))
+    async def swapon(self, path: str, priority: int | None = None, discard: bool = False) -> None:
+        await self.call(protocol.Swapon(path=path, priority=priority, discard=discard))
 
     async def swapoff(self, path: str) -> None:
         await self.call(protocol.Swapoff(path=path))

@@ -178,8 +178,9 @@ async def _until_seen(client: GuestClient, size: int, timeout: float = 30.0) -> 
         await asyncio.sleep(0.1)
 
 
-async def swap(client: GuestClient, size: int, progress: Callable[[str], None]) -> str:
-    """A swap file of `size` bytes on the data disk, made once, then swapon."""
+async def swap(client: GuestClient, size: int, progress: Callable[[str], None], discard: bool = False) -> str:
+    """A swap file of `size` bytes on the data disk, made once, then swapon; with `discard` (the disk gives
+    freed space back) swap pages freed in the guest are given back to the disk image too."""
     if not size:
         return "no swap (swap.size = 0)"
     try:
@@ -194,8 +195,8 @@ async def swap(client: GuestClient, size: int, progress: Callable[[str], None]) 
         await _run(client, ["fallocate", "-l", str(size), SWAP_FILE], "allocate the swap file")
         await _run(client, ["chmod", "600", SWAP_FILE], "protect the swap file")
         await _run(client, ["mkswap", SWAP_FILE], "mkswap")
-    await client.swapon(SWAP_FILE)
-    return f"{size >> 20} MiB swap on"
+    await client.swapon(SWAP_FILE, discard=discard)
+    return f"{size >> 20} MiB swap on" + (", freed pages discarded" if discard else "")
 
 
 def share_sources(spec: MachineSpec, binds: bool) -> dict[str, tuple[str, str, list[str]]]:

@@ -415,6 +415,8 @@ class Swapon(Message, tag="swapon"):
 
     path: str
     priority: int | None = None
+    # give freed swap pages back to the disk (SWAP_FLAG_DISCARD), as a sparse disk image needs to shrink
+    discard: bool = False
 
 
 class Swapoff(Message, tag="swapoff"):

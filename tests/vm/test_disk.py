@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,9 @@ def test_the_guest_boots_with_its_mounts_data_disk_and_swap(machine: UpMachine) 
     assert "root=/dev/vda" in guest(machine, "cat", "/proc/cmdline").split()
     assert mounts["/var/lib/boxpark"][0] == "ext4"
     assert_swap(machine, 32 * MiB)
+    # QEMU's data disk discards, so swap was turned on with SWAP_FLAG_DISCARD: the kernel's "D" flag
+    added = [line for line in guest(machine, "dmesg").splitlines() if "swap on /var/lib/boxpark/swapfile" in line]
+    assert added and re.search(r"across:\d+k \S*D", added[-1]), added
     assert 200 * MiB < filesystem_bytes(machine) <= 256 * MiB
     guest(machine, "sh", "-c", "echo precious > /var/lib/boxpark/keep")
 
