@@ -54,6 +54,9 @@ class Timeline:
 
 def main() -> None:
     """The entry point of /sbin/init."""
+    # PID 1 speaks no TLS: asyncio imports ssl only to offer it (`import ssl` in a try), which loads OpenSSL
+    # on every boot before Ready. A None entry makes that import fail, as on a Python built without ssl.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     log_ = initlog.setup()
     log_.info("started (boxpark %s, pid %d)", __version__, os.getpid())
     timeline = Timeline()
