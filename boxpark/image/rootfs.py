@@ -43,8 +43,8 @@ LAYER_DIR = f"/{LAYER_TOP}/python"
 # The base's compression: lz4 in its high-compression mode, not zstd. Every boot reads the root cold (the
 # sandbox mounts it from a fresh loop device, a VM from its disk), and that decompression is CPU paid before
 # Ready: a sandbox boot used 191 ms of CPU to Ready with zstd -15 and 149 ms with lz4 -Xhc (medians of 6
-# interleaved boots, bench/boot.py's CPU figure), for 185 MB instead of 140 MB (amd64). -Xhc costs the build
-# time only (67 s here against ~40 s for zstd -15; 200 s on a loaded host); lz4 decompresses as fast either way.
+# interleaved boots, bench/boot.py's CPU figure), for 185 MB instead of 140 MB (amd64). -Xhc costs build time
+# only (67 s here, ~40 s for zstd -15; 200 s on a loaded host): lz4 decompresses as fast either way.
 BASE_COMPRESSION = ("-comp", "lz4", "-Xhc")
 BASE_COMPRESSION_NAME = "lz4 -Xhc"
 
