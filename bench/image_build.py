@@ -83,8 +83,8 @@ def base_compression(manifest: dict[str, Any], work: Path) -> float:
     subprocess.run(["unsquashfs", "-no-progress", "-quiet", "-d", str(tree), str(base)], check=True,
                    stdout=subprocess.DEVNULL)
     start = time.monotonic()
-    subprocess.run(["mksquashfs", str(tree), str(out), "-noappend", "-no-progress", "-quiet", "-comp", "zstd",
-                    "-Xcompression-level", str(rootfs.BASE_ZSTD_LEVEL)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["mksquashfs", str(tree), str(out), "-noappend", "-no-progress", "-quiet",
+                    *rootfs.BASE_COMPRESSION], check=True, stdout=subprocess.DEVNULL)
     seconds = time.monotonic() - start
     shutil.rmtree(tree)
     out.unlink()

@@ -5,9 +5,9 @@ init imports before Ready are read cold: every small .pyc costs a decompressed 1
 takes the part of the built image the init's Python reads (python3, its libraries, the stdlib, Boxpark's
 layer), packs it three ways and times, interleaved, the init's imports on a fresh mount (cold) and again
 (warm):
-- `current`: the base's options (zstd at `rootfs.BASE_ZSTD_LEVEL`, 128 KiB blocks, fragments);
-- `no_fragments`: the same without fragments (each small file compressed alone);
-- `lz4`: lz4 instead of zstd (faster to decompress, a larger image).
+- `current`: the base's options (`rootfs.BASE_COMPRESSION`: lz4 -Xhc, 128 KiB blocks, fragments);
+- `zstd15`: zstd level 15, the base's compression before lz4 (smaller, slower to decompress);
+- `zstd15_no_fragments`: the same without fragments (each small file compressed alone).
 Figures: the cold-start penalty (cold − warm, median) of each layout, its reference the current one's.
 Needs root, unsquashfs/mksquashfs and the built image; a few minutes (three mksquashfs runs).
 """
@@ -49,7 +49,7 @@ def main() -> None:
         print("squashfs_cold: needs root, unsquashfs and mksquashfs", file=sys.stderr)
         return
     from bench.boot import image
-    from boxpark.image.rootfs import BASE_ZSTD_LEVEL
+    from boxpark.image.rootfs import BASE_COMPRESSION
 
     root = image() / "root.squashfs"
     work = Path(tempfile.mkdtemp(prefix="bp-bench-sq-", dir="/tmp"))
@@ -59,9 +59,9 @@ def main() -> None:
                        capture_output=True)  # a part this arch lacks is only a warning
         if not (tree / "usr/bin/python3").exists():
             raise RuntimeError(f"no usr/bin/python3 in {root}")
-        layouts = {"current": ["-comp", "zstd", "-Xcompression-level", str(BASE_ZSTD_LEVEL)],
-                   "no_fragments": ["-comp", "zstd", "-Xcompression-level", str(BASE_ZSTD_LEVEL), "-no-fragments"],
-                   "lz4": ["-comp", "lz4"]}
+        layouts = {"current": list(BASE_COMPRESSION),
+                   "zstd15": ["-comp", "zstd", "-Xcompression-level", "15"],
+                   "zstd15_no_fragments": ["-comp", "zstd", "-Xcompression-level", "15", "-no-fragments"]}
         for name, options in layouts.items():
             subprocess.run(["mksquashfs", str(tree), str(work / f"{name}.sqfs"), "-noappend", "-no-progress",
                             "-quiet", *options], check=True, capture_output=True)

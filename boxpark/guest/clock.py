@@ -10,7 +10,6 @@ EPERM on setting the clock (a sandbox without CAP_SYS_TIME) is "not permitted". 
 
 from __future__ import annotations
 
-import calendar
 import errno
 import fcntl
 import logging
@@ -38,6 +37,8 @@ NS = 1_000_000_000
 def read_rtc(fd: int) -> int:
     """The RTC's time (UTC, whole seconds) in ns."""
     sec, minute, hour, mday, mon, year, *_ = _TM.unpack(fcntl.ioctl(fd, RTC_RD_TIME, bytes(_TM.size)))
+    import calendar  # here: only a VM's RTC needs it, and its import is paid on every boot
+
     return calendar.timegm((year + 1900, mon + 1, mday, hour, minute, sec)) * NS
 
 

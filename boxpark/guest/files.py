@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat as stat_
 
 from .. import protocol
@@ -186,7 +185,7 @@ def _replace(path: str, data: bytes, mode: int) -> None:
             os.close(fd)
         return
     directory, name = os.path.split(path)
-    temp = os.path.join(directory, f".{name}.boxpark-{secrets.token_hex(4)}")
+    temp = os.path.join(directory, f".{name}.boxpark-{os.urandom(4).hex()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
     try:
         try:

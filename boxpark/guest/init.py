@@ -54,6 +54,9 @@ class Timeline:
 
 def main() -> None:
     """The entry point of /sbin/init."""
+    # PID 1 speaks no TLS: asyncio imports ssl only to offer it (`import ssl` in a try), which loads OpenSSL
+    # on every boot before Ready. A None entry makes that import fail, as on a Python built without ssl.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     log_ = initlog.setup()
     log_.info("started (boxpark %s, pid %d)", __version__, os.getpid())
     timeline = Timeline()
@@ -74,10 +77,10 @@ def boot(settings: settings_.Settings, timeline: Timeline) -> None:
     from . import mounts
 
     _raise_limits(settings.sandbox)
+    moved = None
     with timeline.step("mounts"):
         mounts.mount_all()
-        enabled = mounts.init_cgroup()
-        log.debug("cgroup controllers: %s", " ".join(enabled) or "none")
+        moved = mounts.enter_init_cgroup()  # the move ends beside the next steps (see the "cgroup" step)
     channel = initlog.open_channel(settings.logfile)
     log.debug("log channel: %s", channel or "console only")
     for warning in settings.warnings:
@@ -98,6 +101,13 @@ def boot(settings: settings_.Settings, timeline: Timeline) -> None:
         log.info("network: %s", net.summary)
 
     import asyncio
+
+    with timeline.step("cgroup"):  # no process was started before this: all would stay in the root cgroup
+        if moved is None:
+            raise RuntimeError("the init did not leave the root cgroup (the mounts step failed)")
+        moved()
+        enabled = mounts.enable_controllers()
+        log.debug("cgroup controllers: %s", " ".join(enabled) or "none")
 
     asyncio.run(serve(settings, timeline, clock, net))
 

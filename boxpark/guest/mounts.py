@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from typing import Callable
 
 from . import libc
 from .rootfs import mountinfo
@@ -69,9 +71,47 @@ def init_cgroup(root: str = "/sys/fs/cgroup") -> list[str]:
     A cgroup with controllers enabled for its children may not hold processes itself, so the init moves
     out of the root first; dockerd then creates its own cgroups beside it with limits that work.
     """
+    enter_init_cgroup(root)()
+    return enable_controllers(root)
+
+
+def enter_init_cgroup(root: str = "/sys/fs/cgroup") -> Callable[[], None]:
+    """Start moving PID 1 into the leaf cgroup `init`; return the call that waits for the move to end
+    (and raises its error). Start no process until then: it would stay in the root.
+
+    The move waits out an RCU grace period in the kernel (10–15 ms measured here), asleep and without the
+    GIL: on a thread of its own that time passes beside the boot's next steps and imports. The thread does
+    nothing but the write(2), so it needs the GIL only to start and to end.
+    """
     os.makedirs(f"{root}/init", exist_ok=True)
-    with open(f"{root}/init/cgroup.procs", "w") as f:
-        f.write(str(os.getpid()))
+    fd = os.open(f"{root}/init/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    pid = str(os.getpid()).encode()
+    errors: list[OSError] = []
+
+    def move() -> None:
+        try:
+            os.write(fd, pid)
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=move, name="init-cgroup", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        os.close(fd)
+        raise
+
+    def wait() -> None:
+        thread.join()
+        os.close(fd)
+        if errors:
+            raise OSError(errors[0].errno, f"cannot move the init into {root}/init: {errors[0].strerror}")
+
+    return wait
+
+
+def enable_controllers(root: str = "/sys/fs/cgroup") -> list[str]:
+    """Enable every available controller below the root (PID 1 has left it: `enter_init_cgroup`)."""
     try:
         with open(f"{root}/cgroup.controllers") as f:
             controllers = f.read().split()

@@ -318,7 +318,7 @@ def _build(out: Path, cache: Path, tmp: Path, p: Progress, i: _Inputs, refresh_b
             "base": base_dir.name,
             "base_built": base.get("built"),
             "base_seconds": base.get("seconds"),
-            "compression": f"zstd level {rootfs.BASE_ZSTD_LEVEL}",
+            "compression": rootfs.BASE_COMPRESSION_NAME,
             "init": "/sbin/init",
             "python": python,
             "python_dir": rootfs.PYTHON_DIR,

@@ -15,9 +15,8 @@ proof can be asked of it), else behind its `Proof`, or on `Welcome` when none wa
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
+import os
+from _operator import _compare_digest  # hmac.compare_digest itself, without hmac's import of OpenSSL
 
 from .calls import CallKind, call_spec
 from .codec import FrameDecoder, encode
@@ -29,6 +28,11 @@ __all__ = ["proof", "ClientHandshake", "ServerHandshake", "RawCall"]
 
 def proof(secret: bytes, nonce: bytes) -> bytes:
     """The token proof: HMAC-SHA256 of the server's nonce, keyed with the machine's secret."""
+    # imported here, not at the top: hashlib loads OpenSSL (8 ms of the guest's boot on a loaded 2-core
+    # host), which a machine without a secret (the sandbox) never needs, and one with a secret not before Ready
+    import hashlib
+    import hmac
+
     return hmac.new(secret, b"boxpark-proof-v1\0" + nonce, hashlib.sha256).digest()
 
 
@@ -102,7 +106,7 @@ class ServerHandshake:
         self.done = False
         self._welcome = welcome
         self._secret = secret or None
-        self._nonce = None if self._secret is None else nonce or secrets.token_bytes(32)
+        self._nonce = None if self._secret is None else nonce or os.urandom(32)
         self._out = b""
 
     @staticmethod
@@ -130,7 +134,7 @@ class ServerHandshake:
                 self._out += encode(Challenge(nonce=self._nonce))
                 return
         elif (not isinstance(message, Proof) or self._secret is None or self._nonce is None
-              or not hmac.compare_digest(message.hmac, proof(self._secret, self._nonce))):
+              or not _compare_digest(message.hmac, proof(self._secret, self._nonce))):
             raise ProtocolError("wrong or missing token proof", ErrorCode.UNAUTHENTICATED)
         self.done = True
         self._out += encode(self._welcome)

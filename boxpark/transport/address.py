@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from typing import Literal
@@ -108,7 +107,7 @@ def read_secret(path: str) -> bytes:
 
 def write_secret(path: str) -> bytes:
     """Create a new random secret file, mode 0600, and return the secret."""
-    secret = secrets.token_hex(32).encode()
+    secret = os.urandom(32).hex().encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
