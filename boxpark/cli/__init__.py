@@ -11,11 +11,15 @@ failure) becomes one sentence and a hint on stderr and its exit code; `--debug` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Any, Callable, NoReturn
 
 from .. import __version__
 from ..errors import BoxparkError, UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a command pays for every module
+if TYPE_CHECKING:
+    from typing import Any, Callable, NoReturn
 
 __all__ = ["EPILOG", "UsageError", "build_parser", "die", "main"]
 
@@ -37,6 +41,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("config", "show the default boxpark.toml"),
     "diagnose": ("diagnose", "write one archive for a bug report (logs, status, versions; secrets masked)"),
 }
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help layout, with the terminal's width read without importing shutil (which loads the
+    compression modules): what `shutil.get_terminal_size` does, $COLUMNS first."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                width = 0
+            if width <= 0:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    width = 0
+            width = (width or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
 
 
 class LazyParser(argparse.ArgumentParser):
@@ -72,12 +96,12 @@ def _loader(name: str, module: str) -> Callable[[argparse.ArgumentParser], None]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxpark", description="Run Docker in a minimal Linux guest VM.",
-                                     epilog=EPILOG)
+                                     epilog=EPILOG, formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"boxpark {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=LazyParser)
     for name, (module, help_) in COMMANDS.items():
-        command = commands.add_parser(name, help=help_)
+        command = commands.add_parser(name, help=help_, formatter_class=Formatter)
         assert isinstance(command, LazyParser)
         command.loader = _loader(name, module)
     return parser
@@ -110,14 +134,18 @@ def user_error(exc: BaseException) -> BoxparkError | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import logging  # after parsing: `--help` and a bad command line need no logging
+    if getattr(args, "logging", True) or args.debug:  # status, exec, shell, logs log nothing: no logging module
+        import logging  # after parsing: `--help` and a bad command line need no logging
 
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # whoever read our output went away (`boxpark status | head -1`): as a shell's command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
+        return 128 + 13
     except Exception as exc:
         error = user_error(exc)
         if error is None or args.debug:

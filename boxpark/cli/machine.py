@@ -4,8 +4,10 @@
 nothing, the agent goes on. Every other command talks to the agent's control socket or, for `exec` and
 `shell`, to the guest API socket the agent forwards. Failures are sentences with a hint, exit codes are
 meaningful: 0 ok, 1 failed, 2 bad usage, 3 not running, the command's own code for `exec`.
-`status` and `logs` run often and quickly: nothing here may import the agent, a backend, the image
-builder or asyncio at its top — the commands that need them import them.
+`status`, `exec` and `logs` run often and must start quickly: nothing here may import the agent, a backend,
+the image builder, asyncio, subprocess, shutil or typing at its top — the commands that need them import
+them (python -X importtime, or `python -m bench cli_startup`, shows what each command loads). `exec` without
+-i or -t takes a blocking path of its own (`plainexec`) that loads no asyncio and no msgspec.
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 from ..errors import BoxparkError
 from ..host.state import Machine, config_home
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 NOT_RUNNING = 3
 
@@ -166,6 +168,8 @@ def _start_agent(machine: Machine, config_path: str | None, python: str | None =
     argv = [python or sys.executable, "-m", "boxpark", "agent", "run", "--name", machine.name]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
+    import subprocess
+
     log = open(machine.agent_log, "ab")
     agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              close_fds=True, cwd="/", env=env)
@@ -180,6 +184,9 @@ def _start_agent(machine: Machine, config_path: str | None, python: str | None =
 
 
 def _print_ready(machine: Machine, status: dict[str, Any], args: argparse.Namespace) -> None:
+    import shutil
+    import subprocess
+
     host = status.get("docker_host") or f"unix://{machine.docker_socket}"
     if shutil.which("docker") and not getattr(args, "no_context", False):
         context = "boxpark" if machine.name == "default" else f"boxpark-{machine.name}"
@@ -194,6 +201,8 @@ def _print_ready(machine: Machine, status: dict[str, Any], args: argparse.Namesp
 
 
 def down(args: argparse.Namespace) -> int:
+    import signal
+
     machine = machine_of(args)
     pid = machine.agent_pid()
     if pid is None:
@@ -349,7 +358,8 @@ def logs(args: argparse.Namespace) -> int:
             lines = f.read().splitlines(keepends=True)[-args.tail:]
             sys.stdout.buffer.write(b"".join(lines))
         else:
-            shutil.copyfileobj(f, sys.stdout.buffer)
+            while chunk := f.read(65536):
+                sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
         if not args.follow:
             return 0
@@ -374,29 +384,95 @@ def logs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- exec, shell
 
 
+GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+             "LANG": "C.UTF-8"}
+"""The environment of a command `exec` and `shell` run (with this terminal's TERM), in /root."""
+
+
+def _not_running(machine: Machine) -> CommandFailed:
+    return CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
+                         NOT_RUNNING)
+
+
+def _secret(machine: Machine) -> bytes | None:
+    for path in (machine.secret_file, machine.backend_dir / "secret"):
+        if path.exists():
+            from ..transport import read_secret
+
+            return read_secret(str(path))
+    return None
+
+
 def _api_client_args(machine: Machine) -> tuple[str, bytes | None]:
     if not machine.running():
-        raise CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
-                            NOT_RUNNING)
-    secret = None
-    if machine.secret_file.exists() or (machine.backend_dir / "secret").exists():
-        from ..transport import read_secret
+        raise _not_running(machine)
+    return f"unix:{machine.api_socket}", _secret(machine)
 
-        path = machine.secret_file if machine.secret_file.exists() else machine.backend_dir / "secret"
-        secret = read_secret(str(path))
-    return f"unix:{machine.api_socket}", secret
+
+def _api_path(machine: Machine) -> str:
+    """The unix socket of the guest's API: the guest's own, as the backend's record names it, when the host
+    reaches it as a unix socket with no secret (the sandbox); else the agent's Guest Proxy (api.sock)."""
+    record = machine.read_json(machine.backend_dir / "machine.json")
+    if isinstance(record, dict) and not record.get("secret_file"):
+        api = record.get("api")
+        if isinstance(api, str) and api.startswith("unix:"):
+            return api[len("unix:"):]
+    return str(machine.api_socket)
 
 
 def exec_(args: argparse.Namespace) -> int:
-    import asyncio
-
     machine = machine_of(args)
     argv = [a for a in args.argv if a != "--"] if args.argv and args.argv[0] == "--" else args.argv
     if not argv:
         raise CommandFailed("nothing to run", "boxpark exec -- COMMAND [ARG…]", 2)
+    tty = args.tty and sys.stdin.isatty()
+    if not tty and not args.interactive:
+        return _plain_exec(machine, argv)
+    import asyncio
+
     address, secret = _api_client_args(machine)
-    return asyncio.run(_interactive(address, secret, argv, tty=args.tty and sys.stdin.isatty(),
-                                    stdin=args.interactive))
+    return asyncio.run(_interactive(address, secret, argv, tty=tty, stdin=args.interactive))
+
+
+def _plain_exec(machine: Machine, argv: list[str]) -> int:
+    """`exec` with no stdin and no terminal: one blocking connection straight to the guest's API."""
+    from . import plainexec
+    from .. import __version__
+
+    env = {"TERM": os.environ.get("TERM", "xterm"), **GUEST_ENV}
+    rows, cols = _terminal_size()
+    try:
+        code, signum = plainexec.run(_api_path(machine), _secret(machine), argv, env=env, cwd="/root", rows=rows,
+                                     cols=cols, client=f"boxpark-exec {__version__}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        if machine.running():
+            raise CommandFailed(f"machine {machine.name!r} is starting: its guest API is not up yet",
+                                f"wait for it: boxpark up --name {machine.name}", NOT_RUNNING) from None
+        raise _not_running(machine) from None
+    except plainexec.GuestError as exc:
+        raise CommandFailed(f"the guest refused the call ({exc.code_name}): {exc.message}") from None
+    except BrokenPipeError:  # our stdout's reader went away (`| head`): end as a shell's command would
+        return 128 + 13
+    except OSError as exc:
+        raise CommandFailed(f"the connection to the guest failed: {exc.strerror or exc}") from None
+    return code if code is not None else 128 + (signum or 0)
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(rows, columns) as `terminal.size()` gives them, without importing shutil and asyncio."""
+    try:
+        size = os.get_terminal_size(sys.__stdout__.fileno())  # type: ignore[union-attr]
+        columns, lines = size.columns, size.lines
+    except (AttributeError, ValueError, OSError):
+        columns, lines = 80, 24
+    for name in ("COLUMNS", "LINES"):
+        try:
+            value = int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+        if value > 0:
+            columns, lines = (value, lines) if name == "COLUMNS" else (columns, value)
+    return lines, columns
 
 
 def shell(args: argparse.Namespace) -> int:
@@ -417,8 +493,7 @@ async def _interactive(address: str, secret: bytes | None, argv: list[str], *, t
     from . import terminal
 
     rows, cols = terminal.size()
-    env = {"TERM": os.environ.get("TERM", "xterm"), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8"}
+    env = {"TERM": os.environ.get("TERM", "xterm"), **GUEST_ENV}
     async with await GuestClient.open(address, secret=secret) as client:
         process = await client.exec_interactive(argv, tty=tty, rows=rows, cols=cols, env=env, cwd="/root")
 
@@ -470,22 +545,22 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "status":
         parser.description = "Show the machine's state, its boot timeline, and dockerd's status."
         parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.set_defaults(func=status)
+        parser.set_defaults(func=status, logging=False)
     elif name == "exec":
         parser.description = "Run a command in the guest: boxpark exec [-it] -- CMD …"
         parser.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
         parser.add_argument("-t", "--tty", action="store_true", help="use a pseudo-terminal")
         parser.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its arguments (after --)")
-        parser.set_defaults(func=exec_)
+        parser.set_defaults(func=exec_, logging=False)
     elif name == "shell":
         parser.description = "An interactive login shell in the guest (a pty; window size changes are forwarded)."
         parser.add_argument("argv", nargs=argparse.REMAINDER, help="a command instead of the login shell")
-        parser.set_defaults(func=shell)
+        parser.set_defaults(func=shell, logging=False)
     elif name == "logs":
         parser.description = "Show the docker, console, init or agent log."
         parser.add_argument("which", nargs="?", default="docker", choices=sorted(LOGS), help="which log (default: docker)")
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
         parser.add_argument("-n", "--tail", type=int, default=0, metavar="N", help="only the last N lines")
-        parser.set_defaults(func=logs)
+        parser.set_defaults(func=logs, logging=False)
     else:
         raise ValueError(f"no machine command {name!r}")

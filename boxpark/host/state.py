@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
 from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
 from ..errors import BoxparkError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every `boxpark status` loads this module)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -30,12 +30,25 @@ class StateError(BoxparkError):
     exit_code = 2
 
 
-@dataclass
 class Machine:
-    """The files of one machine."""
+    """The files of one machine. (A plain class, not a dataclass: dataclasses costs `boxpark status` more
+    to import than all the rest of its own code.)"""
 
-    name: str
-    dir: Path
+    __slots__ = ("name", "dir")
+
+    def __init__(self, name: str, dir: Path) -> None:
+        self.name = name
+        self.dir = dir
+
+    def __repr__(self) -> str:
+        return f"Machine(name={self.name!r}, dir={self.dir!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Machine):
+            return NotImplemented
+        return (self.name, self.dir) == (other.name, other.dir)
+
+    __hash__ = None  # type: ignore[assignment]  # as a dataclass's: mutable, so unhashable
 
     @classmethod
     def named(cls, name: str, home: Path | None = None) -> Machine:
@@ -108,6 +121,8 @@ class Machine:
 
     def clean(self) -> list[str]:
         """Remove what a dead agent left behind; return what was done, for the log."""
+        import signal
+
         done = []
         pid = self.agent_pid()
         if pid is not None:  # alive but not answering: hung; stop it
@@ -189,6 +204,9 @@ def _kill_recorded(pid_file: Path) -> list[str]:
     except (OSError, ValueError):
         pid_file.unlink(missing_ok=True)
         return []
+    import signal
+    import time
+
     argv = _cmdline(pid)
     done = []
     if argv and os.path.basename(argv[0]) == os.path.basename(argv0.strip()):

@@ -1,0 +1,309 @@
+"""`boxpark exec` without -i or -t: one blocking connection to the Guest API, no asyncio and no msgspec.
+
+What a person types most (`boxpark exec -- CMD`) needs no terminal and no stdin, so it needs no event loop:
+this module speaks the few frames of an interactive `Exec` itself over a plain socket — `Hello` (and `Proof`
+when the guest asks for one), `Exec`, `Stdin(eof)`, then `Output`s until `Exit` — with the small part of
+msgpack those frames use. Importing asyncio, msgspec and the contract's ~80 message classes costs a command
+several times what Python's own start does; this module costs about a millisecond. The frames are the
+contract's (`protocol.messages`): tests/unit/test_plainexec.py checks every frame this module encodes
+against `protocol.encode`, and decodes what `protocol.encode` makes of each reply it reads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+PROTOCOL_VERSION = 1  # protocol.PROTOCOL_VERSION (checked by the tests)
+MAX_FRAME = 16 * 1024 * 1024  # protocol.MAX_FRAME
+ERROR_NAMES = {1: "BAD_FRAME", 2: "UNSUPPORTED", 3: "VERSION_MISMATCH", 4: "UNAUTHENTICATED",
+               5: "INVALID_ARGUMENT", 6: "NOT_FOUND", 7: "ALREADY_EXISTS", 8: "PERMISSION_DENIED", 9: "TIMEOUT",
+               10: "UNAVAILABLE", 11: "FAILED", 12: "INTERNAL"}  # protocol.ErrorCode's names (checked too)
+
+_HEADER = struct.Struct(">I")
+
+
+class GuestError(Exception):
+    """The guest answered with an `Error` (`code`, `message`), or broke the protocol (code 1, BAD_FRAME)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def code_name(self) -> str:
+        return ERROR_NAMES.get(self.code, "INTERNAL")
+
+
+# ----------------------------------------------------------------------------- msgpack, the part used
+
+
+def pack(value: Any) -> bytes:
+    """msgpack of None, bool, int, float, str, bytes, list and dict, as msgspec encodes them."""
+    out = bytearray()
+    _pack(value, out)
+    return bytes(out)
+
+
+def _pack(value: Any, out: bytearray) -> None:
+    if value is None:
+        out.append(0xC0)
+    elif value is True:
+        out.append(0xC3)
+    elif value is False:
+        out.append(0xC2)
+    elif isinstance(value, int):
+        if 0 <= value < 0x80:
+            out.append(value)
+        elif -32 <= value < 0:
+            out.append(value & 0xFF)
+        elif 0 <= value < 1 << 64:
+            for limit, code, fmt in ((1 << 8, 0xCC, ">B"), (1 << 16, 0xCD, ">H"), (1 << 32, 0xCE, ">I"),
+                                     (1 << 64, 0xCF, ">Q")):
+                if value < limit:
+                    out.append(code)
+                    out += struct.pack(fmt, value)
+                    return
+        elif -(1 << 63) <= value < 0:
+            for limit, code, fmt in ((1 << 7, 0xD0, ">b"), (1 << 15, 0xD1, ">h"), (1 << 31, 0xD2, ">i"),
+                                     (1 << 63, 0xD3, ">q")):
+                if value >= -limit:
+                    out.append(code)
+                    out += struct.pack(fmt, value)
+                    return
+        else:
+            raise ValueError(f"{value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        out.append(0xCB)
+        out += struct.pack(">d", value)
+    elif isinstance(value, str):
+        data = value.encode()
+        _head(out, len(data), 0xA0, 32, (0xD9, 0xDA, 0xDB))
+        out += data
+    elif isinstance(value, (bytes, bytearray)):
+        _head(out, len(value), None, 0, (0xC4, 0xC5, 0xC6))
+        out += value
+    elif isinstance(value, (list, tuple)):
+        _head(out, len(value), 0x90, 16, (None, 0xDC, 0xDD))
+        for item in value:
+            _pack(item, out)
+    elif isinstance(value, dict):
+        _head(out, len(value), 0x80, 16, (None, 0xDE, 0xDF))
+        for key, item in value.items():
+            _pack(key, out)
+            _pack(item, out)
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _head(out: bytearray, n: int, fix: int | None, fix_limit: int, codes: tuple[int | None, int, int]) -> None:
+    if fix is not None and n < fix_limit:
+        out.append(fix | n)
+    elif codes[0] is not None and n < 1 << 8:
+        out.append(codes[0])
+        out.append(n)
+    elif n < 1 << 16:
+        out.append(codes[1])
+        out += struct.pack(">H", n)
+    else:
+        out.append(codes[2])
+        out += struct.pack(">I", n)
+
+
+_FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+          0xCA: ">f", 0xCB: ">d"}
+_SIZED = {0xD9: (">B", "str"), 0xDA: (">H", "str"), 0xDB: (">I", "str"), 0xC4: (">B", "bin"),
+          0xC5: (">H", "bin"), 0xC6: (">I", "bin"), 0xDC: (">H", "array"), 0xDD: (">I", "array"),
+          0xDE: (">H", "map"), 0xDF: (">I", "map")}
+
+
+def unpack(data: bytes) -> Any:
+    """The value of one msgpack document (the types `pack` makes); GuestError(BAD_FRAME) if it is not one."""
+    try:
+        value, end = _unpack(memoryview(data), 0, 0)
+    except (IndexError, struct.error, UnicodeDecodeError, TypeError) as exc:
+        raise GuestError(1, f"undecodable frame body: {exc}") from None
+    if end != len(data):
+        raise GuestError(1, "undecodable frame body: trailing bytes")
+    return value
+
+
+def _unpack(data: memoryview, at: int, depth: int) -> tuple[Any, int]:
+    if depth > 32:
+        raise TypeError("nested too deeply")
+    code = data[at]
+    at += 1
+    if code < 0x80:
+        return code, at
+    if code >= 0xE0:
+        return code - 0x100, at
+    if code == 0xC0:
+        return None, at
+    if code in (0xC2, 0xC3):
+        return code == 0xC3, at
+    if code in _FIXED:
+        fmt = _FIXED[code]
+        return struct.unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
+    if 0xA0 <= code < 0xC0:
+        kind, n = "str", code & 0x1F
+    elif 0x90 <= code < 0xA0:
+        kind, n = "array", code & 0x0F
+    elif 0x80 <= code < 0x90:
+        kind, n = "map", code & 0x0F
+    elif code in _SIZED:
+        fmt, kind = _SIZED[code]
+        n = struct.unpack_from(fmt, data, at)[0]
+        at += struct.calcsize(fmt)
+    else:
+        raise TypeError(f"msgpack type 0x{code:02x} is not used by the protocol")
+    if kind in ("str", "bin"):
+        end = at + n
+        if end > len(data):
+            raise IndexError("truncated")
+        chunk = data[at:end]
+        return (str(chunk, "utf-8") if kind == "str" else chunk.tobytes()), end
+    if kind == "array":
+        items = []
+        for _ in range(n):
+            item, at = _unpack(data, at, depth + 1)
+            items.append(item)
+        return items, at
+    mapping = {}
+    for _ in range(n):
+        key, at = _unpack(data, at, depth + 1)
+        mapping[key], at = _unpack(data, at, depth + 1)
+    return mapping, at
+
+
+def frame(tag: str, **fields: Any) -> bytes:
+    """One frame of the message tagged `tag` (fields at their defaults left out, as the contract's encoder
+    does: the caller passes only the others)."""
+    body = pack({"t": tag, **fields})
+    return _HEADER.pack(len(body)) + body
+
+
+# ------------------------------------------------------------------------------------ the connection
+
+
+class Connection:
+    """One blocking connection to a Guest API unix socket: frames out, messages (dicts with "t") in."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._buffer = bytearray()
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self.sock.settimeout(None)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> dict[str, Any] | None:
+        """The next message, or None at the end of the stream."""
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= 4:
+                (length,) = _HEADER.unpack_from(buffer)
+                if length > MAX_FRAME:
+                    raise GuestError(1, f"frame of {length} bytes is over the {MAX_FRAME} byte limit")
+                if len(buffer) >= 4 + length:
+                    body = bytes(buffer[4:4 + length])
+                    del buffer[:4 + length]
+                    message = unpack(body)
+                    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+                        raise GuestError(1, "invalid message: not a tagged map")
+                    return message
+            data = self.sock.recv(262144)
+            if not data:
+                if buffer:
+                    raise GuestError(1, "the stream ended inside a frame")
+                return None
+            buffer += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def handshake(connection: Connection, secret: bytes | None, then: bytes, client: str) -> None:
+    """Hello (and Proof if the guest asks for one), with `then` sent as early as the contract allows: behind
+    Hello without a secret, else once the guest's first answer says whether it wants a proof."""
+    hello = frame("hello", client=client)
+    if not secret:
+        connection.send(hello + then)
+        then = b""
+    else:
+        connection.send(hello)
+    challenged = False
+    while True:
+        message = connection.recv()
+        tag = None if message is None else message["t"]
+        if message is None:
+            raise GuestError(10, "the guest closed the connection during the handshake")
+        if tag == "error":
+            raise GuestError(int(message.get("code", 12)), str(message.get("message", "")))
+        if tag == "challenge" and not challenged:
+            if not secret:
+                raise GuestError(4, "the server asks for a token proof and no secret was given")
+            import hashlib
+            import hmac
+
+            challenged = True
+            proof = hmac.new(secret, b"boxpark-proof-v1\0" + message["nonce"], hashlib.sha256).digest()
+            connection.send(frame("proof", hmac=proof) + then)
+            then = b""
+        elif tag == "welcome":
+            version = message.get("version", PROTOCOL_VERSION)
+            if version != PROTOCOL_VERSION:
+                raise GuestError(3, f"the server speaks protocol {version}, this side {PROTOCOL_VERSION}")
+            if then:
+                connection.send(then)
+            return
+        else:
+            raise GuestError(1, f"expected Welcome or Challenge, got {tag!r}")
+
+
+def run(path: str, secret: bytes | None, argv: list[str], *, env: dict[str, str], cwd: str,
+        rows: int, cols: int, client: str) -> tuple[int | None, int | None]:
+    """Run argv in the guest, its stdin closed, its stdout and stderr copied to ours as they come; return its
+    (exit code, signal). OSError: the socket could not be reached (the machine is not running)."""
+    connection = Connection(path)
+    try:
+        request = {"argv": list(argv), "env": env, "cwd": cwd, "interactive": True}
+        if (rows, cols) != (24, 80):  # the contract's defaults are left out, as its encoder does
+            request.update(rows=rows, cols=cols)
+        handshake(connection, secret, frame("exec", **request), client)
+        started = connection.recv()
+        if started is None:
+            raise GuestError(10, "the guest closed the connection before the command started")
+        if started["t"] == "error":
+            raise GuestError(int(started.get("code", 12)), str(started.get("message", "")))
+        if started["t"] != "started":
+            raise GuestError(1, f"expected Started, got {started['t']!r}")
+        connection.send(frame("stdin", eof=True))
+        while (message := connection.recv()) is not None:
+            tag = message["t"]
+            if tag == "output":
+                _write_all(2 if message.get("fd") == 2 else 1, message.get("data", b""))
+            elif tag == "exit":
+                return message.get("code"), message.get("signal")
+            elif tag == "error":
+                raise GuestError(int(message.get("code", 12)), str(message.get("message", "")))
+        raise GuestError(10, "the connection to the guest ended before the command did")
+    finally:
+        connection.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
