@@ -86,6 +86,43 @@ class LazyParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
+class _Parsers(dict):  # type: ignore[type-arg]  # str -> LazyParser | None, as argparse's own map is untyped
+    """The command name -> parser map of `_Commands`: a command's parser is made when first looked up."""
+
+    def __init__(self, make: Callable[[str], argparse.ArgumentParser]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = super().__getitem__(name)
+        if parser is None:
+            parser = self[name] = self._make(name)
+        return parser  # type: ignore[no-any-return]
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """The subcommands, each parser made only when its command is parsed (a parser costs a few gettext lookups
+    and a dozen registrations: thirteen of them cost `boxpark status` more than its own work)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kwargs: dict[str, dict[str, Any]] = {}
+        self.choices = self._name_parser_map = _Parsers(self._make)
+
+    def add_lazy(self, name: str, help: str, **kwargs: Any) -> None:
+        """`add_parser`'s listing and its parser's arguments, without making the parser yet."""
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+        self._kwargs[name] = kwargs
+        self._name_parser_map[name] = None
+
+    def _make(self, name: str) -> argparse.ArgumentParser:
+        kwargs = self._kwargs.pop(name)
+        loader = kwargs.pop("loader")
+        parser = self._parser_class(prog=f"{self._prog_prefix} {name}", **kwargs)
+        parser.loader = loader
+        return parser  # type: ignore[no-any-return]
+
+
 def _loader(name: str, module: str) -> Callable[[argparse.ArgumentParser], None]:
     def load(parser: argparse.ArgumentParser) -> None:
         # __import__ rather than importlib.import_module: the import statement's path, which -X importtime reports
@@ -99,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"boxpark {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=LazyParser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=LazyParser,
+                                     action=_Commands)
+    assert isinstance(commands, _Commands)
     for name, (module, help_) in COMMANDS.items():
-        command = commands.add_parser(name, help=help_, formatter_class=Formatter)
-        assert isinstance(command, LazyParser)
-        command.loader = _loader(name, module)
+        commands.add_lazy(name, help_, formatter_class=Formatter, loader=_loader(name, module))
     return parser
 
 

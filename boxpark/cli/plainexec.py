@@ -12,8 +12,9 @@ against `protocol.encode`, and decodes what `protocol.encode` makes of each repl
 from __future__ import annotations
 
 import os
-import socket
 import struct
+
+from _socket import AF_UNIX, SOCK_STREAM, socket  # not `socket`, which costs ~5 ms to import (see host/state.py)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class Connection:
     """One blocking connection to a Guest API unix socket: frames out, messages (dicts with "t") in."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = socket(AF_UNIX, SOCK_STREAM)
         self._buffer = bytearray()
         try:
             self.sock.settimeout(timeout)

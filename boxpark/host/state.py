@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
+
+# The C module under `socket`: `socket` itself builds its enums when imported, which costs `boxpark status`
+# (a unix socket, one line each way) more than the rest of this module (measured: bench/cli_startup.py).
+from _socket import AF_UNIX, SOCK_STREAM, socket as _unix_socket  # non-inheritable, as socket.socket (PEP 446)
 
 from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
 from ..errors import BoxparkError
@@ -101,7 +104,7 @@ class Machine:
         return pid if _is_agent(pid, self.name) else None
 
     def control_answers(self, timeout: float = 2.0) -> bool:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _unix_socket(AF_UNIX, SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(str(self.agent_socket))
@@ -140,13 +143,20 @@ class Machine:
 
     def request(self, op: str, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
         """One request on the agent's control socket; each JSON line it answers. OSError: no agent there."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = _unix_socket(AF_UNIX, SOCK_STREAM)
+        try:
             sock.settimeout(timeout)
             sock.connect(str(self.agent_socket))
-            with sock.makefile("rb") as stream:
-                sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-                for line in stream:
+            sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+            pending = b""
+            while data := sock.recv(65536):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
                     yield json.loads(line)
+            if pending:
+                yield json.loads(pending)
+        finally:
+            sock.close()
 
     def offline_status(self) -> dict[str, Any]:
         """What `status --json` says of a machine with no agent: stopped, failed (and why) or stale files."""
