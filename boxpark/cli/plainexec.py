@@ -235,6 +235,14 @@ class Connection:
         self.sock.close()
 
 
+def proof(secret: bytes, nonce: bytes) -> bytes:
+    """The token proof (`protocol.proof`): HMAC-SHA256 of the server's nonce, keyed with the machine's secret."""
+    import hashlib
+    import hmac
+
+    return hmac.new(secret, b"boxpark-proof-v1\0" + nonce, hashlib.sha256).digest()
+
+
 def handshake(connection: Connection, secret: bytes | None, then: bytes, client: str) -> None:
     """Hello (and Proof if the guest asks for one), with `then` sent as early as the contract allows: behind
     Hello without a secret, else once the guest's first answer says whether it wants a proof."""
@@ -255,12 +263,8 @@ def handshake(connection: Connection, secret: bytes | None, then: bytes, client:
         if tag == "challenge" and not challenged:
             if not secret:
                 raise GuestError(4, "the server asks for a token proof and no secret was given")
-            import hashlib
-            import hmac
-
             challenged = True
-            proof = hmac.new(secret, b"boxpark-proof-v1\0" + message["nonce"], hashlib.sha256).digest()
-            connection.send(frame("proof", hmac=proof) + then)
+            connection.send(frame("proof", hmac=proof(secret, message["nonce"])) + then)
             then = b""
         elif tag == "welcome":
             version = message.get("version", PROTOCOL_VERSION)
