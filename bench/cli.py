@@ -5,6 +5,12 @@ same run, interleaved, after warm-up runs.
 References: a bare `python -c pass` (the same interpreter and site: what any Python command pays) for
 `--help` and `status`, goal ≤ 2×; `docker exec CONTAINER true` on a running container of the host's own
 dockerd (private directories, no network) for `exec -- true`, goal ≤ 1.5×.
+`exec -i -- true` (stdin from /dev/null) is shown too: with -i or -t `exec` takes the asyncio client, without
+them one blocking connection (cli/plainexec.py).
+
+Where the time goes, per command, from the same runs: its CPU time (user + system, from wait4: much less
+disturbed by other load on the machine than wall time), and the import time the command's own modules add
+(`-X importtime`, summed over what the bare interpreter does not load; the minimum of a few runs).
 Run: `python -m bench cli`. (`cli_startup` measures `python -m boxpark` with no machine, and what each command
 imports.)
 """
@@ -12,6 +18,7 @@ imports.)
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,20 +46,52 @@ def main() -> None:
             "help": [*bp, "--help"],
             "status": [*bp, "status", "--name", machine.name],
             "exec": [*bp, "exec", "--name", machine.name, "--", "true"],
+            "exec_i": [*bp, "exec", "-i", "--name", machine.name, "--", "true"],
             "docker_exec": [*host.docker, "exec", container, "true"],
         }
         times: dict[str, list[float]] = {key: [] for key in commands}
+        cpu: dict[str, list[float]] = {key: [] for key in commands}
         for round_ in range(WARM_UP + RUNS):
             for key, argv in commands.items():
+                before = _children_cpu()
                 seconds = wall(argv, env=env)
                 if round_ >= WARM_UP:
                     times[key].append(seconds)
+                    cpu[key].append(_children_cpu() - before)
+        imports = {key: _import_ms(argv, env) for key, argv in commands.items() if key in ("help", "status", "exec")}
+    say(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for key, values in times.items():
-        say(f"{key}: {', '.join(f'{t * 1000:.0f}' for t in values)} ms")
+        say(f"{key}: {', '.join(f'{t * 1000:.0f}' for t in values)} ms; median CPU {statistics.median(cpu[key]) * 1000:.1f} ms"
+            + (f"; its own imports {imports[key]:.1f} ms" if key in imports else ""))
     ms = {key: statistics.median(values) * 1000 for key, values in times.items()}
     figure("cli_help_installed_script", ms["help"], "ms", ms["python"], "ratio <= 2 (vs python -c pass)")
     figure("cli_status_running_machine", ms["status"], "ms", ms["python"], "ratio <= 2 (vs python -c pass)")
     figure("cli_exec_true", ms["exec"], "ms", ms["docker_exec"], "ratio <= 1.5 (vs docker exec on a running container)")
+    figure("cli_exec_i_true", ms["exec_i"], "ms", ms["docker_exec"],
+           "ratio <= 1.5 (vs docker exec on a running container; exec -i, the asyncio client)")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _import_ms(argv: list[str], env: dict[str, str], runs: int = 5) -> float:
+    """Milliseconds of import the command adds to the bare interpreter's (-X importtime, the least of `runs`)."""
+    def modules(command: list[str]) -> dict[str, int]:
+        script = command[1:] if command[0] == sys.executable else command  # the console script is a Python file
+        err = subprocess.run([sys.executable, "-X", "importtime", *script], env=env, capture_output=True, text=True,
+                             timeout=120).stderr
+        self_us: dict[str, int] = {}
+        for line in err.splitlines():
+            if line.startswith("import time:") and "|" in line and "self [us]" not in line:
+                own, _, name = line.removeprefix("import time:").split("|")
+                self_us[name.strip()] = int(own)
+        return self_us
+
+    bare = set(modules([sys.executable, "-c", "pass"]))
+    best = min(sum(us for name, us in modules(argv).items() if name not in bare) for _ in range(runs))
+    return best / 1000
 
 
 if __name__ == "__main__":
