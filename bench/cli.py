@@ -8,6 +8,12 @@ dockerd (private directories, no network) for `exec -- true`, goal ≤ 1.5×.
 `exec -i -- true` (stdin from /dev/null) is shown too: with -i or -t `exec` takes the asyncio client, without
 them one blocking connection (cli/plainexec.py).
 
+With cached bytecode, as an installed package runs (pip compiles it; a default Python caches it on the first
+run): the commands run with a private PYTHONPYCACHEPREFIX, which the warm-up runs fill, and without
+PYTHONDONTWRITEBYTECODE (set where these benchmarks run: then every run compiles each of the package's
+modules it imports from source). The same commands with the caller's environment as it is (bytecode not
+cached if PYTHONDONTWRITEBYTECODE is set) are shown too, as `*_as_env`.
+
 Where the time goes, per command, from the same runs: its CPU time (user + system, from wait4: much less
 disturbed by other load on the machine than wall time), and the import time the command's own modules add
 (`-X importtime`, summed over what the bare interpreter does not load; the minimum of a few runs).
@@ -23,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from bench._report import (boxpark_command, figure, host_dockerd, load_test_image, sandbox_machine, say,
                            wall)
@@ -36,8 +43,10 @@ def main() -> None:
         say("cli: needs root (a sandbox machine), docker and dockerd: skipped")
         return
     bp = boxpark_command()
-    with sandbox_machine() as machine, host_dockerd() as host:
-        env = {**os.environ, "BOXPARK_HOME": str(machine.parent)}
+    with sandbox_machine() as machine, host_dockerd() as host, tempfile.TemporaryDirectory() as pycache:
+        as_env = {**os.environ, "BOXPARK_HOME": str(machine.parent)}
+        env = {**as_env, "PYTHONPYCACHEPREFIX": pycache}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         image = load_test_image(host.docker, host.directory)
         container = subprocess.run([*host.docker, "run", "-d", "--network", "none", image, "sleep", "3600"],
                                    check=True, capture_output=True, text=True).stdout.strip()
@@ -49,12 +58,16 @@ def main() -> None:
             "exec_i": [*bp, "exec", "-i", "--name", machine.name, "--", "true"],
             "docker_exec": [*host.docker, "exec", container, "true"],
         }
+        envs = {key: env for key in commands}
+        for key in ("python", "help", "status", "exec"):
+            commands[f"{key}_as_env"] = commands[key]
+            envs[f"{key}_as_env"] = as_env
         times: dict[str, list[float]] = {key: [] for key in commands}
         cpu: dict[str, list[float]] = {key: [] for key in commands}
         for round_ in range(WARM_UP + RUNS):
             for key, argv in commands.items():
                 before = _children_cpu()
-                seconds = wall(argv, env=env)
+                seconds = wall(argv, env=envs[key])
                 if round_ >= WARM_UP:
                     times[key].append(seconds)
                     cpu[key].append(_children_cpu() - before)
@@ -69,6 +82,11 @@ def main() -> None:
     figure("cli_exec_true", ms["exec"], "ms", ms["docker_exec"], "ratio <= 1.5 (vs docker exec on a running container)")
     figure("cli_exec_i_true", ms["exec_i"], "ms", ms["docker_exec"],
            "ratio <= 1.5 (vs docker exec on a running container; exec -i, the asyncio client)")
+    for key, what in (("help", "help"), ("status", "status_running_machine"), ("exec", "exec_true")):
+        reference = ms["docker_exec"] if key == "exec" else ms["python_as_env"]
+        figure(f"cli_{what}_as_env", ms[f"{key}_as_env"], "ms", reference,
+               "none: bytecode as the environment leaves it (vs " + ("docker exec)" if key == "exec" else
+                                                                      "python -c pass, likewise)"))
 
 
 def _children_cpu() -> float:
