@@ -2,12 +2,13 @@
 
 `up` starts the agent detached and follows its progress; killing `up` (or `logs -f`, or `shell`) harms
 nothing, the agent goes on. Every other command talks to the agent's control socket or, for `exec` and
-`shell`, to the guest API socket the agent forwards. Failures are sentences with a hint, exit codes are
+`shell`, to the guest's API: the guest's own socket where the host reaches it as one (the sandbox; its
+record in backend/machine.json says), else the api.sock the agent forwards. Failures are sentences with a hint, exit codes are
 meaningful: 0 ok, 1 failed, 2 bad usage, 3 not running, the command's own code for `exec`.
 `status`, `exec` and `logs` run often and must start quickly: nothing here may import the agent, a backend,
 the image builder, asyncio, subprocess, shutil or typing at its top — the commands that need them import
-them (python -X importtime, or `python -m bench cli_startup`, shows what each command loads). `exec` without
--i or -t takes a blocking path of its own (`plainexec`) that loads no asyncio and no msgspec.
+them (python -X importtime, or `python -m bench cli_startup`, shows what each command loads). `exec` and
+`shell` speak to the guest through `plainexec`, which loads neither asyncio nor msgspec.
 """
 
 from __future__ import annotations
@@ -403,12 +404,6 @@ def _secret(machine: Machine) -> bytes | None:
     return None
 
 
-def _api_client_args(machine: Machine) -> tuple[str, bytes | None]:
-    if not machine.running():
-        raise _not_running(machine)
-    return f"unix:{machine.api_socket}", _secret(machine)
-
-
 def _api_path(machine: Machine) -> str:
     """The unix socket of the guest's API: the guest's own, as the backend's record names it, when the host
     reaches it as a unix socket with no secret (the sandbox); else the agent's Guest Proxy (api.sock)."""
@@ -425,25 +420,26 @@ def exec_(args: argparse.Namespace) -> int:
     argv = [a for a in args.argv if a != "--"] if args.argv and args.argv[0] == "--" else args.argv
     if not argv:
         raise CommandFailed("nothing to run", "boxpark exec -- COMMAND [ARG…]", 2)
-    tty = args.tty and sys.stdin.isatty()
-    if not tty and not args.interactive:
-        return _plain_exec(machine, argv)
-    import asyncio
-
-    address, secret = _api_client_args(machine)
-    return asyncio.run(_interactive(address, secret, argv, tty=tty, stdin=args.interactive))
+    return _run(machine, argv, tty=args.tty and sys.stdin.isatty(), stdin=args.interactive)
 
 
-def _plain_exec(machine: Machine, argv: list[str]) -> int:
-    """`exec` with no stdin and no terminal: one blocking connection straight to the guest's API."""
-    from . import plainexec
+def shell(args: argparse.Namespace) -> int:
+    machine = machine_of(args)
+    argv = ["/bin/bash", "-l"] if not args.argv else args.argv
+    return _run(machine, argv, tty=sys.stdin.isatty(), stdin=True)
+
+
+def _run(machine: Machine, argv: list[str], *, tty: bool, stdin: bool) -> int:
+    """Run argv in the guest with this terminal (raw mode and window size on a tty, plain pipes otherwise) on
+    one connection straight to the guest's API; its exit code."""
     from .. import __version__
+    from . import plainexec, terminal
 
+    rows, cols = terminal.size()
     env = {"TERM": os.environ.get("TERM", "xterm"), **GUEST_ENV}
-    rows, cols = _terminal_size()
     try:
         code, signum = plainexec.run(_api_path(machine), _secret(machine), argv, env=env, cwd="/root", rows=rows,
-                                     cols=cols, client=f"boxpark-exec {__version__}")
+                                     cols=cols, client=f"boxpark-exec {__version__}", stdin=stdin, tty=tty)
     except (FileNotFoundError, ConnectionRefusedError):
         if machine.running():
             raise CommandFailed(f"machine {machine.name!r} is starting: its guest API is not up yet",
@@ -456,71 +452,6 @@ def _plain_exec(machine: Machine, argv: list[str]) -> int:
     except OSError as exc:
         raise CommandFailed(f"the connection to the guest failed: {exc.strerror or exc}") from None
     return code if code is not None else 128 + (signum or 0)
-
-
-def _terminal_size() -> tuple[int, int]:
-    """(rows, columns) as `terminal.size()` gives them, without importing shutil and asyncio."""
-    try:
-        size = os.get_terminal_size(sys.__stdout__.fileno())  # type: ignore[union-attr]
-        columns, lines = size.columns, size.lines
-    except (AttributeError, ValueError, OSError):
-        columns, lines = 80, 24
-    for name in ("COLUMNS", "LINES"):
-        try:
-            value = int(os.environ[name])
-        except (KeyError, ValueError):
-            continue
-        if value > 0:
-            columns, lines = (value, lines) if name == "COLUMNS" else (columns, value)
-    return lines, columns
-
-
-def shell(args: argparse.Namespace) -> int:
-    import asyncio
-
-    machine = machine_of(args)
-    address, secret = _api_client_args(machine)
-    argv = ["/bin/bash", "-l"] if not args.argv else args.argv
-    return asyncio.run(_interactive(address, secret, argv, tty=sys.stdin.isatty(), stdin=True))
-
-
-async def _interactive(address: str, secret: bytes | None, argv: list[str], *, tty: bool, stdin: bool) -> int:
-    """Run argv in the guest with this terminal: raw mode and window size on a tty, plain pipes otherwise."""
-    import asyncio
-    import contextlib
-
-    from ..host.client import GuestClient
-    from . import terminal
-
-    rows, cols = terminal.size()
-    env = {"TERM": os.environ.get("TERM", "xterm"), **GUEST_ENV}
-    async with await GuestClient.open(address, secret=secret) as client:
-        process = await client.exec_interactive(argv, tty=tty, rows=rows, cols=cols, env=env, cwd="/root")
-
-        async def send(data: bytes) -> None:
-            process.write(data)
-            await process.drain()
-
-        async def pump() -> None:
-            await terminal.pump_stdin(send)
-            if not tty:
-                process.close_stdin()
-
-        with contextlib.ExitStack() as stack:
-            if tty:
-                stack.enter_context(terminal.raw_mode())
-                stack.enter_context(terminal.resizes(process.resize))
-            if stdin:
-                stack.callback(asyncio.ensure_future(pump()).cancel)
-            else:
-                process.close_stdin()
-            async for chunk in process.output():
-                (sys.stdout.buffer if chunk.fd != 2 else sys.stderr.buffer).write(chunk.data)
-                (sys.stdout if chunk.fd != 2 else sys.stderr).flush()
-        exit_ = process.exit
-        if exit_ is None:
-            raise CommandFailed("the connection to the guest ended before the command did")
-        return exit_.code if exit_.code is not None else 128 + (exit_.signal or 0)
 
 
 # ------------------------------------------------------------------------------------- parser

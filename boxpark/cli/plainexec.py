@@ -1,11 +1,11 @@
-"""`boxpark exec` without -i or -t: one blocking connection to the Guest API, no asyncio and no msgspec.
+"""`boxpark exec` and `shell`: one connection to the Guest API, no asyncio and no msgspec.
 
-What a person types most (`boxpark exec -- CMD`) needs no terminal and no stdin, so it needs no event loop:
-this module speaks the few frames of an interactive `Exec` itself over a plain socket — `Hello` (and `Proof`
-when the guest asks for one), `Exec`, `Stdin(eof)`, then `Output`s until `Exit` — with the small part of
-msgpack those frames use. Importing asyncio, msgspec and the contract's ~80 message classes costs a command
-several times what Python's own start does; this module costs about a millisecond. The frames are the
-contract's (`protocol.messages`): tests/unit/test_plainexec.py checks every frame this module encodes
+An interactive `Exec` needs only a few frames — `Hello` (and `Proof` when the guest asks for one), `Exec`,
+then `Stdin`/`ResizeTty` out and `Output`s until `Exit` in — and a poll loop over stdin and one socket (with
+no stdin and no terminal, not even that: blocking reads). This module speaks those frames itself, with the
+small part of msgpack they use. Importing asyncio, msgspec and the contract's ~80 message classes cost each
+command several times what Python's own start does; this module costs about a millisecond. The frames are
+the contract's (`protocol.messages`): tests/unit/test_plainexec.py checks every frame this module encodes
 against `protocol.encode`, and decodes what `protocol.encode` makes of each reply it reads.
 """
 
@@ -193,11 +193,12 @@ def frame(tag: str, **fields: Any) -> bytes:
 
 
 class Connection:
-    """One blocking connection to a Guest API unix socket: frames out, messages (dicts with "t") in."""
+    """One connection to a Guest API unix socket: frames out, messages (dicts with "t") in."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.sock = socket(AF_UNIX, SOCK_STREAM)
         self._buffer = bytearray()
+        self.eof = False
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
@@ -210,26 +211,37 @@ class Connection:
         self.sock.sendall(data)
 
     def recv(self) -> dict[str, Any] | None:
-        """The next message, or None at the end of the stream."""
+        """The next message, waiting for it; None at the end of the stream."""
+        while (message := self.buffered()) is None and not self.eof:
+            self.read()
+        return message
+
+    def read(self) -> None:
+        """Take what the socket has (waiting for something if it is blocking) into the buffer."""
+        data = self.sock.recv(262144)
+        if data:
+            self._buffer += data
+        elif self._buffer:
+            raise GuestError(1, "the stream ended inside a frame")
+        else:
+            self.eof = True
+
+    def buffered(self) -> dict[str, Any] | None:
+        """The next message if it is all in the buffer, else None."""
         buffer = self._buffer
-        while True:
-            if len(buffer) >= 4:
-                (length,) = _HEADER.unpack_from(buffer)
-                if length > MAX_FRAME:
-                    raise GuestError(1, f"frame of {length} bytes is over the {MAX_FRAME} byte limit")
-                if len(buffer) >= 4 + length:
-                    body = bytes(buffer[4:4 + length])
-                    del buffer[:4 + length]
-                    message = unpack(body)
-                    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-                        raise GuestError(1, "invalid message: not a tagged map")
-                    return message
-            data = self.sock.recv(262144)
-            if not data:
-                if buffer:
-                    raise GuestError(1, "the stream ended inside a frame")
-                return None
-            buffer += data
+        if len(buffer) < 4:
+            return None
+        (length,) = _HEADER.unpack_from(buffer)
+        if length > MAX_FRAME:
+            raise GuestError(1, f"frame of {length} bytes is over the {MAX_FRAME} byte limit")
+        if len(buffer) < 4 + length:
+            return None
+        body = bytes(buffer[4:4 + length])
+        del buffer[:4 + length]
+        message = unpack(body)
+        if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+            raise GuestError(1, "invalid message: not a tagged map")
+        return message
 
     def close(self) -> None:
         self.sock.close()
@@ -277,13 +289,22 @@ def handshake(connection: Connection, secret: bytes | None, then: bytes, client:
             raise GuestError(1, f"expected Welcome or Challenge, got {tag!r}")
 
 
+STDIN_BACKLOG = 1 << 20
+"""Bytes of stdin read ahead of what the guest has taken; stdin is not read past it (the guest's own pipe to
+the process bounds the rest: it stops reading our socket while the pipe is full)."""
+
+
 def run(path: str, secret: bytes | None, argv: list[str], *, env: dict[str, str], cwd: str,
-        rows: int, cols: int, client: str) -> tuple[int | None, int | None]:
-    """Run argv in the guest, its stdin closed, its stdout and stderr copied to ours as they come; return its
-    (exit code, signal). OSError: the socket could not be reached (the machine is not running)."""
+        rows: int, cols: int, client: str, stdin: bool = False, tty: bool = False) -> tuple[int | None, int | None]:
+    """Run argv in the guest, its stdout and stderr copied to ours as they come; return its (exit code,
+    signal). With `stdin`, ours goes to it (its end closes the process's stdin, except on a tty), else its
+    stdin is closed at once; with `tty`, on a pseudo-terminal the size of ours, this terminal in raw mode and
+    its size changes passed on. OSError: the socket could not be reached (the machine is not running)."""
     connection = Connection(path)
     try:
-        request = {"argv": list(argv), "env": env, "cwd": cwd, "interactive": True}
+        request: dict[str, Any] = {"argv": list(argv), "env": env, "cwd": cwd, "interactive": True}
+        if tty:
+            request["tty"] = True
         if (rows, cols) != (24, 80):  # the contract's defaults are left out, as its encoder does
             request.update(rows=rows, cols=cols)
         handshake(connection, secret, frame("exec", **request), client)
@@ -294,18 +315,102 @@ def run(path: str, secret: bytes | None, argv: list[str], *, env: dict[str, str]
             raise GuestError(int(started.get("code", 12)), str(started.get("message", "")))
         if started["t"] != "started":
             raise GuestError(1, f"expected Started, got {started['t']!r}")
-        connection.send(frame("stdin", eof=True))
-        while (message := connection.recv()) is not None:
-            tag = message["t"]
-            if tag == "output":
-                _write_all(2 if message.get("fd") == 2 else 1, message.get("data", b""))
-            elif tag == "exit":
-                return message.get("code"), message.get("signal")
-            elif tag == "error":
-                raise GuestError(int(message.get("code", 12)), str(message.get("message", "")))
-        raise GuestError(10, "the connection to the guest ended before the command did")
+        if not stdin:
+            connection.send(frame("stdin", eof=True))
+            if not tty:
+                return _outputs(connection)
+        return _session(connection, stdin=stdin, tty=tty)
     finally:
         connection.close()
+
+
+def _outputs(connection: Connection) -> tuple[int | None, int | None]:
+    """Copy the process's output until its exit, waiting on the socket alone."""
+    while (message := connection.recv()) is not None:
+        if (done := _take(message)) is not None:
+            return done
+    raise GuestError(10, "the connection to the guest ended before the command did")
+
+
+def _take(message: dict[str, Any]) -> tuple[int | None, int | None] | None:
+    """Act on one message of the running process: its output written out; its exit returned."""
+    tag = message["t"]
+    if tag == "output":
+        _write_all(2 if message.get("fd") == 2 else 1, message.get("data", b""))
+    elif tag == "exit":
+        return message.get("code"), message.get("signal")
+    elif tag == "error":
+        raise GuestError(int(message.get("code", 12)), str(message.get("message", "")))
+    return None
+
+
+def _session(connection: Connection, *, stdin: bool, tty: bool) -> tuple[int | None, int | None]:
+    """Stdin (and, on a tty, size changes) to the guest, its output to ours, in one poll loop: nothing waits
+    on one side while the other has something to say."""
+    import contextlib
+    import select
+    import signal
+
+    from . import terminal
+
+    with contextlib.ExitStack() as stack:
+        fd = terminal.private_stdin() if stdin else -1  # -1: not read (any more)
+        if fd >= 0:
+            stack.callback(os.close, fd)
+        wake = -1
+        if tty:
+            stack.enter_context(terminal.raw_mode())
+            wake, poke = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            stack.callback(os.close, wake)
+            stack.callback(os.close, poke)
+            stack.callback(signal.signal, signal.SIGWINCH, signal.signal(signal.SIGWINCH, _ignore))
+            stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(poke))  # SIGWINCH wakes the poll
+        sock = connection.sock
+        sock.setblocking(False)
+        pending = bytearray()  # frames for the guest that its socket has not taken yet
+        while True:
+            while (message := connection.buffered()) is not None:
+                if (done := _take(message)) is not None:
+                    return done
+            if connection.eof:
+                raise GuestError(10, "the connection to the guest ended before the command did")
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | (select.POLLOUT if pending else 0))
+            if fd >= 0 and len(pending) < STDIN_BACKLOG:
+                poller.register(fd, select.POLLIN)
+            if wake >= 0:
+                poller.register(wake, select.POLLIN)
+            for ready, events in poller.poll():
+                if ready == sock.fileno():
+                    if events & ~select.POLLOUT:  # data, the end, or an error (which recv raises)
+                        with contextlib.suppress(BlockingIOError):
+                            connection.read()
+                    if events & select.POLLOUT and pending:
+                        with contextlib.suppress(BlockingIOError):
+                            del pending[:sock.send(pending)]
+                elif ready == fd:
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # EIO: the terminal went away
+                        data = b""
+                    if data:
+                        pending += frame("stdin", data=data)
+                    else:
+                        fd = -1  # closed by the stack at the end
+                        if not tty:  # a terminal's end is no end of input: the guest's tty gets SIGHUP instead
+                            pending += frame("stdin", eof=True)
+                elif ready == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake, 512):
+                            pass
+                    rows, cols = terminal.size()
+                    pending += frame("resize_tty", rows=rows, cols=cols)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGWINCH's handler: the poll wakes through the wakeup fd, which is all it needs."""
 
 
 def _write_all(fd: int, data: bytes) -> None:

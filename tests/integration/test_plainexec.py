@@ -105,3 +105,68 @@ def test_boxpark_exec_finds_the_guest_through_the_machine_record(server: Running
                              timeout=120)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("boxpark: the guest refused the call (NOT_FOUND): cannot start")
+
+
+def _machine_home(tmp_path: Path, server: RunningServer) -> dict[str, str]:
+    home = tmp_path / "home"
+    (home / "m" / "backend").mkdir(parents=True)
+    record = {"backend": "sandbox", "api": server.address, "secret_file": None}
+    (home / "m" / "backend" / "machine.json").write_text(json.dumps(record))
+    return {**os.environ, "BOXPARK_HOME": str(home)}
+
+
+def test_exec_i_passes_stdin_through_and_closes_it_at_its_end(server: RunningServer, tmp_path: Path) -> None:
+    env = _machine_home(tmp_path, server)
+    data = os.urandom(3_000_000)
+    (tmp_path / "in").write_bytes(data)
+    with open(tmp_path / "in", "rb") as stdin:  # a regular file (no poll on it waits), then a pipe
+        ran = subprocess.run([sys.executable, "-m", "boxpark", "exec", "-i", "--name", "m", "--", "cat"], env=env,
+                             stdin=stdin, capture_output=True, timeout=120)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, data, b"")
+    ran = subprocess.run([sys.executable, "-m", "boxpark", "exec", "-i", "--name", "m", "--", "sh", "-c",
+                          "read line; echo got $line; exit 5"], env=env, input=b"one\ntwo\n", capture_output=True,
+                         timeout=120)
+    assert (ran.returncode, ran.stdout) == (5, b"got one\n")
+
+
+def test_exec_it_runs_on_a_terminal_the_size_of_ours_and_follows_its_changes(server: RunningServer,
+                                                                               tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    env = _machine_home(tmp_path, server)
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    command = [sys.executable, "-m", "boxpark", "exec", "-it", "--name", "m", "--", "sh", "-c",
+               "trap 'stty size; exit 6' WINCH; stty size; while :; do sleep 0.05; done"]
+    process = subprocess.Popen(command, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    seen = b""
+
+    def until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while text not in seen:
+            assert time.monotonic() < deadline, seen
+            try:
+                seen += os.read(master, 4096)
+            except OSError:  # EIO: the other side is gone
+                assert text in seen, seen
+                return
+
+    try:
+        until(b"30 100")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # SIGWINCH to the command
+        until(b"50 160")  # the guest's terminal was resized: its shell's trap says its new size
+        assert process.wait(60) == 6
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
