@@ -4,7 +4,8 @@ Each command group lives in a module of this package (`machine`: up, down, statu
 `guest`, `image`, `vz`, `boot`, `agent`, `config`), and a group's module is imported only when its command
 is parsed: `boxpark --help` imports none of them, `boxpark status` imports no image, backend or guest code,
 and `boxpark guest serve` (which runs in the guest) no host code. So this module must never import a
-group's module, nor anything of the package beyond `errors`, at its top. A `BoxparkError` (or a transport
+group's module, nor anything else of the package, at its top (`errors` loads when an error is shown: it
+imports typing, which `--help` does not need). A `BoxparkError` (or a transport
 failure) becomes one sentence and a hint on stderr and its exit code; `--debug` shows the traceback instead.
 """
 
@@ -15,11 +16,12 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import BoxparkError, UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a command pays for every module
 if TYPE_CHECKING:
     from typing import Any, Callable, NoReturn
+
+    from ..errors import BoxparkError, UsageError
 
 __all__ = ["EPILOG", "UsageError", "build_parser", "die", "main"]
 
@@ -151,12 +153,22 @@ def die(message: str, hint: str = "", code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def __getattr__(name: str) -> Any:
+    if name == "UsageError":  # re-exported, loaded when asked for
+        from ..errors import UsageError
+
+        return UsageError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def user_error(exc: BaseException) -> BoxparkError | None:
     """The sentence for an error the person can act on; None for a bug (which keeps its traceback).
 
     The transport's errors are not BoxparkErrors (the guest image carries the transport, not this
     package's errors), so they are put into words here; they can only be raised if it was imported.
     """
+    from ..errors import BoxparkError
+
     if isinstance(exc, BoxparkError):
         return exc
     transport = sys.modules.get("boxpark.transport")
