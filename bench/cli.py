@@ -17,6 +17,9 @@ cached if PYTHONDONTWRITEBYTECODE is set) are shown too, as `*_as_env`.
 Where the time goes, per command, from the same runs: its CPU time (user + system, from wait4: much less
 disturbed by other load on the machine than wall time), and the import time the command's own modules add
 (`-X importtime`, summed over what the bare interpreter does not load; the minimum of a few runs).
+With BOXPARK_BENCH_BASELINE=SCRIPT (another checkout's installed `boxpark`, e.g. main's), its `--help`,
+`status` and `exec -- true` run interleaved with these, against the same machine, as `*_baseline` figures
+(reference: this checkout's).
 Run: `python -m bench cli`. (`cli_startup` measures `python -m boxpark` with no machine, and what each command
 imports.)
 """
@@ -58,6 +61,11 @@ def main() -> None:
             "exec_i": [*bp, "exec", "-i", "--name", machine.name, "--", "true"],
             "docker_exec": [*host.docker, "exec", container, "true"],
         }
+        baseline = os.environ.get("BOXPARK_BENCH_BASELINE")
+        if baseline:
+            commands["help_baseline"] = [baseline, *commands["help"][len(bp):]]
+            commands["status_baseline"] = [baseline, *commands["status"][len(bp):]]
+            commands["exec_baseline"] = [baseline, *commands["exec"][len(bp):]]
         envs = {key: env for key in commands}
         for key in ("python", "help", "status", "exec"):
             commands[f"{key}_as_env"] = commands[key]
@@ -83,6 +91,9 @@ def main() -> None:
     figure("cli_exec_i_true", ms["exec_i"], "ms", ms["docker_exec"],
            "ratio <= 1.5 (vs docker exec on a running container; exec -i: stdin passed through)")
     for key, what in (("help", "help"), ("status", "status_running_machine"), ("exec", "exec_true")):
+        if f"{key}_baseline" in ms:
+            figure(f"cli_{what}_baseline", ms[f"{key}_baseline"], "ms", ms[key],
+                   "none: the baseline checkout (BOXPARK_BENCH_BASELINE) vs this one")
         reference = ms["docker_exec"] if key == "exec" else ms["python_as_env"]
         figure(f"cli_{what}_as_env", ms[f"{key}_as_env"], "ms", reference,
                "none: bytecode as the environment leaves it (vs " + ("docker exec)" if key == "exec" else
