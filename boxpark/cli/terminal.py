@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; asyncio too loads only where it is used
@@ -59,6 +58,7 @@ def raw_mode(fd: int = 0) -> Iterator[None]:
 def resizes(resize: Callable[[int, int], None]) -> Iterator[None]:
     """Call `resize(rows, columns)` whenever this terminal's window changes size, for the block's duration."""
     import asyncio
+    import signal
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGWINCH, lambda: resize(*size()))
