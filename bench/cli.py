@@ -6,7 +6,7 @@ References: a bare `python -c pass` (the same interpreter and site: what any Pyt
 `--help` and `status`, goal ≤ 2×; `docker exec CONTAINER true` on a running container of the host's own
 dockerd (private directories, no network) for `exec -- true`, goal ≤ 1.5×.
 `exec -i -- true` is shown too: with -i `exec` passes stdin through (here /dev/null, as for every command) in a
-poll loop, without it it only reads the guest's answers (cli/plainexec.py).
+select loop, without it it only reads the guest's answers (cli/plainexec.py).
 
 With cached bytecode, as an installed package runs (pip compiles it; a default Python caches it on the first
 run): the commands run with a private PYTHONPYCACHEPREFIX, which the warm-up runs fill, and without

@@ -447,7 +447,7 @@ def _run(machine: Machine, argv: list[str], *, tty: bool, stdin: bool) -> int:
         raise _not_running(machine) from None
     except plainexec.GuestError as exc:
         raise CommandFailed(f"the guest refused the call ({exc.code_name}): {exc.message}") from None
-    except BrokenPipeError:  # our stdout's reader went away (`| head`): end as a shell's command would
+    except plainexec.OutputClosed:  # our stdout's reader went away (`| head`): end as a shell's command would
         return 128 + 13
     except OSError as exc:
         raise CommandFailed(f"the connection to the guest failed: {exc.strerror or exc}") from None

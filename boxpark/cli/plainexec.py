@@ -1,7 +1,7 @@
 """`boxpark exec` and `shell`: one connection to the Guest API, no asyncio and no msgspec.
 
 An interactive `Exec` needs only a few frames — `Hello` (and `Proof` when the guest asks for one), `Exec`,
-then `Stdin`/`ResizeTty` out and `Output`s until `Exit` in — and a poll loop over stdin and one socket (with
+then `Stdin`/`ResizeTty` out and `Output`s until `Exit` in — and a select loop over stdin and one socket (with
 no stdin and no terminal, not even that: blocking reads). This module speaks those frames itself, with the
 small part of msgpack they use. Importing asyncio, msgspec and the contract's ~80 message classes cost each
 command several times what Python's own start does; this module costs about a millisecond. The frames are
@@ -27,6 +27,10 @@ ERROR_NAMES = {1: "BAD_FRAME", 2: "UNSUPPORTED", 3: "VERSION_MISMATCH", 4: "UNAU
                10: "UNAVAILABLE", 11: "FAILED", 12: "INTERNAL"}  # protocol.ErrorCode's names (checked too)
 
 _HEADER = struct.Struct(">I")
+
+
+class OutputClosed(Exception):
+    """Our stdout or stderr was closed by its reader (`boxpark exec … | head`)."""
 
 
 class GuestError(Exception):
@@ -345,7 +349,7 @@ def _take(message: dict[str, Any]) -> tuple[int | None, int | None] | None:
 
 
 def _session(connection: Connection, *, stdin: bool, tty: bool) -> tuple[int | None, int | None]:
-    """Stdin (and, on a tty, size changes) to the guest, its output to ours, in one poll loop: nothing waits
+    """Stdin (and, on a tty, size changes) to the guest, its output to ours, in one select loop: nothing waits
     on one side while the other has something to say."""
     import contextlib
     import select
@@ -360,11 +364,13 @@ def _session(connection: Connection, *, stdin: bool, tty: bool) -> tuple[int | N
         wake = -1
         if tty:
             stack.enter_context(terminal.raw_mode())
-            wake, poke = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            wake, poke = os.pipe()  # not pipe2: macOS has none
             stack.callback(os.close, wake)
             stack.callback(os.close, poke)
+            os.set_blocking(wake, False)
+            os.set_blocking(poke, False)
             stack.callback(signal.signal, signal.SIGWINCH, signal.signal(signal.SIGWINCH, _ignore))
-            stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(poke))  # SIGWINCH wakes the poll
+            stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(poke))  # SIGWINCH wakes the select
         sock = connection.sock
         sock.setblocking(False)
         pending = bytearray()  # frames for the guest that its socket has not taken yet
@@ -374,20 +380,22 @@ def _session(connection: Connection, *, stdin: bool, tty: bool) -> tuple[int | N
                     return done
             if connection.eof:
                 raise GuestError(10, "the connection to the guest ended before the command did")
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN | (select.POLLOUT if pending else 0))
-            if fd >= 0 and len(pending) < STDIN_BACKLOG:
-                poller.register(fd, select.POLLIN)
-            if wake >= 0:
-                poller.register(wake, select.POLLIN)
-            for ready, events in poller.poll():
-                if ready == sock.fileno():
-                    if events & ~select.POLLOUT:  # data, the end, or an error (which recv raises)
-                        with contextlib.suppress(BlockingIOError):
-                            connection.read()
-                    if events & select.POLLOUT and pending:
-                        with contextlib.suppress(BlockingIOError):
-                            del pending[:sock.send(pending)]
+            # select, not poll: macOS's poll refuses terminals; a regular file is always ready (epoll refuses it)
+            wanted = [sock.fileno()] + ([fd] if fd >= 0 and len(pending) < STDIN_BACKLOG else []) + \
+                ([wake] if wake >= 0 else [])
+            readable, writable, _ = select.select(wanted, [sock.fileno()] if pending else [], [])
+            if writable:
+                try:
+                    del pending[:sock.send(pending)]
+                except BlockingIOError:
+                    pass
+                except (BrokenPipeError, ConnectionResetError):  # the guest went away: reading says how
+                    pending.clear()
+                    fd = -1
+            for ready in readable:
+                if ready == sock.fileno():  # data, the end, or an error (which recv raises)
+                    with contextlib.suppress(BlockingIOError):
+                        connection.read()
                 elif ready == fd:
                     try:
                         data = os.read(fd, 65536)
@@ -410,10 +418,13 @@ def _session(connection: Connection, *, stdin: bool, tty: bool) -> tuple[int | N
 
 
 def _ignore(signum: int, frame: object) -> None:
-    """SIGWINCH's handler: the poll wakes through the wakeup fd, which is all it needs."""
+    """SIGWINCH's handler: the select wakes through the wakeup fd, which is all it needs."""
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        raise OutputClosed() from None
