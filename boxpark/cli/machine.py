@@ -2,10 +2,13 @@
 
 `up` starts the agent detached and follows its progress; killing `up` (or `logs -f`, or `shell`) harms
 nothing, the agent goes on. Every other command talks to the agent's control socket or, for `exec` and
-`shell`, to the guest API socket the agent forwards. Failures are sentences with a hint, exit codes are
+`shell`, to the guest's API: the guest's own socket where the host reaches it as one (the sandbox; its
+record in backend/machine.json says), else the api.sock the agent forwards. Failures are sentences with a hint, exit codes are
 meaningful: 0 ok, 1 failed, 2 bad usage, 3 not running, the command's own code for `exec`.
-`status` and `logs` run often and quickly: nothing here may import the agent, a backend, the image
-builder or asyncio at its top — the commands that need them import them.
+`status`, `exec` and `logs` run often and must start quickly: nothing here may import the agent, a backend,
+the image builder, asyncio, subprocess, shutil or typing at its top — the commands that need them import
+them (python -X importtime, or `python -m bench cli_startup`, shows what each command loads). `exec` and
+`shell` speak to the guest through `plainexec`, which loads neither asyncio nor msgspec.
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 from ..errors import BoxparkError
 from ..host.state import Machine, config_home
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 NOT_RUNNING = 3
 
@@ -179,6 +182,8 @@ def _start_agent(machine: Machine, config_path: str | None, python: str | None =
     argv = [python or sys.executable, "-m", "boxpark", "agent", "run", "--name", machine.name]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
+    import subprocess
+
     log = open(machine.agent_log, "ab")
     agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              close_fds=True, cwd="/", env=env)
@@ -193,6 +198,9 @@ def _start_agent(machine: Machine, config_path: str | None, python: str | None =
 
 
 def _print_ready(machine: Machine, status: dict[str, Any], args: argparse.Namespace) -> None:
+    import shutil
+    import subprocess
+
     host = status.get("docker_host") or f"unix://{machine.docker_socket}"
     if shutil.which("docker") and not getattr(args, "no_context", False):
         context = "boxpark" if machine.name == "default" else f"boxpark-{machine.name}"
@@ -207,6 +215,8 @@ def _print_ready(machine: Machine, status: dict[str, Any], args: argparse.Namesp
 
 
 def down(args: argparse.Namespace) -> int:
+    import signal
+
     machine = machine_of(args)
     pid = machine.agent_pid()
     if pid is None:
@@ -364,7 +374,8 @@ def logs(args: argparse.Namespace) -> int:
             lines = f.read().splitlines(keepends=True)[-args.tail:]
             sys.stdout.buffer.write(b"".join(lines))
         else:
-            shutil.copyfileobj(f, sys.stdout.buffer)
+            while chunk := f.read(65536):
+                sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
         if not args.follow:
             return 0
@@ -389,78 +400,73 @@ def logs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- exec, shell
 
 
-def _api_client_args(machine: Machine) -> tuple[str, bytes | None]:
-    if not machine.running():
-        raise CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
-                            NOT_RUNNING)
-    secret = None
-    if machine.secret_file.exists() or (machine.backend_dir / "secret").exists():
-        from ..transport import read_secret
+GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+             "LANG": "C.UTF-8"}
+"""The environment of a command `exec` and `shell` run (with this terminal's TERM), in /root."""
 
-        path = machine.secret_file if machine.secret_file.exists() else machine.backend_dir / "secret"
-        secret = read_secret(str(path))
-    return f"unix:{machine.api_socket}", secret
+
+def _not_running(machine: Machine) -> CommandFailed:
+    return CommandFailed(f"machine {machine.name!r} is not running", f"start it: boxpark up --name {machine.name}",
+                         NOT_RUNNING)
+
+
+def _secret(machine: Machine) -> bytes | None:
+    for path in (machine.secret_file, machine.backend_dir / "secret"):
+        if path.exists():
+            from ..transport import read_secret
+
+            return read_secret(str(path))
+    return None
+
+
+def _api_path(machine: Machine) -> str:
+    """The unix socket of the guest's API: the guest's own, as the backend's record names it, when the host
+    reaches it as a unix socket with no secret (the sandbox); else the agent's Guest Proxy (api.sock)."""
+    record = machine.read_json(machine.backend_dir / "machine.json")
+    if isinstance(record, dict) and not record.get("secret_file"):
+        api = record.get("api")
+        if isinstance(api, str) and api.startswith("unix:"):
+            return api[len("unix:"):]
+    return str(machine.api_socket)
 
 
 def exec_(args: argparse.Namespace) -> int:
-    import asyncio
-
     machine = machine_of(args)
     argv = [a for a in args.argv if a != "--"] if args.argv and args.argv[0] == "--" else args.argv
     if not argv:
         raise CommandFailed("nothing to run", "boxpark exec -- COMMAND [ARG…]", 2)
-    address, secret = _api_client_args(machine)
-    return asyncio.run(_interactive(address, secret, argv, tty=args.tty and sys.stdin.isatty(),
-                                    stdin=args.interactive))
+    return _run(machine, argv, tty=args.tty and sys.stdin.isatty(), stdin=args.interactive)
 
 
 def shell(args: argparse.Namespace) -> int:
-    import asyncio
-
     machine = machine_of(args)
-    address, secret = _api_client_args(machine)
     argv = ["/bin/bash", "-l"] if not args.argv else args.argv
-    return asyncio.run(_interactive(address, secret, argv, tty=sys.stdin.isatty(), stdin=True))
+    return _run(machine, argv, tty=sys.stdin.isatty(), stdin=True)
 
 
-async def _interactive(address: str, secret: bytes | None, argv: list[str], *, tty: bool, stdin: bool) -> int:
-    """Run argv in the guest with this terminal: raw mode and window size on a tty, plain pipes otherwise."""
-    import asyncio
-    import contextlib
-
-    from ..host.client import GuestClient
-    from . import terminal
+def _run(machine: Machine, argv: list[str], *, tty: bool, stdin: bool) -> int:
+    """Run argv in the guest with this terminal (raw mode and window size on a tty, plain pipes otherwise) on
+    one connection straight to the guest's API; its exit code."""
+    from .. import __version__
+    from . import plainexec, terminal
 
     rows, cols = terminal.size()
-    env = {"TERM": os.environ.get("TERM", "xterm"), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8"}
-    async with await GuestClient.open(address, secret=secret) as client:
-        process = await client.exec_interactive(argv, tty=tty, rows=rows, cols=cols, env=env, cwd="/root")
-
-        async def send(data: bytes) -> None:
-            process.write(data)
-            await process.drain()
-
-        async def pump() -> None:
-            await terminal.pump_stdin(send)
-            if not tty:
-                process.close_stdin()
-
-        with contextlib.ExitStack() as stack:
-            if tty:
-                stack.enter_context(terminal.raw_mode())
-                stack.enter_context(terminal.resizes(process.resize))
-            if stdin:
-                stack.callback(asyncio.ensure_future(pump()).cancel)
-            else:
-                process.close_stdin()
-            async for chunk in process.output():
-                (sys.stdout.buffer if chunk.fd != 2 else sys.stderr.buffer).write(chunk.data)
-                (sys.stdout if chunk.fd != 2 else sys.stderr).flush()
-        exit_ = process.exit
-        if exit_ is None:
-            raise CommandFailed("the connection to the guest ended before the command did")
-        return exit_.code if exit_.code is not None else 128 + (exit_.signal or 0)
+    env = {"TERM": os.environ.get("TERM", "xterm"), **GUEST_ENV}
+    try:
+        code, signum = plainexec.run(_api_path(machine), _secret(machine), argv, env=env, cwd="/root", rows=rows,
+                                     cols=cols, client=f"boxpark-exec {__version__}", stdin=stdin, tty=tty)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if machine.running():
+            raise CommandFailed(f"machine {machine.name!r} is starting: its guest API is not up yet",
+                                f"wait for it: boxpark up --name {machine.name}", NOT_RUNNING) from None
+        raise _not_running(machine) from None
+    except plainexec.GuestError as exc:
+        raise CommandFailed(f"the guest refused the call ({exc.code_name}): {exc.message}") from None
+    except plainexec.OutputClosed:  # our stdout's reader went away (`| head`): end as a shell's command would
+        return 128 + 13
+    except OSError as exc:
+        raise CommandFailed(f"the connection to the guest failed: {exc.strerror or exc}") from None
+    return code if code is not None else 128 + (signum or 0)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -485,22 +491,22 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "status":
         parser.description = "Show the machine's state, its boot timeline, and dockerd's status."
         parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.set_defaults(func=status)
+        parser.set_defaults(func=status, logging=False)
     elif name == "exec":
         parser.description = "Run a command in the guest: boxpark exec [-it] -- CMD …"
         parser.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
         parser.add_argument("-t", "--tty", action="store_true", help="use a pseudo-terminal")
         parser.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its arguments (after --)")
-        parser.set_defaults(func=exec_)
+        parser.set_defaults(func=exec_, logging=False)
     elif name == "shell":
         parser.description = "An interactive login shell in the guest (a pty; window size changes are forwarded)."
         parser.add_argument("argv", nargs=argparse.REMAINDER, help="a command instead of the login shell")
-        parser.set_defaults(func=shell)
+        parser.set_defaults(func=shell, logging=False)
     elif name == "logs":
         parser.description = "Show the docker, console, init or agent log."
         parser.add_argument("which", nargs="?", default="docker", choices=sorted(LOGS), help="which log (default: docker)")
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
         parser.add_argument("-n", "--tail", type=int, default=0, metavar="N", help="only the last N lines")
-        parser.set_defaults(func=logs)
+        parser.set_defaults(func=logs, logging=False)
     else:
         raise ValueError(f"no machine command {name!r}")

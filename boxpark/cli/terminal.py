@@ -9,20 +9,35 @@ shares its file description with a terminal's stdout and stderr).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import shutil
-import signal
-from typing import Awaitable, Callable, Iterator
+import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; asyncio too loads only where it is used
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Awaitable, Callable, Iterator
 
 DEFAULT_SIZE = (80, 24)  # columns, lines: when stdout is no terminal
 
 
 def size() -> tuple[int, int]:
-    """(rows, columns) of this terminal."""
-    now = shutil.get_terminal_size(DEFAULT_SIZE)
-    return now.lines, now.columns
+    """(rows, columns) of this terminal: what `shutil.get_terminal_size` says ($COLUMNS and $LINES first),
+    without importing shutil (which loads the compression modules)."""
+    try:
+        columns, lines = os.get_terminal_size(sys.__stdout__.fileno())  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        columns, lines = 0, 0
+    for name, fallback in (("COLUMNS", DEFAULT_SIZE[0]), ("LINES", DEFAULT_SIZE[1])):
+        try:
+            value = int(os.environ[name])
+        except (KeyError, ValueError):
+            value = 0
+        if name == "COLUMNS":
+            columns = value if value > 0 else columns or fallback
+        else:
+            lines = value if value > 0 else lines or fallback
+    return lines, columns
 
 
 @contextlib.contextmanager
@@ -42,6 +57,9 @@ def raw_mode(fd: int = 0) -> Iterator[None]:
 @contextlib.contextmanager
 def resizes(resize: Callable[[int, int], None]) -> Iterator[None]:
     """Call `resize(rows, columns)` whenever this terminal's window changes size, for the block's duration."""
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGWINCH, lambda: resize(*size()))
     try:
@@ -56,8 +74,10 @@ async def pump_stdin(send: Callable[[bytes], Awaitable[None]]) -> None:
     Cancelling it stops it at once. A regular file or /dev/null cannot be polled (epoll refuses them);
     reading one never waits, so it is read directly.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
-    fd = _private_stdin()
+    fd = private_stdin()
     try:
         try:
             loop.add_reader(fd, lambda: None)
@@ -94,7 +114,7 @@ def _set(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-def _private_stdin() -> int:
+def private_stdin() -> int:
     """A non-blocking descriptor for stdin that does not share its file description with stdout.
 
     Setting O_NONBLOCK on fd 0 would also set it on a terminal's stdout and stderr (one description),

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+
+# The C module under `socket`: `socket` itself builds its enums when imported, which costs `boxpark status`
+# (a unix socket, one line each way) more than the rest of this module (measured: bench/cli_startup.py).
+from _socket import AF_UNIX, SOCK_STREAM, socket as _unix_socket  # non-inheritable, as socket.socket (PEP 446)
 
 from ..dirs import config_home as config_home, data_home as data_home  # one XDG rule for all of Boxpark
 from ..errors import BoxparkError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every `boxpark status` loads this module)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -30,12 +33,25 @@ class StateError(BoxparkError):
     exit_code = 2
 
 
-@dataclass
 class Machine:
-    """The files of one machine."""
+    """The files of one machine. (A plain class, not a dataclass: dataclasses costs `boxpark status` more
+    to import than all the rest of its own code.)"""
 
-    name: str
-    dir: Path
+    __slots__ = ("name", "dir")
+
+    def __init__(self, name: str, dir: Path) -> None:
+        self.name = name
+        self.dir = dir
+
+    def __repr__(self) -> str:
+        return f"Machine(name={self.name!r}, dir={self.dir!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Machine):
+            return NotImplemented
+        return (self.name, self.dir) == (other.name, other.dir)
+
+    __hash__ = None  # type: ignore[assignment]  # as a dataclass's: mutable, so unhashable
 
     @classmethod
     def named(cls, name: str, home: Path | None = None) -> Machine:
@@ -88,7 +104,7 @@ class Machine:
         return pid if _is_agent(pid, self.name) else None
 
     def control_answers(self, timeout: float = 2.0) -> bool:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _unix_socket(AF_UNIX, SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(str(self.agent_socket))
@@ -108,6 +124,8 @@ class Machine:
 
     def clean(self) -> list[str]:
         """Remove what a dead agent left behind; return what was done, for the log."""
+        import signal
+
         done = []
         pid = self.agent_pid()
         if pid is not None:  # alive but not answering: hung; stop it
@@ -125,13 +143,20 @@ class Machine:
 
     def request(self, op: str, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
         """One request on the agent's control socket; each JSON line it answers. OSError: no agent there."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = _unix_socket(AF_UNIX, SOCK_STREAM)
+        try:
             sock.settimeout(timeout)
             sock.connect(str(self.agent_socket))
-            with sock.makefile("rb") as stream:
-                sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-                for line in stream:
+            sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+            pending = b""
+            while data := sock.recv(65536):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
                     yield json.loads(line)
+            if pending:
+                yield json.loads(pending)
+        finally:
+            sock.close()
 
     def offline_status(self) -> dict[str, Any]:
         """What `status --json` says of a machine with no agent: stopped, failed (and why) or stale files."""
@@ -189,6 +214,9 @@ def _kill_recorded(pid_file: Path) -> list[str]:
     except (OSError, ValueError):
         pid_file.unlink(missing_ok=True)
         return []
+    import signal
+    import time
+
     argv = _cmdline(pid)
     done = []
     if argv and os.path.basename(argv[0]) == os.path.basename(argv0.strip()):

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 # Pumps this process's stdin until its end and prints the bytes' count and sha256; with "cancel", stops the
 # pump once it has seen the first chunk instead.
 PUMP = """
@@ -72,3 +74,20 @@ def test_cancelling_stops_the_pump_while_stdin_stays_open() -> None:
         assert out == f"5 {hashlib.sha256(b'hello').hexdigest()}\n"
     finally:
         os.close(writer)
+
+
+@pytest.mark.parametrize("columns, lines", [(None, None), ("132", None), (None, "50"), ("132", "50"), ("0", "x"),
+                                            ("-1", "-1")])
+def test_the_size_is_shutils_without_shutil(monkeypatch: pytest.MonkeyPatch, columns: str | None,
+                                            lines: str | None) -> None:
+    import shutil
+
+    from boxpark.cli.terminal import size
+
+    for name, value in (("COLUMNS", columns), ("LINES", lines)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    expected = shutil.get_terminal_size((80, 24))
+    assert size() == (expected.lines, expected.columns)
