@@ -170,3 +170,29 @@ def test_the_balloon_with_free_page_reporting(spec: MachineSpec) -> None:
     args = qemu_args(spec, Plan(binary="q"))
     assert "virtio-balloon-pci,id=balloon,free-page-reporting=on" in option(args, "-device")
     assert get_backend("qemu").balloon == "reporting"  # the agent squeezes the cache, never holds the balloon
+
+
+def test_a_fast_boot_plan_names_the_firmware_the_pvh_kernel_and_its_words(spec: MachineSpec) -> None:
+    args = qemu_args(spec, Plan(binary="q", firmware="/fw/qboot.rom", kernel="/cache/pvh/k.elf",
+                                kernel_args="cryptomgr.notests"))
+    assert option(args, "-bios") == ["/fw/qboot.rom"]
+    assert option(args, "-kernel") == ["/cache/pvh/k.elf"] and option(args, "-initrd") == [spec.initrd]
+    assert "panic=-1 cryptomgr.notests" in append(args)
+    plain = qemu_args(spec, Plan(binary="q"))
+    assert "-bios" not in plain and option(plain, "-kernel") == [spec.kernel]
+    assert "cryptomgr" not in append(plain)
+
+
+def test_a_users_command_line_is_kept_whole_on_a_fast_boot(spec: MachineSpec) -> None:
+    spec.command_line = "root=/dev/vda console=hvc0 init=/bin/sh"
+    args = qemu_args(spec, Plan(binary="q", kernel_args="cryptomgr.notests"))
+    assert append(args) == "root=/dev/vda console=hvc0 init=/bin/sh"
+
+
+def test_qboot_only_for_x86_and_only_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boxpark.host.backends import qemuargv
+
+    monkeypatch.setattr(qemuargv, "QBOOT", "/nonexistent/qboot.rom")
+    assert qemuargv.firmware("amd64") is None
+    monkeypatch.setattr(qemuargv, "QBOOT", __file__)
+    assert qemuargv.firmware("amd64") == __file__ and qemuargv.firmware("arm64") is None

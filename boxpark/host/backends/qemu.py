@@ -26,14 +26,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from ...dirs import cache_home
 from ...transport import Address, TransportError, dial_blocking, dial_socket, listen_socket, parse_address, write_secret
 from ..eventstream import EventStream
 from ..spec import MachineSpec, kernel_arch
-from . import virtiofsd
+from . import pvh, virtiofsd
 from .base import API_PORT, Backend, BackendError, UnsupportedSpec
 from .process import PidfdProcess, die_with_parent
-from .qemuargv import (BINARIES, GUEST_API_PORT, Plan, default_cpu, kvm_usable, qemu_args, settings,
-                       vsock_usable)
+from .qemuargv import (BINARIES, FAST_KERNEL_ARGS, GUEST_API_PORT, Plan, default_cpu, firmware, kvm_usable,
+                       qemu_args, settings, vsock_usable)
 from .qmp import Qmp, QmpError, forwarded_port
 
 __all__ = ["GUEST_API_PORT", "Plan", "Qmp", "QmpError", "QemuBackend", "default_cpu", "forwarded_port",
@@ -50,14 +51,21 @@ def free_tcp_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
 
 class QemuBackend(Backend):
-    """`get_backend("qemu")`: a VM. `cpu` overrides -cpu; `extra_args` are appended to QEMU's argv."""
+    """`get_backend("qemu")`: a VM. `cpu` overrides -cpu; `extra_args` are appended to QEMU's argv.
+
+    `fast_boot` (default on; `BOXPARK_QEMU_FAST_BOOT=0` turns it off): on x86, qboot instead of SeaBIOS
+    and the kernel booted as its PVH ELF (`pvh`), plus FAST_KERNEL_ARGS — bench/boot.py measures both ways.
+    """
 
     name = "qemu"
     balloon = "reporting"  # virtio-balloon with free-page-reporting=on (qemuargv)
 
     def __init__(self, *, cpu: str | None = None, extra_args: list[str] | None = None,
-                 block_resize: bool | None = None) -> None:
+                 block_resize: bool | None = None, fast_boot: bool | None = None) -> None:
         super().__init__()
+        if fast_boot is None:
+            fast_boot = os.environ.get("BOXPARK_QEMU_FAST_BOOT") != "0"
+        self.fast_boot = fast_boot
         # BOXPARK_QEMU_BLOCK_RESIZE=0 makes QEMU behave as VZ does (no disk grows under a running guest):
         # the grow-the-file-and-reboot path then runs here, where it can be tested
         if block_resize is None:
@@ -121,6 +129,11 @@ class QemuBackend(Backend):
         transport = "vsock" if vsock_usable() else "user"
         plan = Plan(binary=shutil.which(BINARIES[spec.arch]) or BINARIES[spec.arch],
                     accel="kvm" if use_kvm else "tcg", cpu=self.cpu, transport=transport, extra=self.extra_args)
+        if self.fast_boot:
+            plan.kernel_args = FAST_KERNEL_ARGS
+            plan.firmware = firmware(spec.arch)
+            if spec.arch == "amd64" and spec.kernel:  # unpacked once per kernel, then a cache hit (~30 ms)
+                plan.kernel = await asyncio.to_thread(pvh.pvh_kernel, spec.kernel, cache_home() / "pvh")
         log.debug("qemu: %s (%s), transport %s", plan.accel, self.accel_reason, transport)
 
         # The event listener first: its address goes on the guest's command line.
