@@ -172,6 +172,7 @@ class Result:
     direct_ms: list[float]  # the probe on the guest's own API socket (not through the agent), alike
     baseline: dict[str, Usage]
     end: dict[str, Usage]
+    middle: dict[str, Usage]  # halfway through the load after the baseline: growth after it is not warm-up
     settled: bool  # both came back within the tolerance of the baseline before the deadline
     lines: int
     dropped: int  # what the ring reported dropped (within bounds)
@@ -514,10 +515,15 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     every = min(dockerd_kill_every, left / 2)  # a short run still kills it once
     end = time.monotonic() + left
     next_kill = time.monotonic() + every
+    halfway = time.monotonic() + left / 2
+    middle: dict[str, Usage] | None = None
     while time.monotonic() < end:
         if time.monotonic() >= next_kill and end - time.monotonic() > 5:
             soak.kill_dockerd()
             next_kill += every
+        if middle is None and time.monotonic() >= halfway:
+            middle = soak.usage()
+            _say(f"halfway {middle}")
         time.sleep(0.5)
     _say("load done; waiting for the agent and init to settle")
     soak.stop()
@@ -529,7 +535,7 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
             break
         time.sleep(2)
     _say(f"end {now}")
-    return {"baseline": baseline, "end": now, "settled": settled}
+    return {"baseline": baseline, "end": now, "middle": middle or now, "settled": settled}
 
 
 def report(result: Result) -> None:
@@ -558,6 +564,8 @@ def report(result: Result) -> None:
         figure(f"soak_{who}_pipe_fds", after.pipes, "fds", before.pipes, "ratio <= 1.05")
         figure(f"soak_{who}_threads", after.threads, "threads", before.threads, "ratio <= 1.05")
         figure(f"soak_{who}_rss", after.rss_kb / 1024, "MiB", before.rss_kb / 1024, "ratio <= 1.10")
+        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB", result.middle[who].rss_kb / 1024,
+               "end vs halfway through the load (RSS taken under load: an upper bound): growth that goes on")
     figure("soak_lines_lost", result.lost, "lines", result.lines, "0 within ring bounds")
     figure("soak_lines_dropped", result.dropped, "lines", result.lines, "reported by the ring (not lost)")
     figure("soak_docker_working", float(result.docker_working), "bool", None, "1")
