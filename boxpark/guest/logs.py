@@ -1,13 +1,14 @@
 """Log records of launched processes: cutting output into lines, the bounded ring, and batching to a host.
 
-`LineSplitter` turns the bytes of one stream into `LogRecord`s (one per line; an over-long line becomes
-pieces flagged `partial`, all but its last). `LogRing` keeps the newest records of one process within a
-record and a byte bound, dropping (and counting) the oldest, and numbers them from 1 across both streams.
+`LineSplitter` cuts the bytes of one stream into lines (an over-long line becomes pieces flagged
+`partial`, all but its last). `LogRing` keeps the newest records of one process within a record and a
+byte bound, compactly (not an object per record), dropping (and counting) the oldest, and numbers them
+from 1 across both streams; `LogRecord`s are built only for the batch being read.
 `follow` sends a ring's records to one host connection in `LogBatch`es bounded by count, bytes and a short
 linger, with `dropped` saying how many it missed when it fell behind the ring.
 
-This is the hot path of a flooding service: bytes are split in bulk and records built with `map`, never
-one Python statement per line unless a line is over the limit. Nothing here may block the producing
+This is the hot path of a flooding service: bytes are split and stored in bulk, records built with `map`,
+never one Python statement per line unless a line is over the limit. Nothing here may block the producing
 process: the ring never waits for a reader, it forgets the oldest records instead.
 """
 
