@@ -7,7 +7,8 @@ running `seq`, its lines followed and checked at the host: every batch continues
 counts what the ring let go, anything else missing is lost); dockerd SIGKILLed every 2 minutes; the agent
 SIGKILLed once, early, then `up` again. All the while a separate process calls `info` every 100 ms on one
 connection through the machine's api.sock (the agent's forward to the guest's own server): a stalled
-PID 1 loop shows as a slow or failed probe.
+PID 1 loop shows as a slow or failed probe. A second one calls it alike on the guest's own API socket
+(the sandbox's backend/api.sock, not through the agent): what the two have apart is the agent's forward.
 
 Timeline: warm-up (with the agent kill and the second `up`, then until every load ran again), a pause
 long enough for idle relay threads to exit (`relay.IDLE_SECONDS`), the baseline (fds, threads, RSS of
@@ -16,8 +17,9 @@ settle, the end figures. Traffic goes to loopback only; everything started is st
 machine goes down.
 
 Figures (JSON lines, `_report.figure`): probe p50/p99/max (goals p99 <= 50 ms, max <= 1 s) and failures
-outside the agent-kill window, beside the same figures of a reference (`REFERENCE`: an asyncio echo
-server probed alike, so what CPU contention alone costs on this machine shows); agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
+outside the agent-kill window, the direct probe's (the guest alone), beside the same figures of a
+reference (`REFERENCE`: an asyncio echo server probed alike, so what CPU contention alone costs on this
+machine shows); agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
 growth <= 10%); lines lost within ring bounds (goal 0); docker working at the end (goal 1).
 Run: `python -m bench soak` (BOXPARK_SOAK_SECONDS=N to shorten) or `python bench/soak.py --duration N`.
 `run()` is what tests/sandbox/test_soak.py calls for its short run.
@@ -44,7 +46,7 @@ from typing import Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import boxpark, figure, guest_init_pid, sandbox_machine  # noqa: E402
+from bench._report import boxpark, figure, guest_init_pid, machine_api, sandbox_machine  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_SECONDS = 600.0
@@ -167,8 +169,10 @@ class Result:
     probe_ms: list[float]  # every answered probe outside the agent-kill window
     probe_failures: list[str]  # probes outside that window that got no answer: "time reason"
     reference_ms: list[float]  # the reference probe (REFERENCE) over the same time
+    direct_ms: list[float]  # the probe on the guest's own API socket (not through the agent), alike
     baseline: dict[str, Usage]
     end: dict[str, Usage]
+    middle: dict[str, Usage]  # halfway through the load after the baseline: growth after it is not warm-up
     settled: bool  # both came back within the tolerance of the baseline before the deadline
     lines: int
     dropped: int  # what the ring reported dropped (within bounds)
@@ -463,14 +467,20 @@ def run(duration: float = DEFAULT_SECONDS, *, dockerd_kill_every: float = DOCKER
             soak = Soak(machine, work)
             try:
                 soak.prepare()
-                with _probe(PROBE, f"unix:{machine}/api.sock", str(work / "probe.log")), \
+                _, secret = machine_api(machine)
+                (work / "secret").write_bytes(secret or b"")
+                keys = [str(work / "secret")] if secret else []
+                with _probe(PROBE, f"unix:{machine}/api.sock", str(work / "probe.log"), *keys), \
+                        _probe(PROBE, f"unix:{machine}/backend/api.sock", str(work / "direct.log"), *keys), \
                         _probe(REFERENCE, str(work / "reference.sock"), str(work / "reference.log")):
                     result = _schedule(soak, duration, dockerd_kill_every, tolerance, slack, relay.IDLE_SECONDS)
                     docker_working = soak.run_docker("run", "--rm", "--pull", "never", IMAGE, "echo",
                                                      "soak").stdout == "soak\n"
                 answered, failures = _probe_results(work / "probe.log", soak.agent_window)
                 reference, _ = _probe_results(work / "reference.log", soak.agent_window)
+                direct, _ = _probe_results(work / "direct.log", soak.agent_window)
                 return Result(duration=duration, probe_ms=answered, probe_failures=failures, reference_ms=reference,
+                              direct_ms=direct,
                               docker_working=docker_working, lines=soak.lines, dropped=soak.dropped,
                               lost=soak.lost, tallies=soak.tallies, agent_window=soak.agent_window,
                               dockerd_windows=soak.dockerd_windows,
@@ -505,10 +515,15 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     every = min(dockerd_kill_every, left / 2)  # a short run still kills it once
     end = time.monotonic() + left
     next_kill = time.monotonic() + every
+    halfway = time.monotonic() + left / 2
+    middle: dict[str, Usage] | None = None
     while time.monotonic() < end:
         if time.monotonic() >= next_kill and end - time.monotonic() > 5:
             soak.kill_dockerd()
             next_kill += every
+        if middle is None and time.monotonic() >= halfway:
+            middle = soak.usage()
+            _say(f"halfway {middle}")
         time.sleep(0.5)
     _say("load done; waiting for the agent and init to settle")
     soak.stop()
@@ -520,7 +535,7 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
             break
         time.sleep(2)
     _say(f"end {now}")
-    return {"baseline": baseline, "end": now, "settled": settled}
+    return {"baseline": baseline, "end": now, "middle": middle or now, "settled": settled}
 
 
 def report(result: Result) -> None:
@@ -535,8 +550,13 @@ def report(result: Result) -> None:
     figure("soak_probe_p99", result.percentile(0.99), "ms", None, "<= 50 ms")
     figure("soak_probe_max", max(result.probe_ms, default=float("nan")), "ms", None, "<= 1000 ms")
     figure("soak_probe_failures", len(result.probe_failures), "probes", None, "0")
-    figure("soak_reference_p99", result.percentile(0.99, result.reference_ms), "ms", None,
+    figure("soak_direct_p50", result.percentile(0.5, result.direct_ms), "ms", None,
+           "the same probe on the guest's own API socket, not through the agent")
+    figure("soak_direct_p99", result.percentile(0.99, result.direct_ms), "ms", None, "idem")
+    figure("soak_direct_max", max(result.direct_ms, default=float("nan")), "ms", None, "idem")
+    figure("soak_reference_p50", result.percentile(0.5, result.reference_ms), "ms", None,
            "an asyncio echo server probed alike: CPU contention alone")
+    figure("soak_reference_p99", result.percentile(0.99, result.reference_ms), "ms", None, "idem")
     figure("soak_reference_max", max(result.reference_ms, default=float("nan")), "ms", None, "idem")
     for who in ("agent", "init"):
         before, after = result.baseline[who], result.end[who]
@@ -544,6 +564,8 @@ def report(result: Result) -> None:
         figure(f"soak_{who}_pipe_fds", after.pipes, "fds", before.pipes, "ratio <= 1.05")
         figure(f"soak_{who}_threads", after.threads, "threads", before.threads, "ratio <= 1.05")
         figure(f"soak_{who}_rss", after.rss_kb / 1024, "MiB", before.rss_kb / 1024, "ratio <= 1.10")
+        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB", result.middle[who].rss_kb / 1024,
+               "end vs halfway through the load (RSS taken under load: an upper bound): growth that goes on")
     figure("soak_lines_lost", result.lost, "lines", result.lines, "0 within ring bounds")
     figure("soak_lines_dropped", result.dropped, "lines", result.lines, "reported by the ring (not lost)")
     figure("soak_docker_working", float(result.docker_working), "bool", None, "1")

@@ -6,12 +6,15 @@ non-blocking splice 0.3–0.55×); where there is no splice (macOS) a plain copy
 stream only that direction is shut down: half-close, which `docker run -i` and `docker attach` rely on.
 Threads come from a pool that keeps a few idle ones a while, so a new connection does not pay for starting
 one; a thread owns its splice pipe and closes it when it exits, so what a burst leaves behind is at most
-`MAX_IDLE` threads and their pipes, and nothing once they have been idle `IDLE_SECONDS`.
+`MAX_IDLE` threads and their pipes, and nothing once they have been idle `IDLE_SECONDS`. A new thread is
+started without waiting for it to run (`_thread`, not `threading.Thread.start`, which blocks its caller,
+often an event loop, until the thread is scheduled: 500 starts held a loop ~1 s under load here).
 `DatagramRelay` carries a UDP socket's datagrams over a stream, each behind a 2-byte length (`DATAGRAM`).
 """
 
 from __future__ import annotations
 
+import _thread
 import errno
 import fcntl
 import logging
@@ -33,6 +36,8 @@ MAX_IDLE = 16  # idle threads kept beyond this exit at once: a burst of 500 conn
 
 class _Joined:
     """Two sockets joined by two pooled threads; `done` is called once, after both have finished."""
+
+    __slots__ = ("client", "target", "first", "done", "_left", "_lock", "__weakref__")
 
     def __init__(self, client: socket.socket, target: socket.socket, first: bytes,
                  done: Callable[[], None]) -> None:
@@ -66,6 +71,8 @@ class _Joined:
 
 class Relay(_Joined):
     """Two stream sockets joined both ways, each direction by splice in its own pooled thread."""
+
+    __slots__ = ()
 
     def start(self) -> None:
         _POOL.submit(lambda: self._direction(self.client, self.target, self.first))
@@ -107,6 +114,8 @@ class DatagramRelay(_Joined):
     The stream's end (the peer's flow closed) ends both; a refused datagram (ICMP port unreachable: nothing
     listens yet) is dropped as UDP would, and the flow goes on.
     """
+
+    __slots__ = ()
 
     def start(self) -> None:
         _POOL.submit(self._to_udp)
@@ -260,6 +269,7 @@ class _Pool:
     def __init__(self, idle_seconds: float = IDLE_SECONDS, max_idle: int = MAX_IDLE) -> None:
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
+        self.threads = 0  # alive, busy or idle
         self._idle: list[_Idle] = []  # a stack
         self._lock = threading.Lock()
 
@@ -270,7 +280,13 @@ class _Pool:
                 slot.job = job
                 slot.ready.set()
                 return
-        threading.Thread(target=self._worker, args=(job,), name="relay", daemon=True).start()
+            self.threads += 1
+        try:  # like a daemon thread: never waited for at exit
+            _thread.start_new_thread(self._worker, (job,))
+        except BaseException:
+            with self._lock:
+                self.threads -= 1
+            raise
 
     def _worker(self, job: Callable[[], None]) -> None:
         slot = _Idle()
@@ -296,6 +312,8 @@ class _Pool:
                 job = slot.job
         finally:
             _drop_pipe()
+            with self._lock:
+                self.threads -= 1
 
 
 _POOL = _Pool()

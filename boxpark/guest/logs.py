@@ -1,23 +1,26 @@
 """Log records of launched processes: cutting output into lines, the bounded ring, and batching to a host.
 
-`LineSplitter` turns the bytes of one stream into `LogRecord`s (one per line; an over-long line becomes
-pieces flagged `partial`, all but its last). `LogRing` keeps the newest records of one process within a
-record and a byte bound, dropping (and counting) the oldest, and numbers them from 1 across both streams.
+`LineSplitter` cuts the bytes of one stream into lines (an over-long line becomes pieces flagged
+`partial`, all but its last). `LogRing` keeps the newest records of one process within a record and a
+byte bound, compactly (not an object per record), dropping (and counting) the oldest, and numbers them
+from 1 across both streams; `LogRecord`s are built only for the batch being read.
 `follow` sends a ring's records to one host connection in `LogBatch`es bounded by count, bytes and a short
 linger, with `dropped` saying how many it missed when it fell behind the ring.
 
-This is the hot path of a flooding service: bytes are split in bulk and records built with `map`, never
-one Python statement per line unless a line is over the limit. Nothing here may block the producing
+This is the hot path of a flooding service: bytes are split and stored in bulk, records built with `map`,
+never one Python statement per line unless a line is over the limit. Nothing here may block the producing
 process: the ring never waits for a reader, it forgets the oldest records instead.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import itertools
 import operator
 import os
+import sys
 from typing import Callable
 
 from ..protocol import EndOfStream, Exit, LogBatch, LogRecord
@@ -42,7 +45,7 @@ _repeat = itertools.repeat
 
 
 class LineSplitter:
-    """Cuts one output stream into records; `feed` returns the complete ones, `close` the rest at EOF."""
+    """Cuts one output stream into lines; `split` returns the complete ones, `close` the rest at EOF."""
 
     __slots__ = ("stream", "limit", "_tail")
 
@@ -51,46 +54,64 @@ class LineSplitter:
         self.limit = limit
         self._tail = b""
 
-    def feed(self, data: bytes, seq: int, time_ns: int) -> tuple[list[LogRecord], int]:
-        """The records completed by `data`, numbered from `seq`, and their bytes of data; an unterminated
-        rest waits for more."""
+    def split(self, data: bytes) -> tuple[list[bytes], list[bool] | None]:
+        """The lines (without their newline) completed by `data`, and which are `partial` (None: none is);
+        an unterminated rest waits for more."""
         if self._tail:
             data = self._tail + data
         lines = data.split(b"\n")
         tail = lines.pop()
         limit = self.limit
-        if lines and (len(data) <= limit or max(map(len, lines)) <= limit):
-            records = list(map(LogRecord, range(seq, seq + len(lines)), _repeat(time_ns), _repeat(self.stream),
-                               _repeat(False), lines))
-        elif lines:
-            records = []
+        partials: list[bool] | None = None
+        if lines and not (len(data) <= limit or max(map(len, lines)) <= limit):
+            pieces: list[bytes] = []
+            partials = []
             for line in lines:
-                self._pieces(records, line, seq + len(records), time_ns, last=True)
-        else:
-            records = []
+                self._pieces(pieces, partials, line, last=True)
+            lines = pieces
         if len(tail) > limit:  # an unterminated line over the limit: send its full pieces now
             keep = len(tail) - (len(tail) - 1) // limit * limit
-            self._pieces(records, tail[:-keep], seq + len(records), time_ns, last=False)
+            if partials is None:
+                partials = [False] * len(lines)
+            self._pieces(lines, partials, tail[:-keep], last=False)
             tail = tail[-keep:]
         self._tail = tail
-        return records, len(data) - len(tail) - len(lines)
+        return lines, partials
+
+    def feed(self, data: bytes, seq: int, time_ns: int) -> tuple[list[LogRecord], int]:
+        """`split` as records numbered from `seq`, and their bytes of data."""
+        lines, partials = self.split(data)
+        flags = _repeat(False) if partials is None else partials
+        records = list(map(LogRecord, range(seq, seq + len(lines)), _repeat(time_ns), _repeat(self.stream),
+                           flags, lines))
+        return records, sum(map(len, lines))
 
     def close(self, seq: int, time_ns: int) -> list[LogRecord]:
         """At EOF: the last unterminated line, if any, as a whole (non-partial) record."""
-        tail, self._tail = self._tail, b""
-        return [LogRecord(seq, time_ns, self.stream, False, tail)] if tail else []
+        tail = self.close_line()
+        return [LogRecord(seq, time_ns, self.stream, False, tail)] if tail is not None else []
 
-    def _pieces(self, out: list[LogRecord], line: bytes, seq: int, time_ns: int, last: bool) -> None:
+    def close_line(self) -> bytes | None:
+        """At EOF: the last unterminated line, if any (a whole line, not partial)."""
+        tail, self._tail = self._tail, b""
+        return tail or None
+
+    def _pieces(self, out: list[bytes], partials: list[bool], line: bytes, last: bool) -> None:
         limit = self.limit
         if len(line) <= limit:
-            out.append(LogRecord(seq, time_ns, self.stream, not last, line))
+            out.append(line)
+            partials.append(not last)
             return
         starts = range(0, len(line), limit)
         final = starts[-1]
         for start in starts:
-            out.append(LogRecord(seq, time_ns, self.stream, not (last and start == final),
-                                 line[start:start + limit]))
-            seq += 1
+            out.append(line[start:start + limit])
+            partials.append(not (last and start == final))
+
+
+_PARTIAL = 0x80  # in a record's flags byte, beside its stream number
+_STREAM_OF = bytes(i & 0x7F for i in range(256))
+_PARTIAL_OF = bytes(1 if i & _PARTIAL else 0 for i in range(256))
 
 
 class LogRing:
@@ -99,13 +120,27 @@ class LogRing:
     Records are numbered from 1 (`next_seq` is the next number). Past either bound the oldest records are
     forgotten and counted in `dropped`. `exit` is set once the process has ended and all of its output is
     in; streams send it after the last record.
+
+    Stored compactly, not as a Python object per record (100k short lines were ~14 MB of objects, and
+    what pymalloc keeps of them after a flood is never given back): the data of all records in one
+    bytearray, each followed by a newline (no record holds one: they are pieces of lines), and per record
+    its data's offset (counted without the newlines, for the byte bound), time and flags (stream, partial)
+    in arrays, 17 bytes beside its data. `read` builds `LogRecord`s for one batch at a time (a split of
+    one slice). What is forgotten is let go at once: the bytearray's front is cut (CPython gives the
+    memory back once less than half of it is live), the arrays' fronts at the next compaction (at most
+    twice the records kept).
     """
 
     def __init__(self, max_records: int = 100_000, max_bytes: int = 16 * 1024 * 1024) -> None:
         self.max_records = max(1, max_records)
         self.max_bytes = max(1, max_bytes)
-        self._records: list[LogRecord] = []  # before _head: None, forgotten records awaiting compaction
-        self._head = 0  # index in _records of the oldest record kept
+        self._data = bytearray()  # the records from _head on, each's data and a newline
+        self._base = 0  # the position of _data[0] in all that was ever appended (newlines included)
+        self._end = 0  # the offset (newlines not counted) of the end of the newest record's data
+        self._starts = array.array("q")  # per record: the offset of its data; before _head, forgotten ones
+        self._times = array.array("q")  # per record: time_ns
+        self._flags = array.array("B")  # per record: stream | _PARTIAL
+        self._head = 0  # index in the arrays of the oldest record kept
         self.first_seq = 1  # the sequence number of that record (or next_seq when empty)
         self.next_seq = 1
         self.bytes = 0
@@ -114,20 +149,52 @@ class LogRing:
         self._waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
-        return len(self._records) - self._head
+        return len(self._starts) - self._head
 
     @property
     def last_seq(self) -> int:
         return self.next_seq - 1
 
+    def footprint(self) -> int:
+        """Bytes of memory the ring's storage holds (allocated, not only used)."""
+        return sum(map(sys.getsizeof, (self._data, self._starts, self._times, self._flags)))
+
+    def append_lines(self, stream: int, time_ns: int, lines: list[bytes], partials: list[bool] | None = None) -> None:
+        """Add `lines` of `stream` (as `LineSplitter.split` cut them), numbered from `next_seq` on."""
+        count = len(lines)
+        if not count:
+            return
+        offsets = list(itertools.accumulate(map(len, lines), initial=self._end))
+        end = offsets.pop()
+        self._starts.extend(offsets)
+        self._times.extend(array.array("q", (time_ns,)) * count)
+        if partials is None:
+            self._flags.extend(array.array("B", (stream,)) * count)
+        else:
+            self._flags.extend([stream | _PARTIAL if partial else stream for partial in partials])
+        self._data += b"\n".join(lines)
+        self._data += b"\n"
+        self._stored(count, end)
+
     def append(self, records: list[LogRecord], nbytes: int | None = None) -> None:
-        """Add records numbered from `next_seq` on (as `LineSplitter.feed` made them)."""
+        """Add records numbered from `next_seq` on (as `LineSplitter.feed` made them); `nbytes` is not needed."""
         if not records:
             return
-        self._records += records
-        self.next_seq += len(records)
-        self.bytes += sum(map(len, map(_data, records))) if nbytes is None else nbytes
-        if len(self._records) - self._head > self.max_records or self.bytes > self.max_bytes:
+        datas = list(map(_data, records))
+        offsets = list(itertools.accumulate(map(len, datas), initial=self._end))
+        end = offsets.pop()
+        self._starts.extend(offsets)
+        self._times.extend([record.time_ns for record in records])
+        self._flags.extend([record.stream | _PARTIAL if record.partial else record.stream for record in records])
+        self._data += b"\n".join(datas)
+        self._data += b"\n"
+        self._stored(len(records), end)
+
+    def _stored(self, count: int, end: int) -> None:
+        self.bytes += end - self._end
+        self._end = end
+        self.next_seq += count
+        if len(self._starts) - self._head > self.max_records or self.bytes > self.max_bytes:
             self._trim()
         self._wake()
 
@@ -143,13 +210,25 @@ class LogRing:
         dropped = 0
         if index < 0:
             dropped, index = -index, 0
+        starts = self._starts
         start = self._head + index
-        records = self._records[start:start + max_records]
-        if len(records) > 1:
-            sizes = list(itertools.accumulate(map(len, map(_data, records))))
-            if sizes[-1] > max_bytes:
-                del records[max(1, bisect.bisect_right(sizes, max_bytes)):]
-        return (dropped if records else 0), records
+        stop = min(len(starts), start + max(1, max_records))
+        if start >= stop:
+            return 0, []
+        first = starts[start]
+        if self._end_of(stop - 1) - first > max_bytes:  # as many as fit, but at least one
+            stop = max(start + 1, bisect.bisect_right(starts, first + max_bytes, start + 1, stop) - 1)
+        seq = self.first_seq + index
+        count = stop - start
+        at = first + seq - 1 - self._base  # where in _data: each record before it added a newline
+        datas = bytes(self._data[at:at + self._end_of(stop - 1) - first + count]).split(b"\n")
+        flags = self._flags[start:stop].tobytes()
+        records = list(map(LogRecord, range(seq, seq + count), self._times[start:stop],
+                           flags.translate(_STREAM_OF), map(bool, flags.translate(_PARTIAL_OF)), datas))
+        return dropped, records
+
+    def _end_of(self, index: int) -> int:
+        return self._starts[index + 1] if index + 1 < len(self._starts) else self._end
 
     def waiter(self) -> asyncio.Future[None]:
         """A future that completes on the next append or finish."""
@@ -164,39 +243,24 @@ class LogRing:
                 future.set_result(None)
 
     def _trim(self) -> None:
-        records = self._records
-        count = len(records) - self._head
-        drop = max(0, count - self.max_records)
-        if drop:
-            self.bytes -= sum(map(len, map(_data, records[self._head:self._head + drop])))
-        over = self.bytes - self.max_bytes
-        if over > 0:  # find how many more of the oldest records hold `over` bytes, in bulk
-            window = 64
-            while True:
-                start = self._head + drop
-                room = count - drop - 1  # always keep the newest record
-                chunk = records[start:start + min(window, room)]
-                sizes = list(itertools.accumulate(map(len, map(_data, chunk))))
-                if sizes and sizes[-1] >= over:
-                    n = bisect.bisect_left(sizes, over) + 1
-                    drop += n
-                    self.bytes -= sizes[n - 1]
-                    break
-                drop += len(chunk)
-                if sizes:
-                    self.bytes -= sizes[-1]
-                    over -= sizes[-1]
-                if len(chunk) >= room:
-                    break
-                window *= 4
-        # What is forgotten is freed now, not at the next compaction: the ring's memory stays within its
-        # bounds (plus a pointer per forgotten slot) whatever the size of its records.
-        records[self._head:self._head + drop] = _repeat(None, drop)  # type: ignore[list-item]
-        self._head += drop
+        starts = self._starts
+        head = self._head
+        keep_from = max(head, len(starts) - self.max_records)
+        if self._end - starts[keep_from] > self.max_bytes:  # the first whose data to the end fits, or the newest
+            keep_from = bisect.bisect_left(starts, self._end - self.max_bytes, keep_from, len(starts) - 1)
+        drop = keep_from - head
+        self._head = keep_from
         self.first_seq += drop
         self.dropped += drop
-        if self._head > 4096 and self._head * 2 > len(records):
-            del records[:self._head]
+        self.bytes = self._end - starts[keep_from]
+        cut = starts[keep_from] + self.first_seq - 1 - self._base
+        if cut:
+            del self._data[:cut]  # cheap (the bytearray's start moves); reallocated once mostly dead
+            self._base += cut
+        if self._head > 4096 and self._head * 2 > len(starts):
+            del starts[:self._head]
+            del self._times[:self._head]
+            del self._flags[:self._head]
             self._head = 0
 
 

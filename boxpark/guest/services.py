@@ -46,15 +46,17 @@ class ServiceOutput:
         ring = self.ring
 
         def feed(data: bytes) -> None:
-            records, nbytes = splitter.feed(data, ring.next_seq, time.time_ns())
-            if records:
-                ring.append(records, nbytes)
+            lines, partials = splitter.split(data)
+            if lines:
+                ring.append_lines(splitter.stream, time.time_ns(), lines, partials)
 
         return feed
 
     def _eof_of(self, splitter: logs.LineSplitter) -> Callable[[], None]:
         def eof() -> None:  # the stream's last unterminated line goes in whole
-            self.ring.append(splitter.close(self.ring.next_seq, time.time_ns()))
+            tail = splitter.close_line()
+            if tail is not None:
+                self.ring.append_lines(splitter.stream, time.time_ns(), [tail])
             self.open -= 1
             if self.open == 0 and not self.child.running:
                 self._finish()

@@ -23,6 +23,8 @@ from ..transport import RemoteError, TransportError, listen_socket, parse_addres
 
 log = logging.getLogger("boxpark.agent.proxy")
 
+REFUSAL_WAIT = 1.0  # seconds a refused connection is given to send its request, then to close after the answer
+
 
 def raise_nofile(wanted: int = 65536) -> int:
     """Raise RLIMIT_NOFILE's soft limit toward `wanted` (a proxy holds three fds per connection)."""
@@ -57,7 +59,7 @@ class GuestProxy:
         self._refusal = refusal
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals: set[_Refusal] = set()
         self._relays: set[Relay] = set()
         self._lock = threading.Lock()  # _relays and the counters are touched by relay threads too
         self._closed = False
@@ -127,26 +129,8 @@ class GuestProxy:
         if self._closed:
             client.close()
             return
-        task = asyncio.get_running_loop().create_task(self._refuse(client, reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _refuse(self, client: socket.socket, reason: str) -> None:
-        """Read the request (briefly) so that closing does not reset it, then answer and close."""
-        loop = asyncio.get_running_loop()
-        client.setblocking(False)
-        try:
-            try:
-                await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0)
-            except (asyncio.TimeoutError, OSError):
-                pass
-            await loop.sock_sendall(client, self._refusal(reason))
-            client.shutdown(socket.SHUT_WR)
-            await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0)
-        except (asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            client.close()
+        refusal = _Refusal(client, self._refusal(reason), self._refusals)
+        self._refusals.add(refusal)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -164,5 +148,62 @@ class GuestProxy:
             relays = list(self._relays)
         for relay in relays:
             relay.abort()
-        for task in list(self._tasks):
-            task.cancel()
+        for refusal in list(self._refusals):
+            refusal.finish()
+
+
+class _Refusal:
+    """One refused connection, on the loop by callbacks (no task: a burst of 500 refusals while dockerd
+    restarts costs few objects): read the request (at most REFUSAL_WAIT) so that closing does not reset
+    it, answer, shut down our side, wait (at most REFUSAL_WAIT) for the client to close, close."""
+
+    __slots__ = ("client", "answer", "owner", "loop", "timer", "answered")
+
+    def __init__(self, client: socket.socket, answer: bytes, owner: set[_Refusal]) -> None:
+        self.client = client
+        self.answer = answer
+        self.owner = owner
+        self.answered = False
+        self.loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        self.loop.add_reader(client.fileno(), self._readable)
+        self.timer = self.loop.call_later(REFUSAL_WAIT, self._waited)
+
+    def _readable(self) -> None:
+        try:
+            data = self.client.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not self.answered:
+            self._answer()
+        elif not data:  # the client closed after the answer
+            self.finish()
+
+    def _waited(self) -> None:
+        if self.answered:
+            self.finish()
+        else:
+            self._answer()
+
+    def _answer(self) -> None:
+        self.answered = True
+        self.timer.cancel()
+        try:
+            sent = self.client.send(self.answer) if self.answer else 0
+            if sent < len(self.answer):  # a few hundred bytes to a fresh socket: not expected to happen
+                raise BlockingIOError
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish()
+            return
+        self.timer = self.loop.call_later(REFUSAL_WAIT, self._waited)
+
+    def finish(self) -> None:
+        if self.client.fileno() < 0:
+            return
+        self.timer.cancel()
+        self.loop.remove_reader(self.client.fileno())
+        self.client.close()
+        self.owner.discard(self)

@@ -38,7 +38,13 @@ def pipe_fds() -> int:
 
 
 def relay_threads() -> int:
-    return sum(1 for thread in threading.enumerate() if thread.name == "relay" and thread.is_alive())
+    """The threads of the pool in use (alive, busy or idle), counted by the pool and checked against the
+    process's own tasks in /proc (the pool's threads are not `threading.Thread`s)."""
+    return relay._POOL.threads
+
+
+def tasks() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 def wait_until(condition, deadline: float = DEADLINE) -> bool:
@@ -99,18 +105,19 @@ def burst(n: int, *, reset_every: int = 0) -> None:
 
 
 def test_idle_threads_close_their_pipes_when_they_exit(monkeypatch) -> None:
-    before_pipes, before_threads = pipe_fds(), relay_threads()
     use_pool(monkeypatch, idle_seconds=0.5)
+    before_pipes, before_threads, before_tasks = pipe_fds(), relay_threads(), tasks()
     burst(100)
     burst(100, reset_every=3)  # some end on an error path: the relay's failing direction
     assert wait_until(lambda: relay_threads() <= before_threads), "idle relay threads did not exit"
+    assert wait_until(lambda: tasks() <= before_tasks), f"{tasks() - before_tasks} threads left in /proc"
     assert wait_until(lambda: pipe_fds() <= before_pipes), \
         f"{pipe_fds() - before_pipes} pipe fds left after every relay thread exited"
 
 
 def test_a_burst_leaves_at_most_max_idle_threads_and_their_pipes(monkeypatch) -> None:
-    before_pipes, before_threads = pipe_fds(), relay_threads()
     use_pool(monkeypatch, idle_seconds=3600, max_idle=4)
+    before_pipes, before_threads = pipe_fds(), relay_threads()
     burst(100)
     assert wait_until(lambda: relay_threads() <= before_threads + 4), \
         f"{relay_threads() - before_threads} relay threads kept after the burst (at most 4)"
@@ -120,8 +127,8 @@ def test_a_burst_leaves_at_most_max_idle_threads_and_their_pipes(monkeypatch) ->
 
 
 def test_a_trickle_of_connections_lets_the_rest_of_a_bursts_threads_exit(monkeypatch) -> None:
-    before_pipes, before_threads = pipe_fds(), relay_threads()
     use_pool(monkeypatch, idle_seconds=2.0, max_idle=16)
+    before_pipes, before_threads = pipe_fds(), relay_threads()
     burst(40)
     end = time.monotonic() + DEADLINE
     while relay_threads() > before_threads + 4 and time.monotonic() < end:
