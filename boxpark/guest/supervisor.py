@@ -188,19 +188,34 @@ def _posix_spawn(argv: list[str], env: Mapping[str, str] | None, stdio: tuple[in
     program = argv[0]
     if not isinstance(program, str) or not program:
         return None
-    if "/" in program:
-        candidates = [program]
-    else:
-        candidates = [os.path.join(directory, program) for directory in os.get_exec_path(env)]
-    environment = os.environ if env is None else env
+    # os.environ decodes every variable on each iteration; its bytes dict is what the child gets anyway
+    environment = getattr(os.environ, "_data", os.environ) if env is None else env
+    key = (program, None if "/" in program else environment.get(b"PATH" if env is None else "PATH"))
+    path = _found.get(key)
+    if path is None or not os.access(path, os.X_OK):  # a program found before is checked again, with one call
+        path = _lookup(program, None if "/" in program else os.get_exec_path(env))
+        if path is None:
+            return None
+        if len(_found) >= 256:
+            _found.clear()
+        _found[key] = path
+    try:
+        return os.posix_spawn(path, argv, environment, file_actions=actions, setsid=new_session,
+                              setsigdef=_RESET)
+    except (OSError, ValueError, TypeError):
+        return None  # Popen tries again and raises its own error
+
+
+_found: dict[tuple[str, object], str] = {}
+"""Where a program was found, by its name and the PATH it was looked up on (at most 256 entries): the first executable one, as Popen's search
+finds it, unless one appears earlier on that PATH later (then the cached one is used, as a shell's hash)."""
+
+
+def _lookup(program: str, search: list[str] | None) -> str | None:
+    candidates = [program] if search is None else [os.path.join(directory, program) for directory in search]
     for path in candidates:
-        if not os.access(path, os.X_OK):
-            continue
-        try:
-            return os.posix_spawn(path, argv, environment, file_actions=actions, setsid=new_session,
-                                  setsigdef=_RESET)
-        except (OSError, ValueError, TypeError):
-            return None  # Popen tries again and raises its own error
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
     return None
 
 
