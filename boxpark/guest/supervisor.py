@@ -24,7 +24,7 @@ from . import reaper
 class Process:
     """One spawned process: its pid, and a future that completes with `(code, signal)` once it is reaped."""
 
-    __slots__ = ("pid", "argv", "group", "exited", "code", "signal", "_pidfd", "_popen", "_supervisor")
+    __slots__ = ("pid", "argv", "group", "exited", "code", "signal", "_pidfd", "_popen")
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], pidfd: int, group: bool) -> None:
         self.pid = popen.pid
@@ -35,16 +35,6 @@ class Process:
         self.exited: asyncio.Future[tuple[int | None, int | None]] = asyncio.get_running_loop().create_future()
         self._pidfd = pidfd
         self._popen = popen
-        self._supervisor: Supervisor | None = None
-
-    def poll(self) -> bool:
-        """Reap the child now if it has exited (without waiting for the loop to see its pidfd); True if it has.
-
-        For a caller that learns of the exit another way first, e.g. its output pipes reaching EOF: the
-        exit is then taken in the same loop turn instead of one more wake-up."""
-        if self.running and self._supervisor is not None:
-            self._supervisor._reap(self)
-        return not self.running
 
     @property
     def running(self) -> bool:
@@ -107,7 +97,6 @@ class Supervisor:
                 popen.wait()
                 raise
         child = Process(popen, argv, pidfd, new_session)
-        child._supervisor = self
         self.children.add(child)
         loop.add_reader(pidfd, self._reap, child)
         return child
