@@ -25,11 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TypeVar
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._report import figure, guest_server, server_process  # noqa: E402
+
+T = TypeVar("T")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,7 +67,7 @@ async def measure(addresses: list[str], calls: int) -> tuple[list[list[float]], 
     return via, local
 
 
-def _turn(items: list, n: int) -> list:
+def _turn(items: list[T], n: int) -> list[T]:
     """`items` rotated by `n`: each server goes first in turn (no one always follows the local run)."""
     n %= len(items)
     return items[n:] + items[:n]
