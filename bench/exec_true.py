@@ -4,7 +4,12 @@ The guest server runs in its own process (`boxpark guest serve` on a unix socket
 `api_latency`: a blocking client with pre-encoded frames (the guest's own share: what the server adds to a
 spawn) and the host's asyncio `GuestClient`, as the agent uses it (adding asyncio's round trip on this
 machine). Each is measured alternately with the local run, so both see the same machine; figures are
-medians. Goal: ratio <= 1.5.
+medians. Goal: ratio <= 1.5. The server's own CPU time per exec (user + system, from /proc) is reported too:
+on a loaded machine wall time mostly measures waiting for a CPU.
+
+With BOXPARK_BENCH_BASELINE=CHECKOUT (another checkout of the repository, e.g. a worktree of main), a second
+server runs that checkout's code and every sample is taken from both servers and the local run in turn,
+so a change is measured against its baseline in the same run.
 Run: `python -m bench exec_true` (or `python bench/exec_true.py [--calls N]`).
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -19,92 +25,132 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TypeVar
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure, guest_server  # noqa: E402
+from bench._report import figure, guest_server, server_process  # noqa: E402
+
+T = TypeVar("T")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (its own, not its children's)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(address: str, calls: int) -> tuple[list[float], list[float]]:
+async def measure(addresses: list[str], calls: int) -> tuple[list[list[float]], list[float], list[float]]:
+    """Samples through each server's asyncio client, in turn with the local run."""
     from boxpark.host.client import GuestClient
 
-    via: list[float] = []
+    via: list[list[float]] = [[] for _ in addresses]
     local: list[float] = []
-    async with await GuestClient.open(address) as client:
-        for _ in range(20):  # warm both paths up
-            await client.exec(["true"])
+    local_cpu: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(await GuestClient.open(address)) for address in addresses]
+        for _ in range(20):  # warm every path up
+            for client in clients:
+                await client.exec(["true"])
             subprocess.run(["true"])
-        for _ in range(calls):
-            start = time.perf_counter()
-            result = await client.exec(["true"])
-            via.append(time.perf_counter() - start)
-            if result.code != 0:
-                raise RuntimeError(f"true exited with {result.code} through the API")
-            start = time.perf_counter()
+        for n in range(calls):
+            for client, samples in _turn(list(zip(clients, via)), n):
+                start = time.perf_counter()
+                result = await client.exec(["true"])
+                samples.append(time.perf_counter() - start)
+                if result.code != 0:
+                    raise RuntimeError(f"true exited with {result.code} through the API")
+            start, cpu = time.perf_counter(), time.process_time()
             subprocess.run(["true"])
             local.append(time.perf_counter() - start)
-    return via, local
+            local_cpu.append(time.process_time() - cpu)
+    return via, local, local_cpu
 
 
-def measure_blocking(path: str, calls: int) -> tuple[list[float], list[float]]:
+def _turn(items: list[T], n: int) -> list[T]:
+    """`items` rotated by `n`: each server goes first in turn (no one always follows the local run)."""
+    n %= len(items)
+    return items[n:] + items[:n]
+
+
+def measure_blocking(paths: list[str], calls: int) -> tuple[list[list[float]], list[float], list[float]]:
+    """Samples through each server with a blocking client, in turn with the local run."""
     from boxpark import protocol
 
-    via: list[float] = []
+    via: list[list[float]] = [[] for _ in paths]
     local: list[float] = []
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    decoder = protocol.FrameDecoder()
+    local_cpu: list[float] = []
+    socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in paths]
+    decoders = [protocol.FrameDecoder() for _ in paths]
 
-    def call(frame: bytes) -> protocol.Message:
-        sock.sendall(frame)
-        while (message := decoder.next_message()) is None:
-            data = sock.recv(65536)
+    def call(i: int, frame: bytes) -> protocol.Message:
+        socks[i].sendall(frame)
+        while (message := decoders[i].next_message()) is None:
+            data = socks[i].recv(65536)
             if not data:
                 raise ConnectionError("the guest server closed the connection")
-            decoder.feed(data)
+            decoders[i].feed(data)
         return message
 
     try:
-        if not isinstance(call(protocol.encode(protocol.Hello(client="bench"))), protocol.Welcome):
-            raise RuntimeError("no Welcome from the guest server")
+        for i, path in enumerate(paths):
+            socks[i].connect(path)
+            if not isinstance(call(i, protocol.encode(protocol.Hello(client="bench"))), protocol.Welcome):
+                raise RuntimeError("no Welcome from the guest server")
         request = protocol.encode(protocol.Exec(argv=["true"]))
-        for _ in range(20):  # warm up both paths, as in `measure`
-            call(request)
+        for _ in range(20):  # warm up every path, as in `measure`
+            for i in range(len(paths)):
+                call(i, request)
             subprocess.run(["true"])
-        for _ in range(calls):
-            start = time.perf_counter()
-            reply = call(request)
-            via.append(time.perf_counter() - start)
-            if not isinstance(reply, protocol.ExecResult) or reply.code != 0:
-                raise RuntimeError(f"exec of true through the API answered {reply!r}")
-            start = time.perf_counter()
+        for n in range(calls):
+            for i, samples in _turn(list(enumerate(via)), n):
+                start = time.perf_counter()
+                reply = call(i, request)
+                samples.append(time.perf_counter() - start)
+                if not isinstance(reply, protocol.ExecResult) or reply.code != 0:
+                    raise RuntimeError(f"exec of true through the API answered {reply!r}")
+            start, cpu = time.perf_counter(), time.process_time()
             subprocess.run(["true"])
             local.append(time.perf_counter() - start)
+            local_cpu.append(time.process_time() - cpu)
     finally:
-        sock.close()
-    return via, local
+        for sock in socks:
+            sock.close()
+    return via, local, local_cpu
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
     args = parser.parse_args(argv or [])
-    with tempfile.TemporaryDirectory() as directory:
-        path = f"{directory}/api.sock"
-        with guest_server(path):
-            blocking_via, blocking_local = measure_blocking(path, args.calls)
-            via, local = asyncio.run(measure(f"unix:{path}", args.calls))
-    for label, api, ref in (("blocking", blocking_via, blocking_local), ("asyncio", via, local)):
+    baseline = os.environ.get("BOXPARK_BENCH_BASELINE")
+    labels = ["", "_baseline"] if baseline else [""]
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
+        paths = [f"{directory}/api{label}.sock" for label in labels]
+        servers = [stack.enter_context(guest_server(paths[0]))]
+        if baseline:
+            servers.append(stack.enter_context(server_process(
+                ["env", f"PYTHONPATH={os.path.abspath(baseline)}", sys.executable, "-m", "boxpark", "guest", "serve",
+                 "--listen", f"unix:{paths[1]}"], paths[1], connect=True)))
+        cpu = [cpu_seconds(server.pid) for server in servers]
+        blocking_via, blocking_local, local_cpu = measure_blocking(paths, args.calls)
+        via, local, more = asyncio.run(measure([f"unix:{path}" for path in paths], args.calls))
+        cpu = [cpu_seconds(server.pid) - before for server, before in zip(servers, cpu)]
+    load = os.getloadavg()[0]
+    for label, api, ref in (("blocking", blocking_via[0], blocking_local), ("asyncio", via[0], local)):
         p90 = statistics.quantiles(api, n=10)[-1] * 1e6
         print(f"   {label} client, {args.calls} calls each: p90 through the API {p90:.0f} us, "
-              f"local {statistics.quantiles(ref, n=10)[-1] * 1e6:.0f} us", file=sys.stderr)
-    figure("exec_true_p50_blocking_client", statistics.median(blocking_via) * 1e6, "us",
-           statistics.median(blocking_local) * 1e6, "ratio <= 1.5 (vs local subprocess.run)")
-    figure("exec_true_p50_asyncio_client", statistics.median(via) * 1e6, "us", statistics.median(local) * 1e6,
-           "ratio <= 1.5 (vs local subprocess.run)")
+              f"local {statistics.quantiles(ref, n=10)[-1] * 1e6:.0f} us (load average {load:.1f})", file=sys.stderr)
+    for i, label in enumerate(labels):
+        figure(f"exec_true_p50_blocking_client{label}", statistics.median(blocking_via[i]) * 1e6, "us",
+               statistics.median(blocking_local) * 1e6, "ratio <= 1.5 (vs local subprocess.run)")
+        figure(f"exec_true_p50_asyncio_client{label}", statistics.median(via[i]) * 1e6, "us",
+               statistics.median(local) * 1e6, "ratio <= 1.5 (vs local subprocess.run)")
+        figure(f"exec_true_server_cpu_per_exec{label}", cpu[i] / (2 * args.calls + 40) * 1e6, "us",
+               statistics.mean(local_cpu + more) * 1e6,
+               "none: the server's user + system time per exec vs the local subprocess.run's (the spawner's own)")
 
 
 if __name__ == "__main__":

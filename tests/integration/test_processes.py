@@ -112,6 +112,34 @@ def test_exec_returns_code_and_bytes_safe_output_with_env_cwd_and_stdin(guest: R
     assert (killed.code, killed.signal, killed.timed_out) == (None, signal.SIGTERM, False)
 
 
+def test_exec_finds_its_program_on_the_path_it_is_given_and_hands_on_only_its_stdio(guest: RunningServer,
+                                                                                   tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        tool = tmp_path / name / "boxpark-which-tool"
+        tool.write_text(f"#!/bin/sh\necho {name}\n")
+        tool.chmod(0o755)
+    inherited = os.open(os.devnull, os.O_RDONLY)  # inheritable, as an fd a server inherits at its start
+    os.set_inheritable(inherited, True)
+
+    async def body(client: GuestClient) -> list[protocol.ExecResult]:
+        results = []
+        for name in ("one", "two", "one"):  # the same program on another PATH is another program
+            path = f"{tmp_path / name}:{os.defpath}"
+            results.append(await client.exec(["boxpark-which-tool"], env={"PATH": path}))
+        results.append(await client.exec(["sh", "-c", "ls /proc/$$/fd; grep SigIgn /proc/$$/status"]))
+        return results
+
+    try:
+        one, two, again, fds = talk(guest, body)
+    finally:
+        os.close(inherited)
+    assert [r.stdout for r in (one, two, again)] == [b"one\n", b"two\n", b"one\n"]
+    listed, ignored = fds.stdout.decode().rsplit("SigIgn:", 1)
+    assert sorted(int(fd) for fd in listed.split()) == [0, 1, 2]
+    assert not int(ignored, 16) & (1 << (signal.SIGPIPE - 1))  # SIGPIPE back at its default, as Popen does
+
+
 def test_exec_feeds_large_stdin_while_reading_large_output(guest: RunningServer) -> None:
     data = os.urandom(3 * 1024 * 1024)
     result = talk(guest, lambda client: client.exec(["cat"], stdin=data))
