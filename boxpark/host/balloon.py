@@ -24,17 +24,26 @@ reclaim hard or call the OOM killer; a guest short of memory gets the full size 
 "Uses" is MemTotal - MemAvailable: MemTotal shrinks as the balloon inflates, and MemAvailable counts the
 cache reclaim can drop, so the figure is what the guest's work holds.
 
-Quiet at idle: the task polls the guest's `MemoryStats` every `idle_interval` (30 s) while the balloon is
-empty and nothing changes, every `watch_interval` (5 s) while it is inflated or use is moving. Nothing here
-may block the agent's loop: a poll is one quick call, a target one QMP command or VZ call.
+Where the figures come from: a backend whose balloon reports the guest kernel's own statistics
+(`Backend.balloon_stats`: QEMU's virtio-balloon stats queue, which the guest's driver answers in the kernel)
+is read through it, which costs the guest's init nothing; otherwise (VZ) the task calls the guest's
+`MemoryStats` on the Guest API, a wake-up of the init each look.
+
+Quiet at idle, quick after a burst: the task looks every `idle_interval` while the balloon is empty and
+nothing changes, `active_interval` after a look that saw the guest's memory move (so the look that finds it
+quiet again, and starts the squeeze, comes seconds after the burst ends), every `watch_interval` while it
+is inflated. Over the Guest API these are 30, 5 and 5 s (each look wakes the init); from the kernel's
+statistics 10, 2 and 5 s (`KERNEL_STATS`: a look is one QMP command, the guest's init sleeps through it).
+Nothing here may block the agent's loop: a look is one quick call, a target one QMP command or VZ call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from .. import protocol
 from ..transport import RemoteError, TransportError
@@ -44,6 +53,11 @@ from .client import GuestClient
 log = logging.getLogger("boxpark.agent.balloon")
 
 MiB = 1024 * 1024
+PAGE = 4096  # the unit of the balloon statistics' swap counters (pages)
+# How often the guest's kernel refreshes its balloon statistics (QEMU's guest-stats-polling-interval), and the
+# agent's idle, active and watch intervals when it reads those (see the module's text).
+STATS_REFRESH = 2
+KERNEL_STATS = {"idle_interval": 10.0, "active_interval": 2.0, "watch_interval": 5.0}
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,19 @@ class Figures:
     def of(cls, reply: protocol.MemoryStatsReply) -> Figures:
         return cls(reply.total, reply.free, reply.available, reply.cached, reply.shmem, reply.swap_total,
                    reply.swap_free)
+
+    @classmethod
+    def of_balloon_stats(cls, stats: Mapping[str, int]) -> Figures | None:
+        """From the guest kernel's balloon statistics (QEMU's `guest-stats`: "stat-total-memory" and the like,
+        bytes, -1 where the guest reports nothing); None without total, free and available. The statistics
+        count swap traffic, not swap space: `swapped` becomes the pages swapped out since boot, so "swaps more
+        than it did" (`needs_memory`) reads the same."""
+        total, free, available = (stats.get(f"stat-{name}", -1) for name in ("total-memory", "free-memory",
+                                                                              "available-memory"))
+        if min(total, free, available) < 0:
+            return None
+        swapped_out = max(0, stats.get("stat-swap-out", 0)) * PAGE
+        return cls(total, free, available, max(0, stats.get("stat-disk-caches", 0)), 0, swapped_out, 0)
 
     @property
     def used(self) -> int:
@@ -87,8 +114,9 @@ class Policy:
     headroom: int = 0  # what the guest may take at once beyond its use; 0: an eighth of size, at least 256 MiB
     floor: int = 0  # the least the guest is ever left; 0: a quarter of size, at least 256 MiB
     step: int = 64 * MiB  # changes smaller than this are noise: no target moves for them
-    idle_interval: float = 30.0
-    watch_interval: float = 5.0
+    idle_interval: float = 30.0  # the balloon empty, nothing moving
+    watch_interval: float = 5.0  # the balloon inflated (a squeeze going on, a guest held smaller)
+    active_interval: float = 5.0  # the last look saw the guest's memory move: the next finds it quiet again
 
     @property
     def headroom_bytes(self) -> int:
@@ -145,12 +173,14 @@ def decide(figures: Figures, previous: Figures | None, current: int, policy: Pol
         if still and figures.resident > want + policy.step and want < size - policy.step:
             return Decision(want, watch, f"quiet with {figures.resident // MiB} MiB resident, using "
                                          f"{figures.used // MiB} MiB: squeezing the page cache")
-        return Decision(size, idle if still else watch, "")
+        return Decision(size, idle if still else policy.active_interval, "")
     if want > current:
         return Decision(want, watch, f"use grew to {figures.used // MiB} MiB: balloon deflated")
     if still and want < current - policy.step:
         return Decision(want, watch, f"quiet using {figures.used // MiB} MiB: balloon inflated")
-    return Decision(current, idle if still and current == size else watch, "")
+    if current == size:
+        return Decision(current, idle if still else policy.active_interval, "")
+    return Decision(current, watch, "")
 
 
 class Balloon:
@@ -165,18 +195,42 @@ class Balloon:
 
     async def run(self) -> None:
         client: GuestClient | None = None
+        kernel = True  # the backend's balloon statistics, until it says it has none
+        last_update, unanswered = None, 0
         while True:
             interval = self.policy.idle_interval
             try:
-                if client is None:
-                    client = await self._dial()
-                figures = Figures.of(await client.memory_stats())
-                decision = decide(figures, self.figures, self.target, self.policy)
-                self.figures, interval = figures, decision.interval
-                if decision.target != self.target:
-                    await self._backend.set_balloon(decision.target)
-                    log.info("%s (target %d MiB)", decision.why, decision.target // MiB)
-                    self.target = decision.target
+                figures = None
+                if kernel:
+                    stats = await self._kernel_stats()
+                    if stats is None:
+                        kernel = False
+                    else:
+                        if self.policy.idle_interval == Policy.idle_interval:  # the defaults: this source's
+                            self.policy = dataclasses.replace(self.policy, **KERNEL_STATS)
+                        interval = self.policy.active_interval
+                        figures = Figures.of_balloon_stats(stats.get("stats", {}))
+                        if figures is None or not stats.get("last-update"):  # the guest has not answered yet
+                            unanswered += 1
+                            if unanswered * interval > 60:
+                                log.info("balloon: the guest's kernel reports no memory statistics: its figures "
+                                         "come over the Guest API")
+                                kernel = False
+                            figures = None
+                        elif stats.get("last-update") == last_update:  # not refreshed since: no new look
+                            figures = None
+                        last_update = stats.get("last-update")
+                if not kernel:
+                    if client is None:
+                        client = await self._dial()
+                    figures = Figures.of(await client.memory_stats())
+                if figures is not None:
+                    decision = decide(figures, self.figures, self.target, self.policy)
+                    self.figures, interval = figures, decision.interval
+                    if decision.target != self.target:
+                        await self._backend.set_balloon(decision.target)
+                        log.info("%s (target %d MiB)", decision.why, decision.target // MiB)
+                        self.target = decision.target
             except (TransportError, RemoteError, ConnectionError) as exc:
                 log.warning("balloon: no memory figures from the guest: %s", exc)
                 if client is not None:
@@ -187,3 +241,12 @@ class Balloon:
             except Exception as exc:  # noqa: BLE001 - QMP refusing `balloon` must not end the agent
                 log.warning("balloon: the backend refused the target: %s", exc)
             await asyncio.sleep(interval)
+
+    async def _kernel_stats(self) -> dict[str, Any] | None:
+        """The backend's balloon statistics; None where it has none (or refuses them: then never again)."""
+        try:
+            return await self._backend.balloon_stats(STATS_REFRESH)
+        except Exception as exc:  # noqa: BLE001 - any refusal: the Guest API has the figures too
+            log.info("balloon: no statistics from the backend (%s): the guest's figures come over the Guest API",
+                     exc)
+            return None

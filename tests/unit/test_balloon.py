@@ -121,3 +121,29 @@ def test_never_below_the_floor_nor_use_plus_headroom() -> None:
             target = decide(idle, idle, SIZE, policy).target
             assert target >= policy.floor_bytes
             assert target >= min(SIZE, used + policy.headroom_bytes)
+
+
+def test_the_kernels_balloon_statistics_are_figures() -> None:
+    stats = {"stat-total-memory": 1900 * MiB, "stat-free-memory": 1200 * MiB, "stat-available-memory": 1500 * MiB,
+             "stat-disk-caches": 250 * MiB, "stat-swap-out": 1000, "stat-swap-in": 5, "stat-htlb-pgalloc": 0}
+    figures_ = Figures.of_balloon_stats(stats)
+    assert figures_ is not None
+    assert (figures_.total, figures_.free, figures_.available, figures_.cached) == (
+        1900 * MiB, 1200 * MiB, 1500 * MiB, 250 * MiB)
+    assert figures_.used == 400 * MiB and figures_.resident == 700 * MiB
+    assert figures_.swapped == 1000 * 4096  # pages swapped out since boot: more of them is "swapping more"
+    # QEMU says -1 for what the guest has not reported (before its first answer, or an old driver)
+    assert Figures.of_balloon_stats({**stats, "stat-available-memory": -1}) is None
+    assert Figures.of_balloon_stats({}) is None
+
+
+def test_a_guest_whose_memory_moved_is_looked_at_again_soon() -> None:
+    quick = Policy(SIZE, "reporting", idle_interval=10, active_interval=2, watch_interval=5)
+    before = figures(300 * MiB, free=1000 * MiB)
+    reading = figures(300 * MiB, free=600 * MiB)
+    assert decide(reading, before, SIZE, quick).interval == 2  # the look that finds it quiet comes soon
+    squeeze = decide(reading, reading, SIZE, quick)  # ... and squeezes at once
+    assert squeeze.target < SIZE and squeeze.interval == 5  # a squeeze is watched at its own pace
+    done = figures(300 * MiB, free=100 * MiB, total=squeeze.target)
+    assert decide(done, reading, squeeze.target, quick).target == SIZE
+    assert decide(figures(300 * MiB), figures(300 * MiB), SIZE, quick).interval == 10  # idle: the long look
