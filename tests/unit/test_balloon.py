@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, wanted
+from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, remember, wanted
 
 GiB = 1024 * MiB
 SIZE = 2 * GiB
@@ -147,3 +147,18 @@ def test_a_guest_whose_memory_moved_is_looked_at_again_soon() -> None:
     done = figures(300 * MiB, free=100 * MiB, total=squeeze.target)
     assert decide(done, reading, squeeze.target, quick).target == SIZE
     assert decide(figures(300 * MiB), figures(300 * MiB), SIZE, quick).interval == 10  # idle: the long look
+
+
+def test_quick_looks_are_judged_over_the_watch_interval() -> None:
+    a, b, c, d = (figures(used * MiB) for used in (100, 200, 300, 400))
+    looks = remember([], 0.0, a, 5.0)
+    assert looks == [(0.0, a)]  # a first look: nothing to compare with
+    looks = remember(looks, 2.0, b, 5.0)
+    assert looks[0] == (0.0, a) and looks[-1] == (2.0, b)  # none 5 s old yet: the oldest
+    looks = remember(looks, 4.0, c, 5.0)
+    looks = remember(looks, 6.0, d, 5.0)
+    assert looks == [(0.0, a), (2.0, b), (4.0, c), (6.0, d)]  # 0.0 is the newest at least 5 s old
+    looks = remember(looks, 8.0, d, 5.0)
+    assert looks[0] == (2.0, b) and len(looks) == 4  # bounded: what is older than the reference goes
+    idle = remember([(0.0, a)], 10.0, a, 5.0)
+    assert idle == [(0.0, a), (10.0, a)]  # at idle, the look before
