@@ -34,7 +34,7 @@ from typing import Awaitable, Callable
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import figure, guest_init_pid, sandbox_machine  # noqa: E402
+from bench._report import figure, guest_init_pid, sandbox_machine, say  # noqa: E402
 from boxpark.host.client import GuestClient  # noqa: E402
 from boxpark.transport import read_secret  # noqa: E402
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=float, default=WINDOW)
     args = parser.parse_args(argv if argv is not None else [])
     config = 'memory = "3GiB"\n' if args.backend == "qemu" else ""
+    say("load average at the start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     with sandbox_machine(args.backend, config) as machine:
         secrets = [path for path in (machine / "secret", machine / "backend" / "secret") if path.exists()]
         key = read_secret(str(secrets[0])) if secrets else None  # as `boxpark exec` finds it
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(after)
         figure(f"data disk allocated {after:g} s after deleting it", allocated(disk) / MIB, "MiB", before / MIB,
                "<= before + 64")
+        say("load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
