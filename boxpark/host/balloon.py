@@ -6,7 +6,7 @@ ways exist, and the backend says which it has (`Backend.balloon`):
 - "reporting" (QEMU): virtio-balloon with free page reporting. The guest's kernel reports the pages it frees
   and QEMU drops them, with nobody's help. What it never frees is the page cache: a build that read 1 GiB
   keeps 1 GiB of the host's memory cached. So when the guest has been quiet and holds more than it needs,
-  the policy *squeezes*: the balloon's target goes down to what the guest uses plus headroom, the guest's
+  the policy *squeezes*: the balloon's target goes down to what the guest uses plus some headroom, the guest's
   reclaim drops its coldest cache to inflate it (QEMU drops each page it gets), and once the guest got there
   (or stopped getting closer) the target goes back to the full size. Deflating hands the guest pages that
   the host no longer backs, so the memory stays with the host until the guest really uses it again, and
@@ -18,8 +18,10 @@ ways exist, and the backend says which it has (`Backend.balloon`):
   memory (MemAvailable below half the headroom, or swap being used more), up to use plus headroom as use
   grows.
 
-Never an OOM: the target never goes below what the guest uses plus headroom, nor below a floor (a quarter
-of the machine, at least 256 MiB); the guest's balloon driver inflates with allocations that fail rather than
+Never an OOM: a held target never goes below what the guest uses plus headroom, nor below a floor (a quarter
+of the machine, at least 256 MiB); a squeeze, which lasts seconds and ends the moment the guest is short,
+goes to use plus half the headroom plus a step (`squeeze_target`: what the guest keeps cached after it is
+what the host keeps backing); the guest's balloon driver inflates with allocations that fail rather than
 reclaim hard or call the OOM killer; a guest short of memory gets the full size back at the next poll.
 "Uses" is MemTotal - MemAvailable: MemTotal shrinks as the balloon inflates, and MemAvailable counts the
 cache reclaim can drop, so the figure is what the guest's work holds.
@@ -140,6 +142,14 @@ def wanted(figures: Figures, policy: Policy) -> int:
     return max(policy.floor_bytes, min(policy.size, figures.used + policy.headroom_bytes))
 
 
+def squeeze_target(figures: Figures, policy: Policy) -> int:
+    """Where a squeeze (reporting) takes the guest: its use plus half the headroom plus a step, never under
+    256 MiB nor over the full size. Lower than a held balloon's `wanted` (no quarter-of-the-machine floor): a
+    squeeze lasts seconds, is watched every `active_interval` and ends the moment the guest has under half
+    the headroom available (`needs_memory`), and what it leaves is what the host keeps backing afterwards."""
+    return max(min(policy.size, 256 * MiB), min(policy.size, figures.used + policy.headroom_bytes // 2 + policy.step))
+
+
 def needs_memory(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
     """The guest is short now: little available, or it swaps more than it did."""
     if figures.available < policy.headroom_bytes // 2:
@@ -171,10 +181,12 @@ def decide(figures: Figures, previous: Figures | None, current: int, policy: Pol
             stuck = previous is not None and previous.total - figures.total < policy.step
             if reached or stuck:
                 return Decision(size, watch, "squeeze done: balloon emptied (reclaimed pages stay with the host)")
-            return Decision(current, watch, "squeezing")
-        if still and figures.resident > want + policy.step and want < size - policy.step:
-            return Decision(want, watch, f"quiet with {figures.resident // MiB} MiB resident, using "
-                                         f"{figures.used // MiB} MiB: squeezing the page cache")
+            return Decision(current, policy.active_interval, "squeezing")
+        target = squeeze_target(figures, policy)
+        if still and figures.resident > target + policy.step and target < size - policy.step:
+            return Decision(target, policy.active_interval, f"quiet with {figures.resident // MiB} MiB resident, "
+                                                            f"using {figures.used // MiB} MiB: squeezing the page "
+                                                            f"cache")
         return Decision(size, idle if still else policy.active_interval, "")
     if want > current:
         return Decision(want, watch, f"use grew to {figures.used // MiB} MiB: balloon deflated")
