@@ -20,7 +20,7 @@ ways exist, and the backend says which it has (`Backend.balloon`):
 
 Never an OOM: a held target never goes below what the guest uses plus headroom, nor below a floor (a quarter
 of the machine, at least 256 MiB); a squeeze, which lasts seconds and ends the moment the guest is short,
-goes to use plus half the headroom plus a step (`squeeze_target`: what the guest keeps cached after it is
+goes to use plus half the headroom (`squeeze_target`: what the guest keeps cached after it is
 what the host keeps backing); the guest's balloon driver inflates with allocations that fail rather than
 reclaim hard or call the OOM killer; a guest short of memory gets the full size back at the next poll.
 "Uses" is MemTotal - MemAvailable: MemTotal shrinks as the balloon inflates, and MemAvailable counts the
@@ -143,11 +143,11 @@ def wanted(figures: Figures, policy: Policy) -> int:
 
 
 def squeeze_target(figures: Figures, policy: Policy) -> int:
-    """Where a squeeze (reporting) takes the guest: its use plus half the headroom plus a step, never under
-    256 MiB nor over the full size. Lower than a held balloon's `wanted` (no quarter-of-the-machine floor): a
+    """Where a squeeze (reporting) takes the guest: its use plus half the headroom, never under 256 MiB nor
+    over the full size. Lower than a held balloon's `wanted` (no quarter-of-the-machine floor): a
     squeeze lasts seconds, is watched every `active_interval` and ends the moment the guest has under half
     the headroom available (`needs_memory`), and what it leaves is what the host keeps backing afterwards."""
-    return max(min(policy.size, 256 * MiB), min(policy.size, figures.used + policy.headroom_bytes // 2 + policy.step))
+    return max(min(policy.size, 256 * MiB), min(policy.size, figures.used + policy.headroom_bytes // 2))
 
 
 def needs_memory(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
