@@ -34,8 +34,8 @@ is read through it, which costs the guest's init nothing; otherwise (VZ) the tas
 Quiet at idle, quick after a burst: the task looks every `idle_interval` while the balloon is empty and
 nothing changes, `active_interval` after a look that saw the guest's memory move (so the look that finds it
 quiet again, and starts the squeeze, comes seconds after the burst ends), every `watch_interval` while it
-is inflated; quick looks are compared with one at least `watch_interval` old (`remember`), so "quiet" means
-the same whatever the pace. Over the Guest API these are 30, 5 and 5 s (each look wakes the init); from the
+is inflated; quick looks are compared with one at least `watch_interval` old (`reference`), so "quiet" and
+"stuck" mean the same whatever the pace. Over the Guest API these are 30, 5 and 5 s (each look wakes the init); from the
 kernel's statistics 10, 2 and 5 s (`KERNEL_STATS`: a look is one QMP command, the init sleeps through it).
 Nothing here may block the agent's loop: a look is one quick call, a target one QMP command or VZ call.
 """
@@ -165,8 +165,8 @@ def quiet(figures: Figures, previous: Figures | None, policy: Policy) -> bool:
 
 
 def decide(figures: Figures, previous: Figures | None, current: int, policy: Policy) -> Decision:
-    """The next balloon target and when to look again, from the figures now and at an earlier look (`previous`,
-    None on the first: the look `remember` keeps, at least `watch_interval` old once there is one).
+    """The next balloon target and when to look again, from the figures now and at an earlier look (`previous`:
+    the `reference` look, at least `watch_interval` old; None when there is none yet).
 
     `current` is the target in force (policy.size when the balloon is empty).
     """
@@ -200,12 +200,20 @@ def decide(figures: Figures, previous: Figures | None, current: int, policy: Pol
 def remember(looks: list[tuple[float, Figures]], now: float, figures: Figures,
              span: float) -> list[tuple[float, Figures]]:
     """The looks to keep, (time, figures) oldest first, with this one added: from the newest look at least
-    `span` seconds old (or the oldest, none being that old yet) on. `decide` compares the newest with the
-    first, so looks closer together than `span` (`active_interval`) are still judged over `span`: "quiet"
-    is always less than a step per `span`, and a slow build is not taken for an idle guest."""
+    `span` seconds old (or the oldest, none being that old yet) on."""
     looks = [*looks, (now, figures)]
     old = [i for i, (at, _) in enumerate(looks[:-1]) if at <= now - span]
     return looks[old[-1] if old else 0:]
+
+
+def reference(looks: list[tuple[float, Figures]], now: float, span: float) -> Figures | None:
+    """The look `decide` compares the newest (the last of `looks`) with: the oldest kept, if it is at least
+    `span` (`watch_interval`) old; else None, as on a first look. So looks closer together than `span`
+    (`active_interval`) are still judged over `span`: "quiet" is under a step per `span` whatever the pace of
+    looking (a slow build is not taken for an idle guest), and a squeeze is "stuck" only when it got less
+    than a step closer in `span`. The agent forgets its looks when the target moves, so the seconds after a
+    squeeze starts or ends are judged from that moment on."""
+    return looks[0][1] if len(looks) > 1 and looks[0][0] <= now - span else None
 
 
 class Balloon:
@@ -217,7 +225,7 @@ class Balloon:
         self.policy = policy
         self.target = policy.size
         self.figures: Figures | None = None  # the last look (for `status`)
-        self._looks: list[tuple[float, Figures]] = []  # (monotonic time, figures): the last look and the one before
+        self._looks: list[tuple[float, Figures]] = []  # (monotonic time, figures): see `remember`, `reference`
 
     async def run(self) -> None:
         client: GuestClient | None = None
@@ -253,10 +261,11 @@ class Balloon:
                 if figures is not None:
                     now = asyncio.get_running_loop().time()
                     self._looks = remember(self._looks, now, figures, self.policy.watch_interval)
-                    previous = self._looks[0][1] if len(self._looks) > 1 else None
-                    decision = decide(figures, previous, self.target, self.policy)
+                    decision = decide(figures, reference(self._looks, now, self.policy.watch_interval),
+                                      self.target, self.policy)
                     self.figures, interval = figures, decision.interval
                     if decision.target != self.target:
+                        self._looks = [(now, figures)]  # judged from here on (see `reference`)
                         await self._backend.set_balloon(decision.target)
                         log.info("%s (target %d MiB)", decision.why, decision.target // MiB)
                         self.target = decision.target

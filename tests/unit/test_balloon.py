@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, remember, wanted
+from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, reference, remember, wanted
 
 GiB = 1024 * MiB
 SIZE = 2 * GiB
@@ -157,13 +157,27 @@ def test_a_guest_whose_memory_moved_is_looked_at_again_soon() -> None:
 def test_quick_looks_are_judged_over_the_watch_interval() -> None:
     a, b, c, d = (figures(used * MiB) for used in (100, 200, 300, 400))
     looks = remember([], 0.0, a, 5.0)
-    assert looks == [(0.0, a)]  # a first look: nothing to compare with
+    assert looks == [(0.0, a)] and reference(looks, 0.0, 5.0) is None  # a first look: nothing to compare with
     looks = remember(looks, 2.0, b, 5.0)
-    assert looks[0] == (0.0, a) and looks[-1] == (2.0, b)  # none 5 s old yet: the oldest
+    assert looks == [(0.0, a), (2.0, b)] and reference(looks, 2.0, 5.0) is None  # none 5 s old yet
     looks = remember(looks, 4.0, c, 5.0)
     looks = remember(looks, 6.0, d, 5.0)
-    assert looks == [(0.0, a), (2.0, b), (4.0, c), (6.0, d)]  # 0.0 is the newest at least 5 s old
+    assert looks == [(0.0, a), (2.0, b), (4.0, c), (6.0, d)] and reference(looks, 6.0, 5.0) == a
     looks = remember(looks, 8.0, d, 5.0)
-    assert looks[0] == (2.0, b) and len(looks) == 4  # bounded: what is older than the reference goes
+    assert looks[0] == (2.0, b) and len(looks) == 4 and reference(looks, 8.0, 5.0) == b  # older ones go
     idle = remember([(0.0, a)], 10.0, a, 5.0)
-    assert idle == [(0.0, a), (10.0, a)]  # at idle, the look before
+    assert idle == [(0.0, a), (10.0, a)] and reference(idle, 10.0, 5.0) == a  # at idle, the look before
+
+
+def test_a_squeeze_two_seconds_old_is_not_stuck() -> None:
+    """Quick looks during a squeeze: no reference 5 s old yet (the agent forgot its looks when the target
+    moved), so only "reached" or "short" end it; from 5 s on, less than a step closer is stuck."""
+    quick = Policy(SIZE, "reporting", idle_interval=10, active_interval=2, watch_interval=5)
+    start = figures(300 * MiB, free=600 * MiB)
+    target = decide(start, start, SIZE, quick).target
+    looks = [(0.0, start)]
+    barely = figures(300 * MiB, free=580 * MiB, total=start.total - 20 * MiB)  # 2 s in: 20 MiB inflated
+    looks = remember(looks, 2.0, barely, 5.0)
+    assert decide(barely, reference(looks, 2.0, 5.0), target, quick) == Decision(target, 2, "squeezing")
+    looks = remember(looks, 6.0, barely, 5.0)  # 6 s in and still only 20 MiB closer: stuck
+    assert decide(barely, reference(looks, 6.0, 5.0), target, quick).target == SIZE
