@@ -173,13 +173,15 @@ def decide(figures: Figures, previous: Figures | None, current: int, policy: Pol
     size, idle, watch = policy.size, policy.idle_interval, policy.watch_interval
     still = quiet(figures, previous, policy)
     want = wanted(figures, policy)
+    reached = figures.total <= current + policy.step
+    if policy.mode == "reporting" and current < size and reached:  # (short there too, as a squeeze ends: same)
+        return Decision(size, watch, "squeeze done: balloon emptied (reclaimed pages stay with the host)")
     if needs_memory(figures, previous, policy):
         return Decision(size, watch, "the guest needs memory: balloon emptied")
     if policy.mode == "reporting":
         if current < size:
-            reached = figures.total <= current + policy.step
             stuck = previous is not None and previous.total - figures.total < policy.step
-            if reached or stuck:
+            if stuck:
                 return Decision(size, watch, "squeeze done: balloon emptied (reclaimed pages stay with the host)")
             return Decision(current, policy.active_interval, "squeezing")
         target = squeeze_target(figures, policy)

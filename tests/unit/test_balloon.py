@@ -151,6 +151,9 @@ def test_a_guest_whose_memory_moved_is_looked_at_again_soon() -> None:
     short = figures(400 * MiB, free=0, total=squeeze.target + 70 * MiB)  # the guest took memory mid-squeeze
     assert short.available < quick.headroom_bytes // 2
     assert decide(short, reading, squeeze.target, quick).target == SIZE
+    there_and_short = figures(400 * MiB, free=0, total=squeeze.target)  # a squeeze's end: half the headroom left
+    ended = decide(there_and_short, reading, squeeze.target, quick)
+    assert ended.target == SIZE and ended.why.startswith("squeeze done")
     assert decide(figures(300 * MiB), figures(300 * MiB), SIZE, quick).interval == 10  # idle: the long look
 
 
