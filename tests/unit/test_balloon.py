@@ -174,7 +174,7 @@ def test_quick_looks_are_judged_over_the_watch_interval() -> None:
 
 def test_a_squeeze_two_seconds_old_is_not_stuck() -> None:
     """Quick looks during a squeeze: no reference 5 s old yet (the agent forgot its looks when the target
-    moved), so only "reached" or "short" end it; from 5 s on, less than a step closer is stuck."""
+    moved), so only "reached" or "short" end it; from 5 s on, under a quarter step closer is stuck."""
     quick = Policy(SIZE, "reporting", idle_interval=10, active_interval=2, watch_interval=5)
     start = figures(300 * MiB, free=600 * MiB)
     target = decide(start, start, SIZE, quick).target
@@ -182,5 +182,8 @@ def test_a_squeeze_two_seconds_old_is_not_stuck() -> None:
     barely = figures(300 * MiB, free=580 * MiB, total=start.total - 20 * MiB)  # 2 s in: 20 MiB inflated
     looks = remember(looks, 2.0, barely, 5.0)
     assert decide(barely, reference(looks, 2.0, 5.0), target, quick) == Decision(target, 2, "squeezing")
-    looks = remember(looks, 6.0, barely, 5.0)  # 6 s in and still only 20 MiB closer: stuck
-    assert decide(barely, reference(looks, 6.0, 5.0), target, quick).target == SIZE
+    looks = remember(looks, 6.0, barely, 5.0)  # 6 s in, 20 MiB closer: slow (TCG), not stuck
+    assert decide(barely, reference(looks, 6.0, 5.0), target, quick).target == target
+    stopped = figures(300 * MiB, free=575 * MiB, total=start.total - 25 * MiB)  # 5 MiB more in 6 s: stuck
+    looks = remember(looks, 12.0, stopped, 5.0)
+    assert decide(stopped, reference(looks, 12.0, 5.0), target, quick).target == SIZE
