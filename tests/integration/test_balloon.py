@@ -35,6 +35,30 @@ class RecordingBackend:
         self.targets.append(size)
 
 
+class StatsBackend(RecordingBackend):
+    """Also stands in for `balloon_stats`: this host's /proc/meminfo as a guest kernel's balloon driver reports
+    it (QEMU's `guest-stats`), refreshed at each call; the first calls are unanswered (-1), as QEMU says before
+    the guest's first report."""
+
+    balloon = "reporting"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.refresh: list[int] = []
+
+    async def balloon_stats(self, refresh: int) -> dict[str, object]:
+        self.calls += 1
+        self.refresh.append(refresh)
+        if self.calls <= 2:
+            return {"stats": {"stat-total-memory": -1, "stat-free-memory": -1, "stat-available-memory": -1},
+                    "last-update": 0}
+        host = host_memory()
+        return {"stats": {"stat-total-memory": host.total, "stat-free-memory": host.free,
+                          "stat-available-memory": host.available, "stat-disk-caches": 0, "stat-swap-out": 0},
+                "last-update": self.calls}
+
+
 def host_memory() -> Figures:
     values = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -75,3 +99,37 @@ def test_a_quiet_guest_is_shrunk_to_use_plus_headroom(tmp_path: Path) -> None:
 
     with running_server(tmp_path) as srv:
         asyncio.run(main(srv.address))
+
+
+def test_with_the_kernels_statistics_the_guests_init_is_never_asked() -> None:
+    """A backend whose balloon reports the guest kernel's figures: the task reads those (the init sleeps) and
+    squeezes a quiet guest holding more than use plus headroom."""
+    host = host_memory()
+    # a machine this host's size, with a headroom so small that what the host caches or has free is "more"
+    policy = Policy(host.total, "reporting", headroom=16 * MiB, floor=16 * MiB, step=256 * MiB,
+                    idle_interval=0.05, watch_interval=0.05, active_interval=0.05)
+    if host.resident <= host.used + policy.headroom_bytes + 2 * policy.step:
+        pytest.skip("this host holds too little beyond its use (cache) for a squeeze")
+    backend = StatsBackend()
+    dials = 0
+
+    async def dial() -> GuestClient:
+        nonlocal dials
+        dials += 1
+        raise AssertionError("the guest's init was asked for figures the kernel gives")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(Balloon(dial, backend, policy).run())  # type: ignore[arg-type]
+        try:
+            for _ in range(600):
+                if backend.targets:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert dials == 0
+    assert backend.calls > 3 and set(backend.refresh) == {2}
+    assert backend.targets and backend.targets[0] < policy.size

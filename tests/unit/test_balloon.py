@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, wanted
+from boxpark.host.balloon import MiB, Decision, Figures, Policy, decide, needs_memory, reference, remember, wanted
 
 GiB = 1024 * MiB
 SIZE = 2 * GiB
@@ -41,7 +41,9 @@ def test_reporting_squeezes_a_quiet_guest_full_of_cache_then_empties() -> None:
     before = figures(300 * MiB, free=200 * MiB)  # 1.6 GiB of cache held by the host
     now = figures(310 * MiB, free=200 * MiB)
     squeeze = decide(now, before, SIZE, REPORTING)
-    assert squeeze.target == 310 * MiB + 256 * MiB < SIZE and squeeze.interval == REPORTING.watch_interval
+    # to use + half the headroom: a squeeze is brief, and what it leaves cached the host keeps backing
+    assert squeeze.target == 310 * MiB + 128 * MiB < SIZE
+    assert squeeze.interval == REPORTING.active_interval
     # still inflating (MemTotal going down): keep the target
     going = figures(310 * MiB, free=50 * MiB, total=1200 * MiB)
     assert decide(going, now, squeeze.target, REPORTING).target == squeeze.target
@@ -117,7 +119,71 @@ def test_small_moves_are_noise() -> None:
 def test_never_below_the_floor_nor_use_plus_headroom() -> None:
     for used in (0, 100 * MiB, 700 * MiB, 1500 * MiB, 1900 * MiB):
         idle = figures(used, free=50 * MiB if used < 1800 * MiB else 10 * MiB)
-        for policy in (HOLD, REPORTING):
-            target = decide(idle, idle, SIZE, policy).target
-            assert target >= policy.floor_bytes
-            assert target >= min(SIZE, used + policy.headroom_bytes)
+        held = decide(idle, idle, SIZE, HOLD).target
+        assert held >= HOLD.floor_bytes and held >= min(SIZE, used + HOLD.headroom_bytes)
+        squeezed = decide(idle, idle, SIZE, REPORTING).target  # seconds long, ended when the guest is short
+        assert squeezed >= 256 * MiB and squeezed >= min(SIZE, used + REPORTING.headroom_bytes // 2)
+
+
+def test_the_kernels_balloon_statistics_are_figures() -> None:
+    stats = {"stat-total-memory": 1900 * MiB, "stat-free-memory": 1200 * MiB, "stat-available-memory": 1500 * MiB,
+             "stat-disk-caches": 250 * MiB, "stat-swap-out": 1000, "stat-swap-in": 5, "stat-htlb-pgalloc": 0}
+    figures_ = Figures.of_balloon_stats(stats)
+    assert figures_ is not None
+    assert (figures_.total, figures_.free, figures_.available, figures_.cached) == (
+        1900 * MiB, 1200 * MiB, 1500 * MiB, 250 * MiB)
+    assert figures_.used == 400 * MiB and figures_.resident == 700 * MiB
+    assert figures_.swapped == 1000 * 4096  # pages swapped out since boot: more of them is "swapping more"
+    # QEMU says -1 for what the guest has not reported (before its first answer, or an old driver)
+    assert Figures.of_balloon_stats({**stats, "stat-available-memory": -1}) is None
+    assert Figures.of_balloon_stats({}) is None
+
+
+def test_a_guest_whose_memory_moved_is_looked_at_again_soon() -> None:
+    quick = Policy(SIZE, "reporting", idle_interval=10, active_interval=2, watch_interval=5)
+    before = figures(300 * MiB, free=1000 * MiB)
+    reading = figures(300 * MiB, free=600 * MiB)
+    assert decide(reading, before, SIZE, quick).interval == 2  # the look that finds it quiet comes soon
+    squeeze = decide(reading, reading, SIZE, quick)  # ... and squeezes at once
+    assert squeeze.target < SIZE and squeeze.interval == 2  # a squeeze is watched closely: it ends when short
+    done = figures(300 * MiB, free=100 * MiB, total=squeeze.target)
+    assert decide(done, reading, squeeze.target, quick).target == SIZE
+    short = figures(400 * MiB, free=0, total=squeeze.target + 70 * MiB)  # the guest took memory mid-squeeze
+    assert short.available < quick.headroom_bytes // 2
+    assert decide(short, reading, squeeze.target, quick).target == SIZE
+    there_and_short = figures(400 * MiB, free=0, total=squeeze.target)  # a squeeze's end: half the headroom left
+    ended = decide(there_and_short, reading, squeeze.target, quick)
+    assert ended.target == SIZE and ended.why.startswith("squeeze done")
+    assert decide(figures(300 * MiB), figures(300 * MiB), SIZE, quick).interval == 10  # idle: the long look
+
+
+def test_quick_looks_are_judged_over_the_watch_interval() -> None:
+    a, b, c, d = (figures(used * MiB) for used in (100, 200, 300, 400))
+    looks = remember([], 0.0, a, 5.0)
+    assert looks == [(0.0, a)] and reference(looks, 0.0, 5.0) is None  # a first look: nothing to compare with
+    looks = remember(looks, 2.0, b, 5.0)
+    assert looks == [(0.0, a), (2.0, b)] and reference(looks, 2.0, 5.0) is None  # none 5 s old yet
+    looks = remember(looks, 4.0, c, 5.0)
+    looks = remember(looks, 6.0, d, 5.0)
+    assert looks == [(0.0, a), (2.0, b), (4.0, c), (6.0, d)] and reference(looks, 6.0, 5.0) == a
+    looks = remember(looks, 8.0, d, 5.0)
+    assert looks[0] == (2.0, b) and len(looks) == 4 and reference(looks, 8.0, 5.0) == b  # older ones go
+    idle = remember([(0.0, a)], 10.0, a, 5.0)
+    assert idle == [(0.0, a), (10.0, a)] and reference(idle, 10.0, 5.0) == a  # at idle, the look before
+
+
+def test_a_squeeze_two_seconds_old_is_not_stuck() -> None:
+    """Quick looks during a squeeze: no reference 5 s old yet (the agent forgot its looks when the target
+    moved), so only "reached" or "short" end it; from 5 s on, under a quarter step closer is stuck."""
+    quick = Policy(SIZE, "reporting", idle_interval=10, active_interval=2, watch_interval=5)
+    start = figures(300 * MiB, free=600 * MiB)
+    target = decide(start, start, SIZE, quick).target
+    looks = [(0.0, start)]
+    barely = figures(300 * MiB, free=580 * MiB, total=start.total - 20 * MiB)  # 2 s in: 20 MiB inflated
+    looks = remember(looks, 2.0, barely, 5.0)
+    assert decide(barely, reference(looks, 2.0, 5.0), target, quick) == Decision(target, 2, "squeezing")
+    looks = remember(looks, 6.0, barely, 5.0)  # 6 s in, 20 MiB closer: slow (TCG), not stuck
+    assert decide(barely, reference(looks, 6.0, 5.0), target, quick).target == target
+    stopped = figures(300 * MiB, free=575 * MiB, total=start.total - 25 * MiB)  # 5 MiB more in 6 s: stuck
+    looks = remember(looks, 12.0, stopped, 5.0)
+    assert decide(stopped, reference(looks, 12.0, 5.0), target, quick).target == SIZE

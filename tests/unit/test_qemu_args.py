@@ -32,7 +32,7 @@ def append(args: list[str]) -> str:
 def test_x86_tcg_defaults(spec: MachineSpec) -> None:
     args = qemu_args(spec, Plan(binary="qemu-system-x86_64", events_port=4321, qmp_fd=7))
     assert args[0] == "qemu-system-x86_64"
-    assert option(args, "-machine") == ["q35"] and option(args, "-accel") == ["tcg"]
+    assert option(args, "-machine") == ["q35"] and option(args, "-accel") == ["tcg,tb-size=128"]  # cache: MiB
     assert "-cpu" not in args  # qemu64: measured no slower than max for this boot under TCG
     assert option(args, "-smp") == ["2"] and option(args, "-m") == ["2048M"]
     for flag in ("-nographic", "-nodefaults", "-no-reboot", "-S"):
@@ -126,6 +126,7 @@ def test_arm64_uses_virt_and_cortex_a72_under_tcg(spec: MachineSpec) -> None:
     assert option(args, "-machine") == ["virt"] and option(args, "-cpu") == ["cortex-a72"]
     kvm = qemu_args(spec, Plan(binary="qemu-system-aarch64", accel="kvm"))
     assert option(kvm, "-machine") == ["virt,gic-version=max"] and option(kvm, "-cpu") == ["host"]
+    assert option(kvm, "-accel") == ["kvm"]  # no translation cache to size
 
 
 def test_over_user_net_the_tcp_api_serves_only_the_hosts_forward(spec: MachineSpec) -> None:

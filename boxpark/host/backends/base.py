@@ -216,6 +216,12 @@ class Backend(abc.ABC):
         """Ask the guest to shrink to (or grow back to) `size` bytes of memory through its balloon; the guest
         gets there by itself, as it can. A no-op on a backend without one."""
 
+    async def balloon_stats(self, refresh: int) -> dict[str, Any] | None:
+        """The guest kernel's memory statistics as its balloon driver reports them, refreshed every `refresh`
+        seconds (QEMU's `guest-stats`: {"stats": {"stat-total-memory": bytes, ...}, "last-update": s});
+        None on a backend whose balloon has none (host/balloon.py then asks the guest's init)."""
+        return None
+
     async def reboot(self, timeout: float = 120.0) -> Ready:
         """Reboot the guest (its init stops its services cleanly) into a new machine with the same spec.
 

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from ...dirs import cache_home
 from ...transport import Address, TransportError, dial_blocking, dial_socket, listen_socket, parse_address, write_secret
@@ -43,6 +44,7 @@ __all__ = ["GUEST_API_PORT", "Plan", "Qmp", "QmpError", "QemuBackend", "default_
 log = logging.getLogger("boxpark.host.qemu")
 
 QMP_TIMEOUT = 10.0
+BALLOON_QOM = "/machine/peripheral/balloon"  # the virtio-balloon device (id=balloon, qemuargv)
 
 
 def free_tcp_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -75,6 +77,7 @@ class QemuBackend(Backend):
         self.extra_args = list(extra_args or [])
         self.plan: Plan | None = None
         self.qmp: Qmp | None = None
+        self._stats_refresh = 0  # the balloon statistics' refresh this QEMU was given (0: none yet)
         self.argv: list[str] = []
         self.accel_reason = ""
         self.api_address: Address | None = None  # where the guest's API is reached (QEMU's forward moves on reboot)
@@ -176,6 +179,7 @@ class QemuBackend(Backend):
         """
         await self._reap()
         self.qmp = None
+        self._stats_refresh = 0
         self._start_virtiofsd(spec, stack)
         state = Path(spec.state_dir)
         for name in ("console.log", "init.log"):  # QEMU truncates its chardev files: keep the last boot's
@@ -287,6 +291,17 @@ class QemuBackend(Backend):
         if self.qmp is None:
             raise BackendError("the machine was not started")
         await self.qmp.execute("balloon", value=size)
+
+    async def balloon_stats(self, refresh: int) -> dict[str, Any] | None:
+        """QOM `guest-stats` of the balloon (the guest's driver answers QEMU's stats queue in the kernel: the
+        init is never woken); the first call asks QEMU to refresh them every `refresh` seconds."""
+        if self.qmp is None:
+            raise BackendError("the machine was not started")
+        if self._stats_refresh != refresh:
+            await self.qmp.execute("qom-set", path=BALLOON_QOM, property="guest-stats-polling-interval",
+                                   value=refresh)
+            self._stats_refresh = refresh
+        return await self.qmp.execute("qom-get", path=BALLOON_QOM, property="guest-stats")
 
     async def resize_disk(self, name: str, size: int) -> None:
         """Grow (or shrink) an attached disk to `size` bytes while the guest runs (QMP block_resize)."""
