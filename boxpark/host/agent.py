@@ -51,12 +51,14 @@ from .service import DockerService, ServiceStatus, daemon_config
 from .spec import MachineSpec, SpecError
 from .state import Machine
 from .timesync import TimePusher
+from .watchdog import StopWatchdog
 
 log = logging.getLogger("boxpark.agent")
 
 FINAL = ("ready", "failed", "stopped")
 MAX_CONTROL_CONNECTIONS = 64  # `status` is quick and `follow` is a handful of `up`s and `logs`: plenty
 MAX_REQUEST = 4096  # bytes of one control request line
+STOP_DEADLINE = 120.0  # s: a stop that takes longer hangs somewhere; the agent ends itself (host/watchdog.py)
 MAX_BACKLOG = 1000  # progress events queued for a follower that does not read; then it is dropped
 
 
@@ -268,7 +270,10 @@ class Agent:
                 self.progress(f"internal error: {type(exc).__name__}: {exc}", state="failed")
                 self._record_failure(f"internal error: {type(exc).__name__}: {exc}")
                 code = 1
+            watchdog = StopWatchdog(loop, STOP_DEADLINE, self._stop_expired)
+            watchdog.start()
             await self._shutdown()
+        watchdog.finished()
         if self.failure:
             self.progress(self.failure, phase="stopped", state="failed")
             code = 1
@@ -276,6 +281,18 @@ class Agent:
             self.progress("stopped", phase="stopped", state="stopped")
         await asyncio.sleep(0.05)  # let followers read the last event
         return code
+
+    def _stop_expired(self, waiting: list[str]) -> None:
+        """The stop hung (the watchdog's thread): say on what, leave the reason for `status`, and end; the
+        machine's processes die with the agent (PR_SET_PDEATHSIG) and the next `up` cleans what is left."""
+        log.error("the agent did not finish stopping within %g s; its tasks wait on:\n  %s", STOP_DEADLINE,
+                  "\n  ".join(waiting) or "nothing")
+        with contextlib.suppress(Exception):
+            self._record_failure(f"the agent's stop hung for {STOP_DEADLINE:g} s and it ended itself (agent.log "
+                                 "says on what)")
+        self._remove_files()
+        logging.shutdown()
+        os._exit(1)
 
     async def _close_server(self, server: asyncio.AbstractServer) -> None:
         server.close()

@@ -7,11 +7,14 @@ monitor (state/qmp-user.sock) is for people and tests.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 from typing import Any
 
 from .base import BackendError
+
+EVENTS_KEPT = 64  # the QMP events a connection keeps: a machine up for weeks moves its balloon often
 
 
 class QmpError(Exception):
@@ -23,13 +26,14 @@ class QmpError(Exception):
 
 
 class Qmp:
-    """A minimal QMP client: one command at a time; asynchronous events are kept in `events`."""
+    """A minimal QMP client: one command at a time; the last `EVENTS_KEPT` asynchronous events (read between
+    replies: BALLOON_CHANGE at every balloon move, for instance) are kept in `events`, for diagnosis."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._lock = asyncio.Lock()
-        self.events: list[dict[str, Any]] = []
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
 
     @classmethod
     async def connect(cls, path: str) -> Qmp:
