@@ -182,7 +182,8 @@ def test_manifest_describes_the_files(image: Built) -> None:
 def test_sizes(image: Built) -> None:
     root = (image.dir / "root.squashfs").stat().st_size
     assert root % 512 == 0, "VZ refuses disk images whose size is not a multiple of 512"
-    assert root <= 150 * 2**20
+    # lz4 (docs/image.md): 176 MiB for amd64 where zstd -15 made 140, for a QEMU TCG boot of ~4 s instead of ~8.5
+    assert root <= 192 * 2**20
     assert (image.dir / "initrd.img").stat().st_size <= 2 * 2**20
     print(
         f"sizes: root {root / 2**20:.1f} MiB, initrd {(image.dir / 'initrd.img').stat().st_size / 2**20:.2f} MiB, "
