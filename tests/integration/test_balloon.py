@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,19 @@ def host_memory() -> Figures:
     return Figures(values["MemTotal"], values["MemFree"], values["MemAvailable"])
 
 
+async def run_until_it_moves(dial: Any, backend: Any, policy: Policy) -> None:
+    """The balloon task until the backend was given a target (30 s at most), then cancelled."""
+    task = asyncio.ensure_future(Balloon(dial, backend, policy).run())
+    try:
+        for _ in range(600):
+            if backend.targets:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_a_quiet_guest_is_shrunk_to_use_plus_headroom(tmp_path: Path) -> None:
     host = host_memory()
     # a machine twice this host's size: whatever the host holds, it is far less than that
@@ -82,15 +96,7 @@ def test_a_quiet_guest_is_shrunk_to_use_plus_headroom(tmp_path: Path) -> None:
             dials += 1
             return await GuestClient.open(address)
 
-        task = asyncio.ensure_future(Balloon(dial, backend, policy).run())  # type: ignore[arg-type]
-        try:
-            for _ in range(600):  # 30 s: the second look shrinks, after the refused first try
-                if backend.targets:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await run_until_it_moves(dial, backend, policy)  # the second look shrinks, after the refused first try
         assert backend.targets, "the balloon never moved"
         assert dials == 1  # one connection for every look
         target, now = backend.targets[0], host_memory()
@@ -118,18 +124,7 @@ def test_with_the_kernels_statistics_the_guests_init_is_never_asked() -> None:
         dials += 1
         raise AssertionError("the guest's init was asked for figures the kernel gives")
 
-    async def main() -> None:
-        task = asyncio.ensure_future(Balloon(dial, backend, policy).run())  # type: ignore[arg-type]
-        try:
-            for _ in range(600):
-                if backend.targets:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(main())
+    asyncio.run(run_until_it_moves(dial, backend, policy))
     assert dials == 0
     assert backend.calls > 3 and set(backend.refresh) == {2}
     assert backend.targets and backend.targets[0] < policy.size
