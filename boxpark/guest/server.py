@@ -318,6 +318,11 @@ async def run_forever(listen: list[tuple[Address, bytes | None]], *, events_to: 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        # Started under nohup: every child would inherit the ignored SIGHUP, and a shell cannot even trap it
+        # (POSIX), so a hang-up (sessions.py) would reach nobody. A caught signal is back to its default in
+        # a child after exec: catch it, and do nothing with it.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
     for address, secret in listen:
         await server.listen(address, secret=secret)
         log.info("serving the Guest API on %s", address)
