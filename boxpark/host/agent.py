@@ -194,7 +194,7 @@ class Agent:
             "phases": self.phase_times,
             "disk_discard": self.disk_discard,
             "docker": docker,
-            "time": None if self.time is None else {"pushes": self.time.pushes, "every_s": self.time.every,
+            "time": None if self.time is None else {"pushes": self.time.pushes,
                                                     "last_offset_ms": None if self.time.last_offset_ns is None
                                                     else self.time.last_offset_ns / 1e6},
             "proxy": [{"path": p.path, "accepted": p.accepted, "refused": p.failed} for p in self.proxies],

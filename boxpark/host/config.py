@@ -53,8 +53,7 @@ mount_guard = true      # refuse a bind mount of a path neither shared from the 
                         # (with a sentence saying how to share it); false: dockerd makes it empty, silently
 
 [time]
-push_interval = 60      # seconds between pushes of the host's time to the guest; while its clock keeps
-                        # time they space out, doubling up to 8 times this (and again after a step)
+push_interval = 60      # seconds between pushes of the host's time to the guest
 
 [dns]                   # names resolve in the guest and its containers as on the host: A/AAAA/PTR questions
 host_resolver = true    # go to the host's own resolver (hosts file, VPN split DNS, macOS scoped resolvers),
