@@ -53,12 +53,17 @@ def server_process(argv: list[str], path: str, *, connect: bool = False) -> Iter
         wait_for(path, process, connect=connect)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `timeout` s; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def guest_server(path: str) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:

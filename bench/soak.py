@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import boxpark, figure, guest_init_pid, machine_api, sandbox_machine  # noqa: E402
+from bench._report import boxpark, figure, guest_init_pid, machine_api, sandbox_machine, stop_process  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_SECONDS = 600.0
@@ -434,12 +434,7 @@ def _probe(script: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _logs(machine: Path) -> str:
