@@ -190,15 +190,19 @@ def die_with_parent():
 
 
 def enter(sync_fd, host_pid):
-    """Die with the host process, wait until it has put us in the sandbox's cgroup, unshare the namespaces."""
+    """Die with the host process, wait until it has put us in the sandbox's cgroup, unshare the namespaces;
+    return the seconds waited for the host."""
     die_with_parent()
     if os.getppid() != host_pid:  # it died before the line above: nobody would ever stop us
         raise Failed(f"the host process {host_pid} is gone")
+    began = time.monotonic()
     moved = os.read(sync_fd, 1)
     os.close(sync_fd)
+    waited = time.monotonic() - began
     if moved != b"1":
         raise Failed("the host did not move the pre-init into the sandbox's cgroup")
     _check(_libc.unshare(NAMESPACES), "unshare the namespaces")
+    return waited
 
 
 def fork_pid1():
@@ -224,16 +228,16 @@ def fork_pid1():
 
 
 def main(argv):
+    start = time.monotonic()
     if len(argv) < 8:
         raise Failed("usage: preinit.py SYNC_FD HOST_PID LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS "
                      "[TAG[:FD]=DIRECTORY ...]")
     sync_fd, host_pid = int(argv[1]), int(argv[2])
     loop, root, state, init, settings = argv[3:8]
-    enter(sync_fd, host_pid)
+    waited = enter(sync_fd, host_pid)
     fork_pid1()
     if os.getpid() != 1:
         raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()})")
-    start = time.monotonic()
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may reach the host
     mount(loop, root, "squashfs", MS_RDONLY)
     make_dev(root + "/dev")
@@ -248,7 +252,8 @@ def main(argv):
         raise Failed(f"the image has no {init}")
     # stamped with CLOCK_MONOTONIC like the init's lines (the host's clock: no time namespace here)
     sys.stderr.write(f"boxpark-preinit: [{time.monotonic():9.3f}] root {loop} (squashfs, ro) ready in "
-                     f"{(time.monotonic() - start) * 1000:.1f} ms; exec {init}\n")
+                     f"{(time.monotonic() - start) * 1000:.1f} ms ({waited * 1000:.1f} of them waiting for the "
+                     f"host to move it into the cgroup); exec {init}\n")
     sys.stderr.flush()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "TERM": "linux", "BOXPARK_SETTINGS": SETTINGS}
     os.execve(init, [init], env)
