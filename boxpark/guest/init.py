@@ -10,6 +10,7 @@ The boot path: imports here are the ones the boot needs, in the order it needs t
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -54,6 +55,9 @@ class Timeline:
 
 def main() -> None:
     """The entry point of /sbin/init."""
+    # The boot's imports make some 25 000 objects and almost no garbage: no collector pass until Ready
+    # (~3 ms of CPU less, 6% of the imports); `serve` turns it back on once Ready is sent.
+    gc.disable()
     # PID 1 speaks no TLS: asyncio imports ssl only to offer it (`import ssl` in a try), which loads OpenSSL
     # on every boot before Ready. A None entry makes that import fail, as on a Python built without ssl.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
@@ -247,6 +251,7 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
     event_log.emit(ready)
     init_ms = (time.monotonic_ns() - BOOT_START_NS) / 1e6
     log.info("ready: %.0f ms in the init, %.0f ms since the kernel started", init_ms, time.monotonic_ns() / 1e6)
+    gc.enable()
 
     dialer = None
     try:
