@@ -60,7 +60,7 @@ GUEST_HOST_DIR = "/run/boxpark/host"
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
 # imported, not run as a script: a script is compiled anew on every boot, an import uses __pycache__
-PREINIT_RUN = f"import sys; sys.path.insert(0, {str(Path(PREINIT).parent)!r}); from preinit import run; run()"
+PREINIT_RUN = f"import sys; sys.path.append({str(Path(PREINIT).parent)!r}); from preinit import run; run()"
 SLIRP_NET = "static:10.0.2.100/24,10.0.2.2,10.0.2.3"  # slirp4netns's own default guest address
 SLIRP_ARGS = ("--enable-sandbox", "--enable-seccomp")  # it runs in an empty root, with a syscall filter
 CLONE_NEWNS = 0x00020000
