@@ -10,6 +10,7 @@ The boot path: imports here are the ones the boot needs, in the order it needs t
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -54,6 +55,9 @@ class Timeline:
 
 def main() -> None:
     """The entry point of /sbin/init."""
+    # The boot's imports make some 25 000 objects and almost no garbage: no collector pass until Ready
+    # (~3 ms of CPU less, 6% of the imports); `serve` turns it back on once Ready is sent.
+    gc.disable()
     # PID 1 speaks no TLS: asyncio imports ssl only to offer it (`import ssl` in a try), which loads OpenSSL
     # on every boot before Ready. A None entry makes that import fail, as on a Python built without ssl.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
@@ -205,6 +209,18 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
 
     event_log = events.EventLog(boot_id())
     clock.emit = event_log.emit  # type: ignore[attr-defined]
+    dialer = None
+    with timeline.step("events"):  # dialed now: the handshake with the host runs beside the next steps
+        secret = None
+        try:
+            secret = read_secret(settings.secret)
+        except Exception as exc:
+            log.error("no machine secret (%s): tcp addresses will be refused", exc)
+        try:
+            events_to = parse_address(settings.events)
+            dialer = loop.create_task(events.stream_to_host(event_log, events_to, secret))
+        except TransportError as exc:
+            log.error("no event stream: %s", exc)
     forwarder = lease = None
     if net is not None:
         with timeline.step("dns"):
@@ -214,11 +230,6 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
     server: GuestServer | None = None
     api: list[str] = []
     with timeline.step("api"):
-        secret = None
-        try:
-            secret = read_secret(settings.secret)
-        except Exception as exc:
-            log.error("no machine secret (%s): tcp addresses will be refused", exc)
         server = GuestServer(pid1=True, machine_wide=True, allow_swap=not settings.sandbox,
                              on_power=lambda reboot: request_shutdown(reboot, "asked over the API"),
                              event_log=event_log, clock=clock)
@@ -247,13 +258,7 @@ async def serve(settings: settings_.Settings, timeline: Timeline, clock: object,
     event_log.emit(ready)
     init_ms = (time.monotonic_ns() - BOOT_START_NS) / 1e6
     log.info("ready: %.0f ms in the init, %.0f ms since the kernel started", init_ms, time.monotonic_ns() / 1e6)
-
-    dialer = None
-    try:
-        events_to = parse_address(settings.events)
-        dialer = loop.create_task(events.stream_to_host(event_log, events_to, secret))
-    except TransportError as exc:
-        log.error("no event stream: %s", exc)
+    gc.enable()
 
     if not settings.sandbox:
         refine = loop.run_in_executor(None, clock.refine)  # type: ignore[attr-defined]

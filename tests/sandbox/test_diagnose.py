@@ -119,7 +119,7 @@ def test_diagnose_a_running_machine(machine, tmp_path) -> None:
     assert record["backend"] == "sandbox" and record["name"] == machine.name
     processes = files["agent/processes.txt"].decode()
     assert re.search(rf"^\s*{machine.agent_pid()}\s.*boxpark agent run --name {machine.name}", processes, re.M)
-    assert "unshare --pid" in processes
+    assert "from preinit import run" in processes  # the sandbox's pre-init, parent of its PID 1
 
     # the guest's view, through the agent: processes, mounts, network
     guest = files["guest/processes.txt"].decode()

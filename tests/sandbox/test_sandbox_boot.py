@@ -55,7 +55,7 @@ def test_the_init_is_pid_1(guest: Machine) -> None:
     info = guest.api(lambda c: c.info())
     assert info.pid == 1 and info.pid1
     assert guest.sh("tr '\\0' ' ' </proc/1/cmdline").split()[-1] == "/sbin/init"
-    # and on the host, that PID 1 is the child of unshare, inside the sandbox's cgroup
+    # and on the host, that PID 1 is the child of the pre-init, inside the sandbox's cgroup
     backend = guest.backend
     init = backend.init_pid()  # type: ignore[attr-defined]
     assert init is not None and init in backend.cgroup.pids()  # type: ignore[attr-defined]
@@ -180,7 +180,7 @@ def test_a_clean_stop_ends_services_and_leaves_nothing(machines: Machines, how: 
     processes = guest.api(lambda c: c.list_processes())
     assert [p.name for p in processes if p.running] == ["sleeper"]
     host_pids = backend.pids()
-    assert len(host_pids) >= 3  # unshare, the init, the sleeper
+    assert len(host_pids) >= 3  # the pre-init, the init, the sleeper
     loop, cgroup = backend.loop_device, backend.cgroup.path  # type: ignore[attr-defined]
     if how == "sigterm":
         os.kill(backend.init_pid(), signal.SIGTERM)  # type: ignore[attr-defined,arg-type]
@@ -213,7 +213,7 @@ def test_a_killed_sandbox_leaves_nothing(machines: Machines) -> None:  # noqa: F
     backend = guest.backend
     loop, cgroup = backend.loop_device, backend.cgroup.path  # type: ignore[attr-defined]
     os.kill(backend.init_pid(), signal.SIGKILL)  # type: ignore[attr-defined,arg-type]
-    guest.run(backend.wait(), 30)  # unshare ends with its child
+    guest.run(backend.wait(), 30)  # the pre-init ends with its child
     guest.stop()
     assert host_leftovers(guest, loop, cgroup) == []  # type: ignore[arg-type]
 

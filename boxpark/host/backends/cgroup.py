@@ -5,7 +5,6 @@ killed host process left behind are swept on the next start (the owner's pid is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -14,7 +13,6 @@ import time
 from typing import Iterator
 
 from .base import BackendError
-from .process import PR_SET_PDEATHSIG
 
 log = logging.getLogger("boxpark.host.sandbox")
 
@@ -45,16 +43,15 @@ class Cgroup:
 
     def __init__(self, path: str, joinable: bool = True) -> None:
         self.path = path
-        # opened beforehand: the preexec_fn that joins it runs in a forked child, where less is safer
         self._procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) if joinable else -1
 
-    def enter_and_die_with_parent(self) -> None:
-        """Run in the forked child before exec (preexec_fn): join the cgroup, die if our host process dies.
+    def join(self, pid: int) -> None:
+        """Move the process `pid` into this cgroup (blocks for an RCU grace period: call it off the loop).
 
-        The cgroup must be joined before `unshare --cgroup`, so the guest's cgroup namespace is rooted here.
+        The sandbox's pre-init waits for this before `unshare(CLONE_NEWCGROUP)`, so the guest's cgroup
+        namespace is rooted here, and before it forks the guest's PID 1, which thus starts in here.
         """
-        os.write(self._procs_fd, b"0")
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.write(self._procs_fd, str(pid).encode())
 
     def walk(self) -> list[str]:
         """This cgroup and its descendants, deepest first."""

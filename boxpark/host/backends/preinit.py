@@ -1,8 +1,14 @@
-"""The sandbox's pre-init: plays the kernel's part for the guest init, then becomes it (PID 1).
+"""The sandbox's pre-init: makes the namespaces, plays the kernel's part for the guest init, then becomes it.
 
-Runs as PID 1 of fresh pid/mount/net/uts/ipc/cgroup namespaces (`unshare … --fork` started it, in the
-sandbox's own cgroup), with the host's Python (`-S -I`): stdlib only, nothing slow, no boxpark import.
-It mounts the image's squashfs (already attached read-only to a loop device by the host) on a fresh
+Started by the host (`SandboxBackend`) with the host's Python (`-S -I`): stdlib only, nothing slow, no
+boxpark import. It sets PR_SET_PDEATHSIG (it dies with the host process) and waits on SYNC_FD until the
+host has moved it into the sandbox's cgroup (the move waits for an RCU grace period, ~16 ms: the host does
+it while this Python starts, off the boot's path). Then it does what `unshare --pid --mount --net --uts
+--ipc --cgroup --fork --kill-child` did: unshares those namespaces (the cgroup namespace rooted at the
+sandbox's cgroup), forks, and stays as the parent that waits for its child and exits with its status;
+the child, PID 1 of the new pid namespace, dies if that parent dies.
+
+PID 1 mounts the image's squashfs (already attached read-only to a loop device by the host) on a fresh
 directory, gives it a private tmpfs /dev holding only the nodes a userland needs (never the host's
 devtmpfs: that would show the host's disks), a tmpfs /run with the host's state directory bound at
 /run/boxpark/host (where the API and event sockets live), writes the settings file, pivots into the new
@@ -10,17 +16,22 @@ root, drops CAP_SYS_TIME and CAP_SYS_BOOT for good, and execs the image's /sbin/
 
 Anything wrong: one `boxpark-preinit: FATAL:` line on stderr (the sandbox's console.log) and exit 1.
 
-    python3 -S -I preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG[:FD]=DIRECTORY ...]
-    e.g.    ... preinit.py /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 boxpark.api=…" share0=/home/me
+    python3 -S -I preinit.py SYNC_FD HOST_PID LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG[:FD]=DIRECTORY ...]
+    e.g.    ... preinit.py 5 4242 /dev/loop3 /state/root /state /sbin/init "boxpark.sandbox=1 …" share0=/home/me
+
+The host runs it as `-c "…; run()"` from this directory's __pycache__ (a script would be compiled anew on
+every boot); HOST_PID is the process that must be its parent (else it ends at once).
 
 Each TAG=DIRECTORY is a host directory shared with the guest: bound (with its submounts) at
 /run/boxpark/shares/TAG, where the agent's init phase binds it on its target. TAG:FD=DIRECTORY binds it
 idmapped (Linux 5.12+) by the user namespace the host left open at FD, whose root is the share's owner:
 the guest's root acts as that owner there, as on the qemu backend's home share.
 
-Plain argv, no json: every import here is paid on every boot (json and platform cost ~20 ms together).
+Plain argv, no json: every import here is paid on every boot (json and platform cost ~20 ms together);
+`_signal`, not `signal` (which imports enum).
 """
 
+import _signal
 import ctypes
 import os
 import sys
@@ -29,7 +40,10 @@ import time
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_CAPBSET_DROP = 24
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP = 1, 24
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+NAMESPACES = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 CAP_SYS_BOOT, CAP_SYS_TIME = 22, 25
 DROPPED_CAPS = (CAP_SYS_TIME, CAP_SYS_BOOT)
@@ -170,18 +184,65 @@ def bind_shares(run, shares):
         mount(directory, target, None, MS_BIND | MS_REC)
 
 
+def die_with_parent():
+    """SIGKILL when our parent dies (as `unshare --kill-child` gives its child)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(_signal.SIGKILL), 0, 0, 0), "PR_SET_PDEATHSIG")
+
+
+def enter(sync_fd, host_pid):
+    """Die with the host process, wait until it has put us in the sandbox's cgroup, unshare the namespaces;
+    return the seconds waited for the host."""
+    die_with_parent()
+    if os.getppid() != host_pid:  # it died before the line above: nobody would ever stop us
+        raise Failed(f"the host process {host_pid} is gone")
+    began = time.monotonic()
+    moved = os.read(sync_fd, 1)
+    os.close(sync_fd)
+    waited = time.monotonic() - began
+    if moved != b"1":
+        raise Failed("the host did not move the pre-init into the sandbox's cgroup")
+    _check(_libc.unshare(NAMESPACES), "unshare the namespaces")
+    return waited
+
+
+def fork_pid1():
+    """Fork PID 1 of the new pid namespace; here, in the parent, wait for it and end as it ended."""
+    signals = {_signal.SIGINT, _signal.SIGTERM}
+    blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, signals)  # as unshare --fork: the child handles them
+    pid = os.fork()
+    if pid == 0:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)  # the init must not inherit the block
+        die_with_parent()
+        return
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # killed: end by the same signal, as unshare does
+        try:
+            _signal.signal(-code, _signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL, SIGSTOP: always their default
+            pass
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {-code})
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code)
+
+
 def main(argv):
     start = time.monotonic()
-    if len(argv) < 6:
-        raise Failed("usage: preinit.py LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS [TAG[:FD]=DIRECTORY ...]")
-    loop, root, state, init, settings = argv[1:6]
+    if len(argv) < 8:
+        raise Failed("usage: preinit.py SYNC_FD HOST_PID LOOP_DEVICE MOUNTPOINT STATE_DIR INIT SETTINGS "
+                     "[TAG[:FD]=DIRECTORY ...]")
+    sync_fd, host_pid = int(argv[1]), int(argv[2])
+    loop, root, state, init, settings = argv[3:8]
+    waited = enter(sync_fd, host_pid)
+    fork_pid1()
     if os.getpid() != 1:
-        raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()}): run me under unshare --pid --fork")
+        raise Failed(f"not PID 1 of a new pid namespace (pid {os.getpid()})")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may reach the host
     mount(loop, root, "squashfs", MS_RDONLY)
     make_dev(root + "/dev")
     make_run(root + "/run", state, settings)
-    bind_shares(root + "/run", argv[6:])
+    bind_shares(root + "/run", argv[8:])
     os.chdir(root)
     pivot_root(".", ".")  # the old root ends up stacked on the new one: detach it
     _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")
@@ -191,15 +252,21 @@ def main(argv):
         raise Failed(f"the image has no {init}")
     # stamped with CLOCK_MONOTONIC like the init's lines (the host's clock: no time namespace here)
     sys.stderr.write(f"boxpark-preinit: [{time.monotonic():9.3f}] root {loop} (squashfs, ro) ready in "
-                     f"{(time.monotonic() - start) * 1000:.1f} ms; exec {init}\n")
+                     f"{(time.monotonic() - start) * 1000:.1f} ms ({waited * 1000:.1f} of them waiting for the "
+                     f"host to move it into the cgroup); exec {init}\n")
     sys.stderr.flush()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "TERM": "linux", "BOXPARK_SETTINGS": SETTINGS}
     os.execve(init, [init], env)
 
 
-if __name__ == "__main__":
+def run():
+    """The entry point (`python3 -S -I -c "…; run()" ARGS`, or this file run as a script)."""
     try:
         main(sys.argv)
     except (Failed, OSError, ValueError) as exc:
         sys.stderr.write(f"boxpark-preinit: FATAL: {exc}\n")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

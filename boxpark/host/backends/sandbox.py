@@ -2,8 +2,9 @@
 
 For development and tests (root only, Linux only). The host attaches the image's root.squashfs to a loop
 device (read-only), makes a cgroup of the sandbox's own, listens on the event socket in the state
-directory, and runs `unshare --pid --mount --net --uts --ipc --cgroup --fork` → `preinit.py` (see there)
-→ the image's /sbin/init. The guest's API and event sockets are unix sockets in the state directory,
+directory, and runs `preinit.py` (see there), which unshares new pid/mount/net/uts/ipc/cgroup namespaces
+once the host has moved it into that cgroup, forks, and execs the image's /sbin/init as PID 1 (it stays as
+its parent, as `unshare --fork` did). The guest's API and event sockets are unix sockets in the state directory,
 which the guest sees at /run/boxpark/host; docker.sock and published-port streams skip the API (the host
 opens the guest's socket itself: `connect_direct`, `sandboxdial`). Directory shares (the spec's virtiofs
 shares) need no virtiofsd: the preinit binds each host directory at /run/boxpark/shares/TAG (`binds_shares`) and the agent's init
@@ -55,8 +56,11 @@ __all__ = ["SandboxBackend", "cgroup2_controllers", "cgroup2_mount", "loop_devic
 log = logging.getLogger("boxpark.host.sandbox")
 
 GUEST_HOST_DIR = "/run/boxpark/host"
+# what the pre-init does itself, as util-linux's unshare: for the floor of bench/boot.py
 UNSHARE = ("unshare", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child")
 PREINIT = str(Path(__file__).with_name("preinit.py"))
+# imported, not run as a script: a script is compiled anew on every boot, an import uses __pycache__
+PREINIT_RUN = f"import sys; sys.path.append({str(Path(PREINIT).parent)!r}); from preinit import run; run()"
 SLIRP_NET = "static:10.0.2.100/24,10.0.2.2,10.0.2.3"  # slirp4netns's own default guest address
 SLIRP_ARGS = ("--enable-sandbox", "--enable-seccomp")  # it runs in an empty root, with a syscall filter
 CLONE_NEWNS = 0x00020000
@@ -140,28 +144,45 @@ class SandboxBackend(Backend):
 
         userns = {tag: stack.enter_context(owner_namespace(*owner, idmap=True))
                   for tag, owner in spec.share_owners.items()}
-        argv = [*_unshare(), os.path.realpath(sys.executable), "-S", "-I", PREINIT,
+        sync_read, sync_write = os.pipe()  # the pre-init waits on it until it is in the cgroup
+        argv = [os.path.realpath(sys.executable), "-S", "-I", "-c", PREINIT_RUN, str(sync_read), str(os.getpid()),
                 self.loop_device, str(mountpoint), str(state), "/sbin/init", command_line,
                 *share_arguments(spec.shares, userns)]
         console = os.open(state / "console.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        cgroup = self.cgroup
         try:
             self.spawned_at = time.monotonic()
+            # no preexec_fn: Python spawns with vfork, without copying the agent's page tables
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-                                     preexec_fn=cgroup.enter_and_die_with_parent, close_fds=True,
-                                     pass_fds=list(userns.values()))
-        except (OSError, subprocess.SubprocessError) as exc:  # the latter: joining the cgroup failed
+                                     close_fds=True, pass_fds=[sync_read, *userns.values()])
+        except (OSError, subprocess.SubprocessError) as exc:
+            os.close(sync_write)
             raise BackendError(f"cannot start the sandbox ({argv[0]}): {getattr(exc, 'strerror', None) or exc}") from None
         finally:
             os.close(console)
+            os.close(sync_read)
         self.child = self.unshare = PidfdProcess(popen, "unshare")
         self._record_pid(self.unshare, argv[0])
         stack.push_async_callback(self._reap)
+        await self._join_cgroup(popen.pid, sync_write)
         if self.settings(spec)["net"] != "none":
             await self._start_network(state, stack)
         elif not self.slirp4netns:
             log.warning("slirp4netns is not installed: the sandbox has loopback only, its containers cannot "
                         "reach the host or the network (apt-get install slirp4netns)")
+
+    async def _join_cgroup(self, pid: int, sync: int) -> None:
+        """Move the pre-init into the sandbox's cgroup, then let it go on (it waits on `sync` to unshare).
+
+        The move waits for an RCU grace period (~16 ms here): on a thread, while the pre-init's Python starts.
+        """
+        assert self.cgroup is not None
+        try:
+            await asyncio.to_thread(self.cgroup.join, pid)
+            os.write(sync, b"1")
+        except OSError as exc:  # the pre-init reads EOF and ends
+            raise BackendError(f"cannot move the sandbox into its cgroup {self.cgroup.path}: {exc.strerror}") from None
+        finally:
+            os.close(sync)
 
     def _limits(self, spec: MachineSpec) -> tuple[int | None, int | None]:
         """(cpus, memory MiB) that the cgroup can enforce here; a warning for each it cannot.
