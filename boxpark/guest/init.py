@@ -123,10 +123,16 @@ def _raise_limits(sandbox: bool) -> None:
 
     try:
         with open("/proc/sys/fs/nr_open") as f:
-            most = int(f.read())
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(most, 1 << 20), min(most, 1 << 20)))
+            most = min(int(f.read()), 1 << 20)
     except (OSError, ValueError) as exc:
         log.warning("RLIMIT_NOFILE not raised: %s", exc)
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+        except (OSError, ValueError):  # a sandbox cannot pass the host's hard limit: take all of it
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files limited to %d (the host's hard limit)", hard)
     if not sandbox:
         try:
             with open("/proc/sys/net/core/wmem_max", "w") as f:

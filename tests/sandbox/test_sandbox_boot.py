@@ -116,6 +116,17 @@ def test_no_clock_or_power_capability(guest: Machine) -> None:
 
 
 
+def test_services_inherit_every_open_file_the_host_allows(guest: Machine) -> None:
+    """The sandbox cannot pass the host's hard limit (no CAP_SYS_RESOURCE outside its user namespace):
+    the init takes all of it for the services it starts, and says so instead of warning."""
+    import resource
+
+    soft, hard = (int(n) for n in re.search(r"Max open files\s+(\d+)\s+(\d+)", guest.sh("cat /proc/self/limits")).groups())
+    assert soft == hard >= min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20)
+    init_log = Path(guest.spec.init_log).read_text()
+    assert "RLIMIT_NOFILE not raised" not in init_log, init_log
+
+
 def test_the_sandbox_has_no_rtc_and_its_init_says_so(guest: Machine) -> None:
     """The sandbox's own /dev has no RTC (the host's is global: never given), and its init records that it
     has none instead of reading or refining one. A real RTC is the vm tier's (test_qemu_boot)."""
