@@ -4,7 +4,7 @@ The guest server runs in its own process (`boxpark guest serve` on a unix socket
 `api_latency`: a blocking client with pre-encoded frames (the guest's own share: what the server adds to a
 spawn) and the host's asyncio `GuestClient`, as the agent uses it (adding asyncio's round trip on this
 machine). Each is measured alternately with the local run, so both see the same machine; figures are
-medians. Goal: ratio <= 1.5. The server's own CPU time per exec (user + system, from /proc) and the asyncio
+medians. Goal: ratio <= 1.5. The server's own CPU time per exec (from /proc, see `cpu_seconds`) and the asyncio
 client's (process time around each call) are reported too: on a loaded machine wall time mostly measures
 waiting for a CPU.
 
@@ -37,7 +37,15 @@ T = TypeVar("T")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (its own, not its children's)."""
+    """CPU time of process `pid` so far (its own, not its children's): the scheduler's exact run time from
+    /proc/PID/schedstat, as `time.process_time()` measures the reference; else user plus system time from
+    /proc/PID/stat, which the kernel samples at each clock tick (coarse, and biased for a process that runs
+    in short bursts)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -125,6 +133,18 @@ def measure_blocking(paths: list[str], calls: int) -> tuple[list[list[float]], l
     return via, local, local_cpu
 
 
+def baseline_python(checkout: str) -> list[str]:
+    """A command line for this Python that imports `boxpark` from `checkout`: run from there (`-m` puts the
+    working directory first on the path, ahead of PYTHONPATH), checked before it is used."""
+    command = ["env", f"--chdir={checkout}", f"PYTHONPATH={checkout}", sys.executable]
+    found = subprocess.run(command + ["-c", "import boxpark; print(boxpark.__file__)"], capture_output=True,
+                           text=True).stdout.strip()
+    if not found.startswith(os.path.join(checkout, "")):
+        raise SystemExit(f"BOXPARK_BENCH_BASELINE={checkout}: boxpark is imported from {found or 'nowhere'} there, "
+                         f"not from that checkout")
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
@@ -136,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         servers = [stack.enter_context(guest_server(paths[0]))]
         if baseline:
             servers.append(stack.enter_context(server_process(
-                ["env", f"PYTHONPATH={os.path.abspath(baseline)}", sys.executable, "-m", "boxpark", "guest", "serve",
-                 "--listen", f"unix:{paths[1]}"], paths[1], connect=True)))
+                baseline_python(os.path.abspath(baseline)) + ["-m", "boxpark", "guest", "serve", "--listen",
+                                                              f"unix:{paths[1]}"], paths[1], connect=True)))
         cpu = [cpu_seconds(server.pid) for server in servers]
         blocking_via, blocking_local, local_cpu = measure_blocking(paths, args.calls)
         client_cpu: list[list[float]] = [[] for _ in paths]
