@@ -5,7 +5,8 @@ made). This is the only place that turns exceptions into wire errors (`_reply_fo
 `GuestError` or let an `OSError` through, and a bug becomes an INTERNAL reply with a log line — never a dead
 server. A connection is a sequence of unary calls, or ends with one streaming or upgrade call (the table
 says which): the handler of a unary call returns its reply, one that owns the connection returns None once
-it is done with it (or an `Error` if it refused before taking it over).
+it is done with it (or an `Error` if it refused before taking it over). A unary exec is the one unary call
+that takes long and is no handler's coroutine: a connection runs it with callbacks (`_Connection`).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class GuestServer:
                         await connection.settle()
                     return
                 await connection.settle()  # replies keep the order of the calls
-                if type(message) is protocol.Exec and not message.interactive:
+                if isinstance(message, protocol.Exec) and not message.interactive:
                     connection.start_exec(message)
                     continue
                 handler = self._handlers.get(type(message))
@@ -267,8 +268,8 @@ class _Connection:
         """Answer (or start) `message` right as it arrives; False: it goes to the connection's task."""
         if self.exec is not None:
             return False  # behind the exec in flight
-        if type(message) is protocol.Exec and not message.interactive:  # type: ignore[attr-defined]
-            self.start_exec(message)  # type: ignore[arg-type]
+        if isinstance(message, protocol.Exec) and not message.interactive:
+            self.start_exec(message)
             return True
         return self.server._fast(self.channel, message)
 
