@@ -83,9 +83,13 @@ class Unary:
 
     def _pipe_eof(self) -> None:
         self._open -= 1
-        # Its pipes close as it exits: it is most likely waitable already, and reaping it now (which calls
-        # `_exited`) saves the loop a wake-up for its pidfd.
-        if self._open == 0 and self.child.poll():
+        # Its pipes close together as it exits: the other one is most likely at its EOF too, and the process
+        # waitable already. Taking them now (reaping calls `_exited`) saves the loop a wake-up for each.
+        if self._open == 1:
+            for reader in self._readers:
+                if reader.open:
+                    reader.drain(1)  # its EOF calls us again
+        elif self._open == 0 and self.child.poll():
             self._end()
 
     def _exited(self, child: Process) -> None:

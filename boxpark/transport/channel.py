@@ -107,7 +107,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             elif len(self.messages) > 64:
                 self.paused = True
                 self.transport.pause_reading()
-        self._wake()
+        if self.messages:  # not for what the fast path answered: the task would wake to find nothing
+            self._wake()
 
     def lift_guard(self) -> None:
         """The peer is authenticated: full-size frames from now on, and read on."""
