@@ -4,8 +4,9 @@ The guest server runs in its own process (`boxpark guest serve` on a unix socket
 `api_latency`: a blocking client with pre-encoded frames (the guest's own share: what the server adds to a
 spawn) and the host's asyncio `GuestClient`, as the agent uses it (adding asyncio's round trip on this
 machine). Each is measured alternately with the local run, so both see the same machine; figures are
-medians. Goal: ratio <= 1.5. The server's own CPU time per exec (user + system, from /proc) is reported too:
-on a loaded machine wall time mostly measures waiting for a CPU.
+medians. Goal: ratio <= 1.5. The server's own CPU time per exec (from /proc, see `cpu_seconds`) and the asyncio
+client's (process time around each call) are reported too: on a loaded machine wall time mostly measures
+waiting for a CPU.
 
 With BOXPARK_BENCH_BASELINE=CHECKOUT (another checkout of the repository, e.g. a worktree of main), a second
 server runs that checkout's code and every sample is taken from both servers and the local run in turn,
@@ -36,14 +37,24 @@ T = TypeVar("T")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (its own, not its children's)."""
+    """CPU time of process `pid` so far (its own, not its children's): the scheduler's exact run time from
+    /proc/PID/schedstat, as `time.process_time()` measures the reference; else user plus system time from
+    /proc/PID/stat, which the kernel samples at each clock tick (coarse, and biased for a process that runs
+    in short bursts)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(addresses: list[str], calls: int) -> tuple[list[list[float]], list[float], list[float]]:
-    """Samples through each server's asyncio client, in turn with the local run."""
+async def measure(addresses: list[str], calls: int,
+                  client_cpu: list[list[float]]) -> tuple[list[list[float]], list[float], list[float]]:
+    """Samples through each server's asyncio client, in turn with the local run; each call's CPU time in this
+    process (the client's, asyncio's loop included) goes to `client_cpu`."""
     from boxpark.host.client import GuestClient
 
     via: list[list[float]] = [[] for _ in addresses]
@@ -56,10 +67,11 @@ async def measure(addresses: list[str], calls: int) -> tuple[list[list[float]], 
                 await client.exec(["true"])
             subprocess.run(["true"])
         for n in range(calls):
-            for client, samples in _turn(list(zip(clients, via)), n):
-                start = time.perf_counter()
+            for client, samples, cpu_samples in _turn(list(zip(clients, via, client_cpu)), n):
+                start, cpu = time.perf_counter(), time.process_time()
                 result = await client.exec(["true"])
                 samples.append(time.perf_counter() - start)
+                cpu_samples.append(time.process_time() - cpu)
                 if result.code != 0:
                     raise RuntimeError(f"true exited with {result.code} through the API")
             start, cpu = time.perf_counter(), time.process_time()
@@ -121,6 +133,18 @@ def measure_blocking(paths: list[str], calls: int) -> tuple[list[list[float]], l
     return via, local, local_cpu
 
 
+def baseline_python(checkout: str) -> list[str]:
+    """A command line for this Python that imports `boxpark` from `checkout`: run from there (`-m` puts the
+    working directory first on the path, ahead of PYTHONPATH), checked before it is used."""
+    command = ["env", f"--chdir={checkout}", f"PYTHONPATH={checkout}", sys.executable]
+    found = subprocess.run(command + ["-c", "import boxpark; print(boxpark.__file__)"], capture_output=True,
+                           text=True).stdout.strip()
+    if not found.startswith(os.path.join(checkout, "")):
+        raise SystemExit(f"BOXPARK_BENCH_BASELINE={checkout}: boxpark is imported from {found or 'nowhere'} there, "
+                         f"not from that checkout")
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
@@ -132,11 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         servers = [stack.enter_context(guest_server(paths[0]))]
         if baseline:
             servers.append(stack.enter_context(server_process(
-                ["env", f"PYTHONPATH={os.path.abspath(baseline)}", sys.executable, "-m", "boxpark", "guest", "serve",
-                 "--listen", f"unix:{paths[1]}"], paths[1], connect=True)))
+                baseline_python(os.path.abspath(baseline)) + ["-m", "boxpark", "guest", "serve", "--listen",
+                                                              f"unix:{paths[1]}"], paths[1], connect=True)))
         cpu = [cpu_seconds(server.pid) for server in servers]
         blocking_via, blocking_local, local_cpu = measure_blocking(paths, args.calls)
-        via, local, more = asyncio.run(measure([f"unix:{path}" for path in paths], args.calls))
+        client_cpu: list[list[float]] = [[] for _ in paths]
+        via, local, more = asyncio.run(measure([f"unix:{path}" for path in paths], args.calls, client_cpu))
         cpu = [cpu_seconds(server.pid) - before for server, before in zip(servers, cpu)]
     load = os.getloadavg()[0]
     for label, api, ref in (("blocking", blocking_via[0], blocking_local), ("asyncio", via[0], local)):
@@ -148,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
                statistics.median(blocking_local) * 1e6, "ratio <= 1.5 (vs local subprocess.run)")
         figure(f"exec_true_p50_asyncio_client{label}", statistics.median(via[i]) * 1e6, "us",
                statistics.median(local) * 1e6, "ratio <= 1.5 (vs local subprocess.run)")
+        figure(f"exec_true_asyncio_client_cpu_per_exec{label}", statistics.mean(client_cpu[i]) * 1e6, "us",
+               statistics.mean(more) * 1e6,
+               "none: the asyncio client's CPU time per exec (its loop included) vs the local subprocess.run's")
         figure(f"exec_true_server_cpu_per_exec{label}", cpu[i] / (2 * args.calls + 40) * 1e6, "us",
                statistics.mean(local_cpu + more) * 1e6,
                "none: the server's user + system time per exec vs the local subprocess.run's (the spawner's own)")

@@ -10,6 +10,7 @@ takes it, and its output is collected at most `pipes.EXIT_GRACE` after it exits.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal as signals
 from typing import Callable
 
@@ -26,57 +27,113 @@ Spawn = Callable[..., Process]
 """How a call starts its process: `spawn(argv, env, cwd, stdin=, stdout=, stderr=)`, GuestError if it cannot."""
 
 
+class Unary:
+    """One unary exec in flight, driven by the loop's callbacks alone (no task of its own).
+
+    It starts in the constructor (which raises if the process cannot start) and ends by calling
+    `finish(result)` once, as soon as the process is reaped and its pipes are at EOF (or `EXIT_GRACE`
+    after its exit): straight from the callback that saw the last of them, so the reply leaves in the loop
+    turn that noticed the exit. `kill()` ends its process group: on the call's timeout, when its client goes
+    away, when the server closes.
+    """
+
+    __slots__ = ("child", "done", "_finish", "_capture", "_readers", "_open", "_writer", "_timer", "_grace",
+                 "_timed_out")
+
+    def __init__(self, message: protocol.Exec, spawn: Spawn, finish: Callable[[protocol.ExecResult], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.done = False
+        self._finish = finish
+        self._capture = capture = _Capture(OUTPUT_CAP)
+        self._open = 2  # pipes not yet at EOF
+        self._grace: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        pipes = Pipes()
+        try:
+            stdin = pipes.to_child() if message.stdin else devnull()
+            out = pipes.from_child(nonblocking=False)
+            err = pipes.from_child(nonblocking=False)
+            child = spawn(message.argv, message.env, message.cwd, stdin=stdin, stdout=out, stderr=err)
+        except BaseException:
+            pipes.close_all()
+            raise
+        # The rest is done while the child starts (on another CPU if there is one), not before it.
+        pipes.close_child_ends()
+        self.child = child
+        self._readers = []
+        for fd, keep in zip(pipes.ours[-2:], (capture.stdout, capture.stderr)):
+            os.set_blocking(fd, False)
+            self._readers.append(logs.OutputReader(fd, keep, self._pipe_eof))
+        self._writer = StdinWriter(pipes.ours[0], on_eof=None) if message.stdin else None
+        if self._writer is not None:
+            self._writer.write(message.stdin)
+            self._writer.write_eof()
+        if message.timeout is not None:
+            self._timer = loop.call_later(message.timeout, self._expire)
+        child.on_exit(self._exited)
+
+    def kill(self) -> None:
+        """End the process and its group now (it is then reaped, and the call finishes as usual)."""
+        self.child.send_signal(signals.SIGKILL, group=True)  # False: it had just exited
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._timed_out = self.child.send_signal(signals.SIGKILL, group=True)
+
+    def _pipe_eof(self) -> None:
+        self._open -= 1
+        # Its pipes close together as it exits: the other one is most likely at its EOF too, and the process
+        # waitable already. Taking them now (reaping calls `_exited`) saves the loop a wake-up for each.
+        if self._open == 1:
+            for reader in self._readers:
+                if reader.open:
+                    reader.drain(1)  # its EOF calls us again
+        elif self._open == 0 and self.child.poll():
+            self._end()
+
+    def _exited(self, child: Process) -> None:
+        if self._open == 0:
+            self._end()
+        else:  # its output is collected at most EXIT_GRACE longer (a daemon may hold the pipe)
+            self._grace = asyncio.get_running_loop().call_later(EXIT_GRACE, self._end)
+
+    def _end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for timer in (self._timer, self._grace):
+            if timer is not None:
+                timer.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        for reader in self._readers:
+            if reader.open:
+                reader.drain()  # what is buffered now, then drop the rest
+                reader.discard_rest()
+        stdout, stderr = self._capture.result()
+        child = self.child
+        self._finish(protocol.ExecResult(code=child.code, signal=child.signal, stdout=stdout, stderr=stderr,
+                                         timed_out=self._timed_out, truncated=self._capture.truncated))
+
+
 async def run(channel: Channel, message: protocol.Exec, spawn: Spawn) -> protocol.ExecResult:
-    """Run `message.argv` to its end (or its timeout, or its client's going away) and reply `ExecResult`."""
+    """Run `message.argv` to its end (or its timeout, or its client's going away) and reply `ExecResult`.
+
+    The server runs a unary exec as a `Unary` of its connection (see server.py); this is the same call as
+    one coroutine, for a caller that has nothing else to do meanwhile."""
     loop = asyncio.get_running_loop()
-    pipes = Pipes()
-    capture = _Capture(OUTPUT_CAP)
-    eof = _Countdown(2)
-    readers: list[logs.OutputReader] = []
-    try:
-        stdin = pipes.to_child() if message.stdin else devnull()
-        # the readers are set up before the spawn: less to do while the child starts
-        out = pipes.from_child()
-        readers.append(logs.OutputReader(pipes.take(), capture.stdout, eof.tick))
-        err = pipes.from_child()
-        readers.append(logs.OutputReader(pipes.take(), capture.stderr, eof.tick))
-        child = spawn(message.argv, message.env, message.cwd, stdin=stdin, stdout=out, stderr=err)
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        pipes.close_all()
-        raise
-    pipes.close_child_ends()
-    writer = StdinWriter(pipes.ours[0], on_eof=None) if message.stdin else None
-    if writer is not None:
-        writer.write(message.stdin)
-        writer.write_eof()
-    timed_out = False
-
-    def expire() -> None:
-        nonlocal timed_out
-        timed_out = child.send_signal(signals.SIGKILL, group=True)  # False: it had just exited
-
-    timer = loop.call_later(message.timeout, expire) if message.timeout is not None else None
+    result: asyncio.Future[protocol.ExecResult] = loop.create_future()
+    unary = Unary(message, spawn, lambda reply: result.done() or result.set_result(reply))
     # Nobody is left to read the result of a call whose client went away: end it like a timeout.
     hang_up = loop.create_task(channel.wait_eof())
-    hang_up.add_done_callback(lambda done: done.cancelled() or child.send_signal(signals.SIGKILL, group=True))
+    hang_up.add_done_callback(lambda done: done.cancelled() or unary.kill())
     try:
-        code, signum = await child.exited
-        await _collect(readers, eof.done)
+        return await result
     finally:
         hang_up.cancel()
-        if timer is not None:
-            timer.cancel()
-        if writer is not None:
-            writer.close()
-        for reader in readers:
-            reader.discard_rest()
-        if child.running:  # the call was cancelled (server closing): leave nothing behind
-            child.send_signal(signals.SIGKILL, group=True)
-    stdout, stderr = capture.result()
-    return protocol.ExecResult(code=code, signal=signum, stdout=stdout, stderr=stderr, timed_out=timed_out,
-                               truncated=capture.truncated)
+        if not unary.done:  # the call was cancelled (server closing): leave nothing behind
+            unary.kill()
 
 
 class _Capture:
@@ -106,27 +163,3 @@ class _Capture:
 
     def result(self) -> tuple[bytes, bytes]:
         return b"".join(self._out), b"".join(self._err)
-
-
-class _Countdown:
-    """Completes `done` after `tick()` was called `n` times."""
-
-    def __init__(self, n: int) -> None:
-        self.left = n
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def tick(self) -> None:
-        self.left -= 1
-        if self.left <= 0 and not self.done.done():
-            self.done.set_result(None)
-
-
-async def _collect(readers: list[logs.OutputReader], eof: asyncio.Future[None]) -> None:
-    """After the exit: wait for the pipes' EOF at most EXIT_GRACE, then take what is buffered and stop."""
-    if not eof.done():
-        try:
-            await asyncio.wait_for(asyncio.shield(eof), EXIT_GRACE)
-        except asyncio.TimeoutError:
-            pass
-    for reader in readers:
-        reader.drain()

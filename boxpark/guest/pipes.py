@@ -38,12 +38,14 @@ class Pipes:
         self.ours.append(write)
         return read
 
-    def from_child(self, size: int = 0) -> int:
+    def from_child(self, size: int = 0, nonblocking: bool = True) -> int:
         """A pipe the child writes (stdout or stderr), of `size` bytes if the kernel allows; returns the
-        child's end."""
+        child's end. Without `nonblocking`, the caller makes our end non-blocking itself before it reads (after
+        the spawn, say: every step before it delays the child's start)."""
         read, write = os.pipe2(os.O_CLOEXEC)
         self.child_ends.append(write)
-        os.set_blocking(read, False)
+        if nonblocking:
+            os.set_blocking(read, False)
         self.ours.append(read)
         if size:
             try:

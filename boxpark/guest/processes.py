@@ -25,7 +25,7 @@ import math
 import os
 import signal as signals
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .. import protocol
 from ..protocol import ErrorCode, Exit, Message
@@ -77,11 +77,17 @@ class Processes:
         _check_timeout(message.timeout)
         if message.interactive:
             return await self._interactive(channel, message)
-        if message.name is not None:
-            raise GuestError(ErrorCode.INVALID_ARGUMENT, "only an interactive exec takes a name")
-        if message.tty:
-            raise GuestError(ErrorCode.INVALID_ARGUMENT, "a tty needs an interactive exec")
+        _check_unary(message)
         return await capture.run(channel, message, self._spawn)
+
+    def start_exec(self, message: protocol.Exec,
+                   finish: Callable[[protocol.ExecResult], None]) -> capture.Unary:
+        """Start a unary exec that calls `finish(result)` at its end (the server's way: no task per call);
+        raise `GuestError` if it cannot start."""
+        _check_argv(message.argv)
+        _check_timeout(message.timeout)
+        _check_unary(message)
+        return capture.Unary(message, self._spawn, finish)
 
     async def _interactive(self, channel: Channel, message: protocol.Exec) -> None:
         name = message.name
@@ -258,6 +264,13 @@ def _check_argv(argv: list[str]) -> None:
         raise GuestError(ErrorCode.INVALID_ARGUMENT, "argv is empty: give the program and its arguments as a list")
     if not argv[0]:
         raise GuestError(ErrorCode.INVALID_ARGUMENT, "argv[0] is empty: name the program to run")
+
+
+def _check_unary(message: protocol.Exec) -> None:
+    if message.name is not None:
+        raise GuestError(ErrorCode.INVALID_ARGUMENT, "only an interactive exec takes a name")
+    if message.tty:
+        raise GuestError(ErrorCode.INVALID_ARGUMENT, "a tty needs an interactive exec")
 
 
 def _check_timeout(timeout: float | None) -> None:

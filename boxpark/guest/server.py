@@ -5,7 +5,8 @@ made). This is the only place that turns exceptions into wire errors (`_reply_fo
 `GuestError` or let an `OSError` through, and a bug becomes an INTERNAL reply with a log line — never a dead
 server. A connection is a sequence of unary calls, or ends with one streaming or upgrade call (the table
 says which): the handler of a unary call returns its reply, one that owns the connection returns None once
-it is done with it (or an `Error` if it refused before taking it over).
+it is done with it (or an `Error` if it refused before taking it over). A unary exec is the one unary call
+that takes long and is no handler's coroutine: a connection runs it with callbacks (`_Connection`).
 """
 
 from __future__ import annotations
@@ -127,16 +128,25 @@ class GuestServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        channel.set_fast_path(lambda message: self._fast(channel, message))
+        connection = _Connection(self, channel)
+        channel.set_fast_path(connection.fast)
         try:
             while True:
                 try:
                     message = await channel.recv()
                 except protocol.ProtocolError as exc:
+                    await connection.settle()
                     channel.send(protocol.error(exc.code, str(exc)))
                     return
                 if message is None:
+                    if connection.exec is not None:  # nobody is left to read its result: end it
+                        connection.exec.kill()
+                        await connection.settle()
                     return
+                await connection.settle()  # replies keep the order of the calls
+                if isinstance(message, protocol.Exec) and not message.interactive:
+                    connection.start_exec(message)
+                    continue
                 handler = self._handlers.get(type(message))
                 if handler is None:
                     channel.send(protocol.error(ErrorCode.UNSUPPORTED,
@@ -150,6 +160,8 @@ class GuestServer:
             return
         finally:
             self._connections.discard(task)
+            if connection.exec is not None:  # the server is closing: leave nothing behind
+                connection.exec.kill()
 
     @property
     def notify(self) -> Any:
@@ -233,6 +245,58 @@ class GuestServer:
 
 # Imported on a call's first use, not on the boot path (storage brings mount options, resize and swap; the
 # proxy its relay).
+
+
+class _Connection:
+    """One connection's unary exec in flight (at most one, so that replies keep the order of the calls).
+
+    A unary exec is no task: it starts from the connection's data callback when the connection is idle (or
+    from its task), and its reply is sent from the callback that sees the process's end (`capture.Unary`).
+    Meanwhile the connection's task waits in `recv()`, which is how the call learns that its client went away
+    (the connection's EOF: the exec is killed, as on its timeout); a call behind it waits for its reply.
+    """
+
+    __slots__ = ("server", "channel", "exec", "_settled")
+
+    def __init__(self, server: GuestServer, channel: Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.exec: Any = None  # the capture.Unary in flight
+        self._settled: asyncio.Future[None] | None = None
+
+    def fast(self, message: Message) -> bool:
+        """Answer (or start) `message` right as it arrives; False: it goes to the connection's task."""
+        if self.exec is not None:
+            return False  # behind the exec in flight
+        if isinstance(message, protocol.Exec) and not message.interactive:
+            self.start_exec(message)
+            return True
+        return self.server._fast(self.channel, message)
+
+    def start_exec(self, message: protocol.Exec) -> None:
+        try:
+            self.exec = self.server.processes.start_exec(message, self._done)
+        except Exception as exc:
+            self.channel.send(_reply_for(exc, message))
+
+    def _done(self, result: protocol.ExecResult) -> None:
+        self.exec = None
+        self.channel.send(result)
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
+
+    async def settle(self) -> None:
+        """Wait until the exec in flight has replied; end it if the client goes away meanwhile."""
+        if self.exec is None:
+            return
+        self._settled = asyncio.get_running_loop().create_future()
+        gone = asyncio.ensure_future(self.channel.wait_eof())
+        gone.add_done_callback(lambda done: done.cancelled() or self.exec is None or self.exec.kill())
+        try:
+            await self._settled
+        finally:
+            gone.cancel()
+            self._settled = None
 
 
 def _storage() -> ModuleType:

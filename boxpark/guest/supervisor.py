@@ -24,9 +24,10 @@ from . import reaper
 class Process:
     """One spawned process: its pid, and a future that completes with `(code, signal)` once it is reaped."""
 
-    __slots__ = ("pid", "argv", "group", "exited", "code", "signal", "_pidfd", "_popen")
+    __slots__ = ("pid", "argv", "group", "exited", "code", "signal", "_pidfd", "_popen", "_on_exit", "_reap")
 
-    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], pidfd: int, group: bool) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], pidfd: int, group: bool,
+                 reap: Callable[[Process], None]) -> None:
         self.pid = popen.pid
         self.argv = argv
         self.group = group  # the child leads its own process group (pgid == pid)
@@ -35,10 +36,24 @@ class Process:
         self.exited: asyncio.Future[tuple[int | None, int | None]] = asyncio.get_running_loop().create_future()
         self._pidfd = pidfd
         self._popen = popen
+        self._on_exit: list[Callable[[Process], None]] = []
+        self._reap = reap
 
     @property
     def running(self) -> bool:
         return not self.exited.done()
+
+    def on_exit(self, callback: Callable[[Process], None]) -> None:
+        """Call `callback(process)` right as it is reaped, from the reaping callback itself: one loop turn
+        sooner than a callback on `exited` (which the loop schedules for its next turn)."""
+        self._on_exit.append(callback)
+
+    def poll(self) -> bool:
+        """Reap it now if it has exited (without waiting for the loop to see its pidfd): for a caller that
+        has reason to think it is about to, as when its output pipes have all closed. True once reaped."""
+        if self.running:
+            self._reap(self)
+        return not self.running
 
     def send_signal(self, signum: int, group: bool = False) -> bool:
         """Signal the child (or its whole process group); False when it has already been reaped.
@@ -96,7 +111,7 @@ class Supervisor:
                 popen.kill()
                 popen.wait()
                 raise
-        child = Process(popen, argv, pidfd, new_session)
+        child = Process(popen, argv, pidfd, new_session, self._reap)
         self.children.add(child)
         loop.add_reader(pidfd, self._reap, child)
         return child
@@ -128,6 +143,9 @@ class Supervisor:
             child._popen.returncode = -info.si_status
         self.children.discard(child)
         child.exited.set_result((child.code, child.signal))
+        callbacks, child._on_exit = child._on_exit, []
+        for callback in callbacks:
+            callback(child)
 
     async def stop_all(self, grace: float) -> None:
         """SIGTERM every running child's process group, SIGKILL whatever is left after `grace`, wait for all."""

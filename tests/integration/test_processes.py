@@ -234,6 +234,49 @@ def test_exec_and_wait_refuse_a_timeout_that_is_not_a_finite_number_of_seconds(g
     talk(guest, body)
 
 
+def test_calls_sent_behind_a_running_unary_exec_are_answered_after_it_in_their_order(guest: RunningServer,
+                                                                                    tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    first = protocol.Exec(argv=["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; echo first"])
+
+    async def body(client: GuestClient) -> list[protocol.Message | None]:
+        channel, _ = await dial(guest.address, then=first)
+        try:
+            channel.send(protocol.Info())  # a quick call, answered on arrival when nothing is in flight
+            channel.send(protocol.Exec(argv=["echo", "second"]))
+            await client.info()  # on another connection: the server has read what we sent, or will
+            go.touch()
+            return [await channel.recv() for _ in range(3)]
+        finally:
+            channel.close()
+
+    replies = talk(guest, body)
+    assert [type(reply) for reply in replies] == [protocol.ExecResult, protocol.InfoReply, protocol.ExecResult]
+    assert [replies[0].stdout, replies[2].stdout] == [b"first\n", b"second\n"]  # type: ignore[union-attr]
+
+
+def test_a_unary_exec_with_calls_queued_behind_it_still_ends_when_its_client_goes_away(guest: RunningServer,
+                                                                                      tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"echo $$ > {pids}.tmp && mv {pids}.tmp {pids}; exec sleep 3600"
+
+    async def body(client: GuestClient) -> None:
+        channel, _ = await dial(guest.address, then=protocol.Exec(argv=["sh", "-c", script]))
+        channel.send(protocol.Info())
+        deadline = time.monotonic() + 60
+        while not pids.exists():
+            assert time.monotonic() < deadline, "the exec never started"
+            await asyncio.sleep(0.02)
+        channel.close()
+
+    talk(guest, body)
+    shell = int(pids.read_text())
+    try:
+        assert gone(shell), "the exec outlived its client"
+    finally:
+        kill_stray(shell, "sleep")
+
+
 def test_a_wait_ends_when_its_client_goes_away(guest: RunningServer) -> None:
     async def body(client: GuestClient) -> None:
         await client.launch("sleeper", ["sleep", "3600"])
