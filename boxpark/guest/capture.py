@@ -15,7 +15,6 @@ import signal as signals
 from typing import Callable
 
 from .. import protocol
-from ..transport import Channel
 from . import logs
 from .pipes import EXIT_GRACE, Pipes, StdinWriter, devnull
 from .supervisor import Process
@@ -115,25 +114,6 @@ class Unary:
         child = self.child
         self._finish(protocol.ExecResult(code=child.code, signal=child.signal, stdout=stdout, stderr=stderr,
                                          timed_out=self._timed_out, truncated=self._capture.truncated))
-
-
-async def run(channel: Channel, message: protocol.Exec, spawn: Spawn) -> protocol.ExecResult:
-    """Run `message.argv` to its end (or its timeout, or its client's going away) and reply `ExecResult`.
-
-    The server runs a unary exec as a `Unary` of its connection (see server.py); this is the same call as
-    one coroutine, for a caller that has nothing else to do meanwhile."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[protocol.ExecResult] = loop.create_future()
-    unary = Unary(message, spawn, lambda reply: result.done() or result.set_result(reply))
-    # Nobody is left to read the result of a call whose client went away: end it like a timeout.
-    hang_up = loop.create_task(channel.wait_eof())
-    hang_up.add_done_callback(lambda done: done.cancelled() or unary.kill())
-    try:
-        return await result
-    finally:
-        hang_up.cancel()
-        if not unary.done:  # the call was cancelled (server closing): leave nothing behind
-            unary.kill()
 
 
 class _Capture:

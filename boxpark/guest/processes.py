@@ -72,13 +72,12 @@ class Processes:
     # ------------------------------------------------------------------------------------- exec
 
     async def exec(self, channel: Channel, message: protocol.Exec) -> Message | None:
-        """Unary: run to the end and reply `ExecResult`. Interactive: `Started`, then the stream."""
+        """Interactive: `Started`, then the stream. (The server runs a unary exec itself: `start_exec`.)"""
+        if not message.interactive:
+            raise GuestError(ErrorCode.INTERNAL, "a unary exec is started with start_exec, not as a task")
         _check_argv(message.argv)
         _check_timeout(message.timeout)
-        if message.interactive:
-            return await self._interactive(channel, message)
-        _check_unary(message)
-        return await capture.run(channel, message, self._spawn)
+        return await self._interactive(channel, message)
 
     def start_exec(self, message: protocol.Exec,
                    finish: Callable[[protocol.ExecResult], None]) -> capture.Unary:
