@@ -10,7 +10,8 @@ connection through the machine's api.sock (the agent's forward to the guest's ow
 PID 1 loop shows as a slow or failed probe. A second one calls it alike on the guest's own API socket
 (the sandbox's backend/api.sock, not through the agent): what the two have apart is the agent's forward.
 
-Timeline: warm-up (with the agent kill and the second `up`, then until every load ran again), a pause
+Timeline: warm-up (the agent kill and the second `up`, until every load ran again; a dockerd kill, until
+every load ran again: the baseline comes after what the rest does to the new agent), a pause
 long enough for idle relay threads to exit (`relay.IDLE_SECONDS`), the baseline (fds, threads, RSS of
 the agent and the guest's init), the rest of the load, a wait (with a deadline) for both processes to
 settle, the end figures. Traffic goes to loopback only; everything started is stopped by PID and the
@@ -149,7 +150,7 @@ class Tally:
 
     ok: int = 0
     failures: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (monotonic, why)
-    since_up: int = 0  # units done since the second `up`: the warm-up waits for one of each
+    since_up: int = 0  # units done since the warm-up's last kill: the warm-up waits for one of each
 
     def record(self, ok: bool, error: str = "") -> None:
         if ok:
@@ -295,13 +296,12 @@ class Soak:
         self.busy[name] = False
 
         def loop() -> None:
-            if self.stopping.wait(offset):
-                return
-            while not self.stopping.is_set():
-                if not self.running.wait(0.5):
-                    continue
+            next_at = time.monotonic() + offset
+            while not self.stopping.wait(max(0.0, next_at - time.monotonic())):
+                if not self.running.is_set():  # a slot that falls in a pause is skipped: after it the loads
+                    next_at += every  # keep their phases instead of all starting at once (the two bursts
+                    continue  # together: twice the warm-up's peak of relay threads)
                 self.busy[name] = True
-                start = time.monotonic()
                 try:
                     unit()
                     tally.record(True)
@@ -309,7 +309,7 @@ class Soak:
                     tally.record(False, f"{type(exc).__name__}: {exc}")
                 finally:
                     self.busy[name] = False
-                self.stopping.wait(max(0.0, every - (time.monotonic() - start)))
+                next_at = max(next_at + every, time.monotonic())  # one that overran starts the next at once
 
         thread = threading.Thread(target=loop, name=f"soak-{name}", daemon=True)
         self.threads.append(thread)
@@ -486,6 +486,14 @@ def run(duration: float = DEFAULT_SECONDS, *, dockerd_kill_every: float = DOCKER
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _wait_for_every_load(soak: Soak, until: float) -> None:
+    """Until `until` and until every load got through once since its `since_up` was reset (a deadline)."""
+    deadline = time.monotonic() + 300
+    while (time.monotonic() < until or any(t.since_up == 0 for t in soak.tallies.values())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance: float, slack: int,
               idle: float) -> dict[str, object]:
     start = time.monotonic()
@@ -495,10 +503,11 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     time.sleep(warmup / 2)
     _say("agent SIGKILLed; up again")
     soak.kill_agent()
-    deadline = time.monotonic() + 300
-    while (time.monotonic() - start < warmup or any(t.since_up == 0 for t in soak.tallies.values())) \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_for_every_load(soak, start + warmup / 2)
+    soak.kill_dockerd()  # the new agent meets what the rest of the load does to it before the baseline
+    for tally in soak.tallies.values():
+        tally.since_up = 0
+    _wait_for_every_load(soak, start + warmup)
     _say("warm-up done: " + ", ".join(f"{n} {t.ok} ok {len(t.failures)} failed" for n, t in soak.tallies.items()))
     _say(f"loads paused {idle + 10:.0f} s for idle relay threads to exit")
     soak.pause()
