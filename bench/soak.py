@@ -21,7 +21,8 @@ Figures (JSON lines, `_report.figure`): probe p50/p99/max (goals p99 <= 50 ms, m
 outside the agent-kill window, the direct probe's (the guest alone), beside the same figures of a
 reference (`REFERENCE`: an asyncio echo server probed alike, so what CPU contention alone costs on this
 machine shows); agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
-growth <= 10%); lines lost within ring bounds (goal 0); docker working at the end (goal 1).
+growth <= 10%), and alike the agent's relay process (`relay.Handoff`: the api.sock forward's bytes); lines
+lost within ring bounds (goal 0); docker working at the end (goal 1).
 Run: `python -m bench soak` (BOXPARK_SOAK_SECONDS=N to shorten) or `python bench/soak.py --duration N`.
 `run()` is what tests/sandbox/test_soak.py calls for its short run.
 """
@@ -220,7 +221,12 @@ class Soak:
         return int((self.machine / "agent.pid").read_text().split()[0])
 
     def usage(self) -> dict[str, Usage]:
-        return {"agent": Usage.of(self.agent_pid()), "init": Usage.of(guest_init_pid(self.machine))}
+        agent = self.agent_pid()
+        usage = {"agent": Usage.of(agent), "init": Usage.of(guest_init_pid(self.machine))}
+        relay = _relay_process(agent)
+        if relay is not None:  # the api.sock forward's relay process (`relay.Handoff`): counted on its own
+            usage["relay"] = Usage.of(relay)
+        return usage
 
     def run_docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.docker, *args], capture_output=True, text=True, timeout=timeout)
@@ -414,6 +420,21 @@ class Soak:
             thread.join(600)
 
 
+def _relay_process(agent: int) -> int | None:
+    """The agent's child that runs `python -m boxpark.relay`, if it has one."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == agent and \
+                    b"boxpark.relay" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                return int(entry)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def _probe_results(path: Path, windows: list[tuple[float, float]]) -> tuple[list[float], list[str]]:
     answered, failures = [], []
     for line in path.read_text().splitlines():
@@ -534,7 +555,7 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     deadline = time.monotonic() + idle + 60
     while True:
         now = soak.usage()
-        settled = all(now[k].within(baseline[k], tolerance, slack) for k in now)
+        settled = all(now[k].within(baseline[k], tolerance, slack) for k in now if k in baseline)
         if settled or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -562,13 +583,16 @@ def report(result: Result) -> None:
            "an asyncio echo server probed alike: CPU contention alone")
     figure("soak_reference_p99", result.percentile(0.99, result.reference_ms), "ms", None, "idem")
     figure("soak_reference_max", max(result.reference_ms, default=float("nan")), "ms", None, "idem")
-    for who in ("agent", "init"):
+    for who in ("agent", "init", "relay"):
+        if who not in result.baseline or who not in result.end:
+            continue
         before, after = result.baseline[who], result.end[who]
         figure(f"soak_{who}_fds", after.fds, "fds", before.fds, "ratio <= 1.05")
         figure(f"soak_{who}_pipe_fds", after.pipes, "fds", before.pipes, "ratio <= 1.05")
         figure(f"soak_{who}_threads", after.threads, "threads", before.threads, "ratio <= 1.05")
         figure(f"soak_{who}_rss", after.rss_kb / 1024, "MiB", before.rss_kb / 1024, "ratio <= 1.10")
-        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB", result.middle[who].rss_kb / 1024,
+        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB",
+               result.middle.get(who, after).rss_kb / 1024,
                "end vs halfway through the load (RSS taken under load: an upper bound): growth that goes on")
     figure("soak_lines_lost", result.lost, "lines", result.lines, "0 within ring bounds")
     figure("soak_lines_dropped", result.dropped, "lines", result.lines, "reported by the ring (not lost)")
