@@ -22,8 +22,8 @@ import fcntl
 import logging
 import os
 import socket
+import signal
 import struct
-import subprocess
 import sys
 import threading
 from typing import Callable
@@ -341,6 +341,8 @@ class Handoff:
     """
 
     def __init__(self) -> None:
+        import subprocess  # here: the guest imports this module too, and never hands off
+
         parent, child = socket.socketpair()
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
@@ -366,6 +368,8 @@ class Handoff:
 
     def close(self, timeout: float = 2.0) -> None:
         """End the child's relays and the child."""
+        import subprocess
+
         self._sock.close()
         try:
             self._process.wait(timeout)
@@ -375,7 +379,10 @@ class Handoff:
 
 
 def _serve_handoffs(fd: int) -> None:
-    """The child of `Handoff`: relay each pair handed over until the parent's end closes, then end them all."""
+    """The child of `Handoff`: relay each pair handed over until the parent's end closes, then end them all.
+    A Ctrl-C or hang-up meant for the agent's terminal is the agent's to act on: the end comes as EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
     relays: set[Relay] = set()
     lock = threading.Lock()
