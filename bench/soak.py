@@ -10,7 +10,8 @@ connection through the machine's api.sock (the agent's forward to the guest's ow
 PID 1 loop shows as a slow or failed probe. A second one calls it alike on the guest's own API socket
 (the sandbox's backend/api.sock, not through the agent): what the two have apart is the agent's forward.
 
-Timeline: warm-up (with the agent kill and the second `up`, then until every load ran again), a pause
+Timeline: warm-up (the agent kill and the second `up`, until every load ran again; a dockerd kill, until
+every load ran again: the baseline comes after what the rest does to the new agent), a pause
 long enough for idle relay threads to exit (`relay.IDLE_SECONDS`), the baseline (fds, threads, RSS of
 the agent and the guest's init), the rest of the load, a wait (with a deadline) for both processes to
 settle, the end figures. Traffic goes to loopback only; everything started is stopped by PID and the
@@ -20,7 +21,8 @@ Figures (JSON lines, `_report.figure`): probe p50/p99/max (goals p99 <= 50 ms, m
 outside the agent-kill window, the direct probe's (the guest alone), beside the same figures of a
 reference (`REFERENCE`: an asyncio echo server probed alike, so what CPU contention alone costs on this
 machine shows); agent and init fds/threads (end vs baseline, goal within 5%) and RSS (goal
-growth <= 10%); lines lost within ring bounds (goal 0); docker working at the end (goal 1).
+growth <= 10%), and alike the agent's relay process (`relay.Handoff`: the api.sock forward's bytes); lines
+lost within ring bounds (goal 0); docker working at the end (goal 1).
 Run: `python -m bench soak` (BOXPARK_SOAK_SECONDS=N to shorten) or `python bench/soak.py --duration N`.
 `run()` is what tests/sandbox/test_soak.py calls for its short run.
 """
@@ -149,7 +151,7 @@ class Tally:
 
     ok: int = 0
     failures: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (monotonic, why)
-    since_up: int = 0  # units done since the second `up`: the warm-up waits for one of each
+    since_up: int = 0  # units done since the warm-up's last kill: the warm-up waits for one of each
 
     def record(self, ok: bool, error: str = "") -> None:
         if ok:
@@ -219,7 +221,12 @@ class Soak:
         return int((self.machine / "agent.pid").read_text().split()[0])
 
     def usage(self) -> dict[str, Usage]:
-        return {"agent": Usage.of(self.agent_pid()), "init": Usage.of(guest_init_pid(self.machine))}
+        agent = self.agent_pid()
+        usage = {"agent": Usage.of(agent), "init": Usage.of(guest_init_pid(self.machine))}
+        relay = _relay_process(agent)
+        if relay is not None:  # the api.sock forward's relay process (`relay.Handoff`): counted on its own
+            usage["relay"] = Usage.of(relay)
+        return usage
 
     def run_docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.docker, *args], capture_output=True, text=True, timeout=timeout)
@@ -295,13 +302,12 @@ class Soak:
         self.busy[name] = False
 
         def loop() -> None:
-            if self.stopping.wait(offset):
-                return
-            while not self.stopping.is_set():
-                if not self.running.wait(0.5):
-                    continue
+            next_at = time.monotonic() + offset
+            while not self.stopping.wait(max(0.0, next_at - time.monotonic())):
+                if not self.running.is_set():  # a slot that falls in a pause is skipped: after it the loads
+                    next_at += every  # keep their phases instead of all starting at once (the two bursts
+                    continue  # together: twice the warm-up's peak of relay threads)
                 self.busy[name] = True
-                start = time.monotonic()
                 try:
                     unit()
                     tally.record(True)
@@ -309,7 +315,7 @@ class Soak:
                     tally.record(False, f"{type(exc).__name__}: {exc}")
                 finally:
                     self.busy[name] = False
-                self.stopping.wait(max(0.0, every - (time.monotonic() - start)))
+                next_at = max(next_at + every, time.monotonic())  # one that overran starts the next at once
 
         thread = threading.Thread(target=loop, name=f"soak-{name}", daemon=True)
         self.threads.append(thread)
@@ -414,6 +420,21 @@ class Soak:
             thread.join(600)
 
 
+def _relay_process(agent: int) -> int | None:
+    """The agent's child that runs `python -m boxpark.relay`, if it has one."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == agent and \
+                    b"boxpark.relay" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                return int(entry)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def _probe_results(path: Path, windows: list[tuple[float, float]]) -> tuple[list[float], list[str]]:
     answered, failures = [], []
     for line in path.read_text().splitlines():
@@ -486,6 +507,14 @@ def run(duration: float = DEFAULT_SECONDS, *, dockerd_kill_every: float = DOCKER
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _wait_for_every_load(soak: Soak, until: float) -> None:
+    """Until `until` and until every load got through once since its `since_up` was reset (a deadline)."""
+    deadline = time.monotonic() + 300
+    while (time.monotonic() < until or any(t.since_up == 0 for t in soak.tallies.values())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance: float, slack: int,
               idle: float) -> dict[str, object]:
     start = time.monotonic()
@@ -495,10 +524,11 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     time.sleep(warmup / 2)
     _say("agent SIGKILLed; up again")
     soak.kill_agent()
-    deadline = time.monotonic() + 300
-    while (time.monotonic() - start < warmup or any(t.since_up == 0 for t in soak.tallies.values())) \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_for_every_load(soak, start + warmup / 2)
+    soak.kill_dockerd()  # the new agent meets what the rest of the load does to it before the baseline
+    for tally in soak.tallies.values():
+        tally.since_up = 0
+    _wait_for_every_load(soak, start + warmup)
     _say("warm-up done: " + ", ".join(f"{n} {t.ok} ok {len(t.failures)} failed" for n, t in soak.tallies.items()))
     _say(f"loads paused {idle + 10:.0f} s for idle relay threads to exit")
     soak.pause()
@@ -525,7 +555,7 @@ def _schedule(soak: Soak, duration: float, dockerd_kill_every: float, tolerance:
     deadline = time.monotonic() + idle + 60
     while True:
         now = soak.usage()
-        settled = all(now[k].within(baseline[k], tolerance, slack) for k in now)
+        settled = all(now[k].within(baseline[k], tolerance, slack) for k in now if k in baseline)
         if settled or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -553,13 +583,16 @@ def report(result: Result) -> None:
            "an asyncio echo server probed alike: CPU contention alone")
     figure("soak_reference_p99", result.percentile(0.99, result.reference_ms), "ms", None, "idem")
     figure("soak_reference_max", max(result.reference_ms, default=float("nan")), "ms", None, "idem")
-    for who in ("agent", "init"):
+    for who in ("agent", "init", "relay"):
+        if who not in result.baseline or who not in result.end:
+            continue
         before, after = result.baseline[who], result.end[who]
         figure(f"soak_{who}_fds", after.fds, "fds", before.fds, "ratio <= 1.05")
         figure(f"soak_{who}_pipe_fds", after.pipes, "fds", before.pipes, "ratio <= 1.05")
         figure(f"soak_{who}_threads", after.threads, "threads", before.threads, "ratio <= 1.05")
         figure(f"soak_{who}_rss", after.rss_kb / 1024, "MiB", before.rss_kb / 1024, "ratio <= 1.10")
-        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB", result.middle[who].rss_kb / 1024,
+        figure(f"soak_{who}_rss_second_half", after.rss_kb / 1024, "MiB",
+               result.middle.get(who, after).rss_kb / 1024,
                "end vs halfway through the load (RSS taken under load: an upper bound): growth that goes on")
     figure("soak_lines_lost", result.lost, "lines", result.lines, "0 within ring bounds")
     figure("soak_lines_dropped", result.dropped, "lines", result.lines, "reported by the ring (not lost)")

@@ -10,6 +10,8 @@ one; a thread owns its splice pipe and closes it when it exits, so what a burst 
 started without waiting for it to run (`_thread`, not `threading.Thread.start`, which blocks its caller,
 often an event loop, until the thread is scheduled: 500 starts held a loop ~1 s under load here).
 `DatagramRelay` carries a UDP socket's datagrams over a stream, each behind a 2-byte length (`DATAGRAM`).
+`Handoff` relays in a process of its own (`python -m boxpark.relay`): a latency-sensitive forward (the
+agent's api.sock) whose relay threads would otherwise wait for the GIL behind a burst's hundreds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import fcntl
 import logging
 import os
 import socket
+import signal
 import struct
+import sys
 import threading
 from typing import Callable
 
@@ -322,3 +326,95 @@ _POOL = _Pool()
 def submit(job: Callable[[], None]) -> None:
     """Run `job` on a pooled relay thread (a blocking open, then `Relay.run_here`)."""
     _POOL.submit(job)
+
+
+# ------------------------------------------------------------------------------ relays in a process of their own
+
+
+class Handoff:
+    """A child process that relays the socket pairs handed to it (SCM_RIGHTS over a socketpair).
+
+    Its threads share a GIL only with each other: a forward that hands its connections here is not slowed
+    by the rest of the process's relays (the agent's api.sock probe under bursts of 500 connections to a
+    published port: see bench/soak.py). The child ends every relay and exits when the parent's end of the
+    socketpair closes: `close`, or the parent dying.
+    """
+
+    def __init__(self) -> None:
+        import subprocess  # here: the guest imports this module too, and never hands off
+
+        parent, child = socket.socketpair()
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
+        try:
+            self._process = subprocess.Popen([sys.executable, "-m", "boxpark.relay", str(child.fileno())],
+                                             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
+                                             cwd="/")
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._sock = parent
+        self._lock = threading.Lock()
+
+    def relay(self, client: socket.socket, target: socket.socket) -> None:
+        """Hand both sockets over (blocking; from a relay thread) and close them here. OSError: the child is
+        gone; the sockets are left open for the caller to relay or close."""
+        with self._lock:
+            socket.send_fds(self._sock, [b"j"], [client.fileno(), target.fileno()])
+        client.close()
+        target.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End the child's relays and the child."""
+        import subprocess
+
+        self._sock.close()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _serve_handoffs(fd: int) -> None:
+    """The child of `Handoff`: relay each pair handed over until the parent's end closes, then end them all.
+    A Ctrl-C or hang-up meant for the agent's terminal is the agent's to act on: the end comes as EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    control = socket.socket(fileno=fd)
+    relays: set[Relay] = set()
+    lock = threading.Lock()
+
+    def forget(relay: Relay) -> None:
+        with lock:
+            relays.discard(relay)
+
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(control, 1, 2)
+        except OSError:
+            break
+        if not data:
+            break
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        client, target = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+        client.setblocking(True)
+        target.setblocking(True)
+        relay = Relay(client, target, b"", lambda: None)
+        relay.done = lambda relay=relay: forget(relay)  # type: ignore[misc]
+        with lock:
+            relays.add(relay)
+        relay.start()
+    with lock:
+        left = list(relays)
+    for relay in left:
+        relay.abort()
+
+
+if __name__ == "__main__":
+    _serve_handoffs(int(sys.argv[1]))

@@ -362,8 +362,10 @@ class Agent:
                       f"{sum(s.duration_ns for s in ready.timeline) / 1e6:.0f} ms)")
 
     async def _forward_api(self, stack: contextlib.AsyncExitStack) -> None:
-        """api.sock: `exec`, `shell` and `guest call` reach the guest's API the same way on every backend."""
-        api = GuestProxy(str(self.machine.api_socket), self.open_api_blocking, refusal=lambda reason: b"")
+        """api.sock: `exec`, `shell` and `guest call` reach the guest's API the same way on every backend.
+        Its bytes move in a relay process (`handoff`), not behind the GIL of the agent's burst relays."""
+        api = GuestProxy(str(self.machine.api_socket), self.open_api_blocking, refusal=lambda reason: b"",
+                         handoff=True)
         await api.start()
         stack.callback(api.close)
 

@@ -1,5 +1,7 @@
 """The Guest Proxy over a real Guest API server: bytes both ways, half-close, 1,000 concurrent
-connections, a refusal that says why, and a dead guest side that closes the host side promptly."""
+connections, a refusal that says why, and a dead guest side that closes the host side promptly; relaying
+in the agent and in a relay process of its own (`handoff`, the api.sock forward), which ends its
+connections and itself with the proxy."""
 
 from __future__ import annotations
 
@@ -69,18 +71,19 @@ def setup(short_tmp):
     echo.close()
 
 
-def make_proxy(directory: str, srv, unavailable=lambda: None) -> GuestProxy:
+def make_proxy(directory: str, srv, unavailable=lambda: None, handoff: bool = False) -> GuestProxy:
     def open_target() -> socket.socket:
         return open_raw_blocking(srv.address, Connect(path=f"{directory}/echo.sock"))
 
-    return GuestProxy(f"{directory}/proxy.sock", open_target, unavailable=unavailable)
+    return GuestProxy(f"{directory}/proxy.sock", open_target, unavailable=unavailable, handoff=handoff)
 
 
-def test_bytes_both_ways_and_half_close(setup) -> None:
+@pytest.mark.parametrize("handoff", [False, True], ids=["in-process", "handoff"])
+def test_bytes_both_ways_and_half_close(setup, handoff: bool) -> None:
     directory, srv, _ = setup
 
     async def scenario() -> bytes:
-        proxy = make_proxy(directory, srv)
+        proxy = make_proxy(directory, srv, handoff=handoff)
         await proxy.start()
         try:
             reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
@@ -156,13 +159,14 @@ def test_refusal_says_why(setup) -> None:
     assert answer.startswith(b"HTTP/1.1 503") and b"restarting" in answer
 
 
-def test_dead_guest_side_closes_the_host_side_promptly(setup) -> None:
+@pytest.mark.parametrize("handoff", [False, True], ids=["in-process", "handoff"])
+def test_dead_guest_side_closes_the_host_side_promptly(setup, handoff: bool) -> None:
     """The target's end reaches the host side as EOF (a proxy that missed it would hold the connection open
     until the deadline; how soon it comes is bench's to measure)."""
     directory, srv, echo = setup
 
     async def scenario() -> bytes:
-        proxy = make_proxy(directory, srv)
+        proxy = make_proxy(directory, srv, handoff=handoff)
         await proxy.start()
         try:
             reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
@@ -176,3 +180,48 @@ def test_dead_guest_side_closes_the_host_side_promptly(setup) -> None:
             proxy.close()
 
     assert asyncio.run(scenario()) == b""
+
+
+def test_the_relay_process_ends_its_connections_and_itself_with_the_proxy(setup) -> None:
+    """A connection relayed by the proxy's relay process (the agent's api.sock) is open and working; the proxy
+    closes (the agent stops): the client sees the end of its stream and the process is gone."""
+    directory, srv, _ = setup
+
+    async def scenario() -> tuple[bytes, int]:
+        proxy = make_proxy(directory, srv, handoff=True)
+        await proxy.start()
+        assert proxy._handoff is not None
+        child = proxy._handoff._process
+        try:
+            reader, writer = await asyncio.open_unix_connection(f"{directory}/proxy.sock")
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 60) == b"ping"
+        finally:
+            proxy.close()
+        data = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        return data, child.pid
+
+    data, pid = asyncio.run(scenario())
+    assert data == b""
+    assert not os.path.exists(f"/proc/{pid}")  # waited for by close: gone, not a zombie
+
+
+def test_the_relay_process_ends_when_its_parent_end_closes(setup) -> None:
+    """The relay process outlives nothing: its end of the socketpair reads EOF (the agent SIGKILLed) and it
+    ends its connections and exits."""
+    from boxpark.relay import Handoff
+
+    directory, _, echo = setup
+    handoff = Handoff()
+    client, near = socket.socketpair()
+    target = socket.socket(socket.AF_UNIX)
+    target.connect(echo.path)
+    handoff.relay(near, target)
+    client.settimeout(60)
+    client.sendall(b"ping")
+    assert client.recv(4) == b"ping"
+    handoff._sock.close()  # as the kernel does when the agent dies
+    assert handoff._process.wait(60) == 0
+    assert client.recv(100) == b""
+    client.close()
