@@ -58,6 +58,7 @@ class Clock:
         self.emit = emit or (lambda event: None)
         self.rtc = rtc
         self.host_has_spoken = False
+        self.slewing = False  # a slew was started: a step cancels what is left of it
         self._lock = threading.Lock()
 
     def _step(self, target_ns: int, source: str) -> int:
@@ -153,7 +154,11 @@ class Clock:
             try:
                 if action == "slew":
                     slew(offset)
+                    self.slewing = True
                 else:
+                    if self.slewing:  # what is left of it would move the stepped clock on
+                        slew(0)
+                        self.slewing = False
                     self._step(message.time_ns, "host")
             except PermissionError:
                 raise GuestError(ErrorCode.PERMISSION_DENIED, f"not permitted to {action} the clock here") from None

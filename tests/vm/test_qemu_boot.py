@@ -175,6 +175,10 @@ def test_a_later_push_a_little_off_is_slewed_not_stepped(vm: Machine) -> None:
     assert not reply.stepped and 5_000_000 < reply.offset_ns <= 128_000_000, reply
     pending_us = int(vm.sh(f"python3 -c '{PENDING_SLEW}'").strip())
     assert 0 < pending_us * 1000 <= reply.offset_ns, (pending_us, reply)  # forward, some of it done already
+    # a push far off steps, and cancels what is left of the slew (it would move the stepped clock on)
+    assert vm.api(lambda c: c.set_time(time.time_ns() + 1_000_000_000, threshold_ns=5_000_000)).stepped
+    assert int(vm.sh(f"python3 -c '{PENDING_SLEW}'").strip()) == 0
+    assert vm.api(lambda c: c.set_time(time.time_ns(), threshold_ns=5_000_000)).stepped  # and back
 
 
 def test_swap_on_a_swap_disk(vm: Machine) -> None:
