@@ -177,16 +177,29 @@ def correction(offset_ns: int, threshold_ns: int, first: bool) -> str | None:
     return "slew"
 
 
+_adjtime: Callable[[int], int] | None = None
+
+
 def slew(offset_ns: int) -> None:
     """adjtime(3): move the clock by `offset_ns` gradually (the kernel's 0.5 ms/s), replacing any slew not yet
     done; the clock never goes backwards. Raises PermissionError without CAP_SYS_TIME."""
-    import ctypes  # here: loaded by the first slew, not by every boot
+    global _adjtime
+    if _adjtime is None:  # built by the first slew, not by every boot
+        import ctypes
 
-    from .libc import _lib
+        from .libc import _lib
 
-    class Timeval(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+        class Timeval(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
 
-    if _lib().adjtime(ctypes.byref(Timeval(0, offset_ns // 1000)), None) != 0:
-        err = ctypes.get_errno()
+        function = _lib().adjtime
+
+        def adjtime(offset_us: int) -> int:
+            if function(ctypes.byref(Timeval(0, offset_us)), None) == 0:
+                return 0
+            return ctypes.get_errno()
+
+        _adjtime = adjtime
+    err = _adjtime(offset_ns // 1000)
+    if err:
         raise OSError(err, os.strerror(err))  # EPERM is a PermissionError
