@@ -92,6 +92,42 @@ def test_set_time_without_cap_sys_time_is_permission_denied() -> None:
     assert reply.startswith("PERMISSION_DENIED") and "CAP_SYS_TIME" in reply
 
 
+def clock_pushes_without_cap_sys_time(*offsets_ms: int) -> list[str]:
+    """The init's `Clock.set_from_host` answering pushes off by `offsets_ms` (5 ms threshold), one after the
+    other in one process that cannot set the clock: each reply, or the error's code."""
+    code = f"""
+from boxpark.guest.clock import Clock
+clock = Clock(emit=lambda event: print("event", event))
+for offset in {list(offsets_ms)!r}:
+    try:
+        print(clock.set_from_host(protocol.SetTime(time_ns=time.time_ns() + offset * 10**6, threshold_ns=5 * 10**6)))
+    except GuestError as exc:
+        print(exc.code.name, exc.message)
+"""
+    out = subprocess.run(without_cap_sys_time(code), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    return out.stdout.splitlines()
+
+
+def test_a_host_push_within_the_threshold_changes_nothing() -> None:
+    replies = clock_pushes_without_cap_sys_time(0, 0)
+    assert all(r.startswith("TimeSet(") and "stepped=False" in r for r in replies), replies
+
+
+def test_a_later_push_a_little_off_slews_with_the_real_adjtime() -> None:
+    """The first push off by more than the threshold steps; a later one 40 ms off calls adjtime(3), which
+    needs CAP_SYS_TIME too: refused here, which proves it was the real call."""
+    first, second = clock_pushes_without_cap_sys_time(0, 40)
+    assert first.startswith("TimeSet(") and "stepped=False" in first, first
+    assert second.startswith("PERMISSION_DENIED not permitted to slew"), second
+
+
+def test_a_first_push_off_or_one_far_off_steps() -> None:
+    replies = clock_pushes_without_cap_sys_time(40, 0, 60_000)  # step refused; nothing; a minute: step refused
+    assert [r.split(" the clock")[0] for r in (replies[0], replies[2])] == ["PERMISSION_DENIED not permitted to step"] * 2, replies
+    assert not any(r.startswith("event") for r in replies), replies
+
+
 @requires_root
 def test_set_hostname_for_real_in_a_private_uts_namespace() -> None:
     code = """

@@ -148,3 +148,14 @@ def test_no_lease_makes_the_client_spin(seconds: int, t1: int, t2: int, age: flo
 def test_discover_backoff_doubles_to_a_minute_with_a_second_of_jitter() -> None:
     assert [dhcp.discover_wait(n, 0.0) for n in range(7)] == [4.0, 8.0, 16.0, 32.0, 64.0, 64.0, 64.0]
     assert dhcp.discover_wait(0, -5.0) == 3.0 and dhcp.discover_wait(10**6, 5.0) == 65.0
+
+
+def test_a_bound_guest_naps_an_eighth_of_the_wait_but_at_most_recheck_below_that() -> None:
+    assert dhcp.nap(200.0) == 200.0  # all of a short wait
+    assert dhcp.nap(1000.0) == dhcp.RECHECK  # an eighth would be shorter: the cap
+    assert dhcp.nap(43200.0) == 5400.0  # a day's lease to T1: an eighth, so about 30 wake-ups in those 12 h
+    wait, naps = 43200.0, 0
+    while wait > 0:
+        wait -= dhcp.nap(wait)
+        naps += 1
+    assert naps < 40

@@ -162,6 +162,25 @@ def test_a_time_pushed_by_the_host_wins(vm: Machine) -> None:
     vm.run(events.wait_for(protocol.ClockStepped, 60, where=lambda e: e.source == "host"))
 
 
+# adjtime(NULL, &left): the part of the current slew not yet done, in µs (a query: no change)
+PENDING_SLEW = ("import ctypes; t = (ctypes.c_long * 2)(); ctypes.CDLL(None).adjtime(None, t); "
+                "print(t[0] * 1000000 + t[1])")
+
+
+def test_a_later_push_a_little_off_is_slewed_not_stepped(vm: Machine) -> None:
+    """Past the host's first push, one a little off (here 60 ms ahead, less the push's latency) is slewed by
+    adjtime(3), not stepped: the guest's kernel holds the correction as a slew still to do."""
+    vm.api(lambda c: c.set_time(time.time_ns(), threshold_ns=10**18))  # the host has spoken (a no-op push)
+    reply = vm.api(lambda c: c.set_time(time.time_ns() + 60_000_000, threshold_ns=5_000_000))
+    assert not reply.stepped and 5_000_000 < reply.offset_ns <= 128_000_000, reply
+    pending_us = int(vm.sh(f"python3 -c '{PENDING_SLEW}'").strip())
+    assert 0 < pending_us * 1000 <= reply.offset_ns, (pending_us, reply)  # forward, some of it done already
+    # a push far off steps, and cancels what is left of the slew (it would move the stepped clock on)
+    assert vm.api(lambda c: c.set_time(time.time_ns() + 1_000_000_000, threshold_ns=5_000_000)).stepped
+    assert int(vm.sh(f"python3 -c '{PENDING_SLEW}'").strip()) == 0
+    assert vm.api(lambda c: c.set_time(time.time_ns(), threshold_ns=5_000_000)).stepped  # and back
+
+
 def test_swap_on_a_swap_disk(vm: Machine) -> None:
     device = device_with_serial(vm, "swap")
     vm.api(lambda c: c.swapon(device))
