@@ -1,8 +1,9 @@
 """Keeping the guest's clock right from the host: a push after Ready, every interval, and after a gap.
 
 VZ's Linux boot gives the guest no RTC and a paused VM or a sleeping host leaves the guest's clock behind,
-so the host is the time source that wins. A push is one `SetTime` call; the guest steps only when it is
-off by more than the threshold and reports the step as a `ClockStepped` event. The pusher notices a gap —
+so the host is the time source that wins. A push is one `SetTime` call; the guest does nothing when it is
+within the threshold, slews a later push's offset up to 128 ms (guest/clock.py: never backwards, no event),
+and otherwise steps and reports the step as a `ClockStepped` event. The pusher notices a gap —
 it was not scheduled for far longer than it asked (host sleep) — and pushes at once; `poke()` lets
 anything else that knows better (a macOS did-wake notification, a QEMU RESUME event) ask for a push.
 At idle it wakes only every `TICK` (a gap is noticed within a tick of the host waking) and at each push:
@@ -39,13 +40,14 @@ class TimePusher:
         self._poke.set()
 
     async def push(self, client: GuestClient) -> int:
-        """One push, compensating half the round trip; returns the guest's offset before it."""
+        """One push of the host's time as the call leaves (the guest sees it half a round trip late, ~0.5 ms
+        here: within the threshold); returns the guest's offset before it."""
         start = time.monotonic_ns()
         result = await client.set_time(time.time_ns(), THRESHOLD_NS)
         rtt = time.monotonic_ns() - start
         self.pushes += 1
         self.last_offset_ns = result.offset_ns
-        if result.stepped:
+        if result.stepped:  # a slew is not logged: it is the routine case
             log.info("guest clock was %+.3f ms off: stepped (round trip %.2f ms)", result.offset_ns / 1e6, rtt / 1e6)
         return result.offset_ns
 

@@ -590,7 +590,8 @@ class EventFrame(Message, tag="event"):
 
 
 class SetTime(Message, tag="set_time"):
-    """Set CLOCK_REALTIME (machine-wide): step when off by more than `threshold_ns`. Reply: `TimeSet`."""
+    """Set CLOCK_REALTIME (machine-wide) when off by more than `threshold_ns`: step it, or slew it (adjtime) for
+    a small offset after the boot's first set. Reply: `TimeSet`."""
 
     time_ns: int
     threshold_ns: int = 1_000_000
