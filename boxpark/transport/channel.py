@@ -77,15 +77,6 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.decoder.feed(data)  # copied out of the shared buffer here
         self._decode()
 
-    def data_received(self, data: bytes) -> None:
-        if self.raw_sink is not None:
-            self.raw_sink(data)
-            return
-        if self.broken:
-            return
-        self.decoder.feed(data)
-        self._decode()
-
     def _decode(self) -> None:
         try:
             while self.guard != 0 and (message := self.decoder.next_message()) is not None:
