@@ -8,9 +8,10 @@ GiB = 1024 * MiB
 SIZE = 2 * GiB
 REPORTING = Policy(SIZE, "reporting")
 HOLD = Policy(SIZE, "hold")
+RESERVED = 100 * MiB  # what the guest's kernel keeps out of MemTotal: `figures`' total with the balloon empty
 
 
-def figures(used: int, free: int | None = None, total: int = SIZE - 100 * MiB, swapped: int = 0) -> Figures:
+def figures(used: int, free: int | None = None, total: int = SIZE - RESERVED, swapped: int = 0) -> Figures:
     """A guest using `used` bytes; what it neither uses nor has free is droppable cache."""
     available = total - used
     free = available if free is None else free
@@ -31,6 +32,14 @@ def test_wanted_is_use_plus_headroom_within_floor_and_size() -> None:
     assert wanted(figures(SIZE - 150 * MiB), HOLD) == SIZE
 
 
+def test_targets_count_what_the_guests_kernel_reserved() -> None:
+    """A target is the guest's logical size; MemTotal is that less what its kernel reserved at boot. A guest
+    held at use + headroom must have the headroom in MemTotal, where its work can take it."""
+    assert wanted(figures(600 * MiB), HOLD, RESERVED) == 600 * MiB + 256 * MiB + RESERVED
+    held = figures(600 * MiB, total=wanted(figures(600 * MiB), HOLD, RESERVED) - RESERVED)
+    assert held.available == HOLD.headroom_bytes
+
+
 def test_first_look_never_shrinks() -> None:
     idle = figures(300 * MiB, free=200 * MiB)  # lots of cache: but nothing is known to be quiet yet
     assert decide(idle, None, SIZE, REPORTING).target == SIZE
@@ -40,21 +49,50 @@ def test_first_look_never_shrinks() -> None:
 def test_reporting_squeezes_a_quiet_guest_full_of_cache_then_empties() -> None:
     before = figures(300 * MiB, free=200 * MiB)  # 1.6 GiB of cache held by the host
     now = figures(310 * MiB, free=200 * MiB)
-    squeeze = decide(now, before, SIZE, REPORTING)
-    # to use + half the headroom: a squeeze is brief, and what it leaves cached the host keeps backing
-    assert squeeze.target == 310 * MiB + 128 * MiB < SIZE
+    squeeze = decide(now, before, SIZE, REPORTING, RESERVED)
+    # to use + a quarter of the headroom: a squeeze is brief, and what it leaves cached the host keeps backing
+    assert squeeze.target == 310 * MiB + 64 * MiB + RESERVED < SIZE
     assert squeeze.interval == REPORTING.active_interval
     # still inflating (MemTotal going down): keep the target
     going = figures(310 * MiB, free=50 * MiB, total=1200 * MiB)
-    assert decide(going, now, squeeze.target, REPORTING).target == squeeze.target
+    assert decide(going, now, squeeze.target, REPORTING, RESERVED).target == squeeze.target
     # got there: the balloon empties, the guest has its full size again
-    there = figures(310 * MiB, free=100 * MiB, total=squeeze.target + 10 * MiB)
-    assert decide(there, going, squeeze.target, REPORTING).target == SIZE
+    there = figures(310 * MiB, free=40 * MiB, total=squeeze.target - RESERVED + 10 * MiB)
+    done = decide(there, going, squeeze.target, REPORTING, RESERVED)
+    assert done.target == SIZE and done.why.startswith("squeeze done")
+
+
+def test_a_squeeze_is_there_when_the_guests_logical_size_is() -> None:
+    """MemTotal at the target plus a step is still the reserved part short of it: looking on (ending there
+    left the guest whatever it held at that look, up to 150 MiB more cache than the target on 3 GiB)."""
+    start = figures(310 * MiB, free=200 * MiB)
+    target = decide(start, start, SIZE, REPORTING, RESERVED).target
+    short_of_it = figures(310 * MiB, free=100 * MiB, total=target + 30 * MiB - RESERVED)  # 130 MiB available
+    assert short_of_it.total <= target  # what the old check called "reached"
+    assert decide(short_of_it, start, target, REPORTING, RESERVED) == Decision(target, 5.0, "squeezing")
 
 
 def test_reporting_empties_a_squeeze_that_stopped_getting_closer() -> None:
     stuck = figures(310 * MiB, free=150 * MiB, total=1500 * MiB)
-    assert decide(stuck, stuck, 600 * MiB, REPORTING).target == SIZE
+    decision = decide(stuck, stuck, 600 * MiB, REPORTING, RESERVED)
+    assert decision.target == SIZE and decision.why.startswith("squeeze stopped getting closer")
+
+
+def test_a_squeeze_ends_when_the_guest_is_short_or_its_use_grows() -> None:
+    start = figures(310 * MiB, free=200 * MiB)
+    target = decide(start, start, SIZE, REPORTING, RESERVED).target
+    # half the headroom or less available is what a squeeze to a quarter leaves: not short yet
+    going = figures(310 * MiB, free=20 * MiB, total=410 * MiB)
+    assert going.available < REPORTING.headroom_bytes // 2
+    assert decide(going, start, target, REPORTING, RESERVED).target == target
+    # under an eighth: short (a process took what the squeeze left)
+    short = figures(470 * MiB, free=10 * MiB, total=500 * MiB)
+    assert short.available < REPORTING.headroom_bytes // 8
+    assert decide(short, None, target, REPORTING, RESERVED).target == SIZE
+    # use grew by a step since the reference: work started, it gets everything back before it is short
+    busy = figures(390 * MiB, free=200 * MiB, total=900 * MiB)
+    decision = decide(busy, start, target, REPORTING, RESERVED)
+    assert decision.target == SIZE and "use grew" in decision.why
 
 
 def test_reporting_leaves_a_guest_whose_free_memory_went_back_by_itself() -> None:
@@ -121,8 +159,8 @@ def test_never_below_the_floor_nor_use_plus_headroom() -> None:
         idle = figures(used, free=50 * MiB if used < 1800 * MiB else 10 * MiB)
         held = decide(idle, idle, SIZE, HOLD).target
         assert held >= HOLD.floor_bytes and held >= min(SIZE, used + HOLD.headroom_bytes)
-        squeezed = decide(idle, idle, SIZE, REPORTING).target  # seconds long, ended when the guest is short
-        assert squeezed >= 256 * MiB and squeezed >= min(SIZE, used + REPORTING.headroom_bytes // 2)
+        squeezed = decide(idle, idle, SIZE, REPORTING, RESERVED).target  # seconds long, ended when short
+        assert squeezed >= 256 * MiB and squeezed >= min(SIZE, used + REPORTING.headroom_bytes // 4 + RESERVED)
 
 
 def test_the_kernels_balloon_statistics_are_figures() -> None:
